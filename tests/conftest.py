@@ -1,0 +1,27 @@
+"""Test setup: 8 forced host devices (set before JAX starts) and tiny HF checkpoint builders."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+  """Builds a random-weight `transformers` model from a config and saves it with save_pretrained."""
+  import torch
+  import transformers
+
+  def build(config, name="model", seed=0, dtype=None):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if dtype is not None:
+      model = model.to(dtype)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return model, str(path)
+
+  return build
