@@ -229,7 +229,7 @@ def save_hf_checkpoint(
     value = np.asarray(jax.device_get(_get_variable(model, spec.path).value))
     tensors[spec.hf_name] = np.ascontiguousarray(spec.to_hf(value)).astype(out_dtype)
   tensors.update(extra_tensors or {})
-  hf_config.torch_dtype = str(np.dtype(out_dtype).name)
+  hf_config.dtype = str(np.dtype(out_dtype).name)
   save_file(tensors, os.path.join(directory, "model.safetensors"))
   hf_config.save_pretrained(directory)
   return directory

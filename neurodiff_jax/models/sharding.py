@@ -70,5 +70,10 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules = ShardingRules()) -> NamedS
 
 
 def make_mesh(shape: tuple[int, ...], axis_names: tuple[str, ...] = ("data", "model")) -> Mesh:
-  """A device mesh of `shape` over the first prod(shape) devices."""
-  return jax.make_mesh(shape, axis_names, devices=jax.devices()[: math.prod(shape)])
+  """A device mesh of `shape` over the first prod(shape) devices, with compiler-chosen (Auto) axes."""
+  if math.prod(shape) > jax.device_count():
+    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices; only {jax.device_count()} are visible.")
+  # Auto axes: XLA propagates the parameter shardings; Explicit axes would make every gather ambiguous.
+  return jax.make_mesh(
+      shape, axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+      devices=jax.devices()[: math.prod(shape)])

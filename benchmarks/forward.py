@@ -1,0 +1,317 @@
+"""Forward throughput and peak memory: our jitted JAX forward against `transformers` (PyTorch).
+
+For each model (a random ~100M-parameter Gemma 2 and Llama built from `transformers` configs) the
+script saves one random-weight HF checkpoint, then measures, each in a fresh subprocess pinned to
+the same `--threads` cores:
+
+  * jax jit      `neurodiff_jax.models.jit_forward(load_model(path, dtype=float32))`
+  * torch eager  `AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")`
+  * torch sdpa   the same with `attn_implementation="sdpa"` (n/a where transformers refuses it)
+
+on the same random token ids (float32, all-ones attention mask passed explicitly), and prints a
+Markdown table: median tokens/s and ms per forward, the speed-up of jax over each torch engine,
+the child's peak RSS, jax's trace+compile time, and max |logits_jax - logits_torch| on the first
+forward.
+
+Run from the repository root:
+
+  PYTHONPATH=. .venv/bin/python benchmarks/forward.py                        # full run, minutes
+  PYTHONPATH=. .venv/bin/python benchmarks/forward.py --small --reps 2       # smoke test, seconds
+  PYTHONPATH=. .venv/bin/python benchmarks/forward.py --models llama --engines jax,eager --threads 1
+
+Threads: every child is pinned with `sched_setaffinity` to the first `--threads` CPUs. Torch also
+gets `torch.set_num_threads(N)` (and OMP/MKL_NUM_THREADS=N). XLA:CPU has no intra-op thread-count
+flag; it sizes its Eigen pool from the CPUs in the process's affinity mask, so pinning is what
+bounds it. `XLA_FLAGS` from the environment is passed through untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINES = ("jax", "eager", "sdpa")
+ENGINE_NAMES = {"jax": "jax jit", "eager": "torch eager", "sdpa": "torch sdpa"}
+# Trace, lower and compile durations JAX reports through jax.monitoring; their sum is "compile s".
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+def hf_config(family: str, small: bool) -> Any:
+  """The `transformers` config of the benchmarked model (~100M parameters, or tiny with `small`)."""
+  import transformers
+
+  if small:
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+  else:
+    # GQA 12:4 and tied embeddings (Llama 3.2 / Gemma 2 style) put both models at ~100M.
+    common = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, head_dim=64)
+  common["tie_word_embeddings"] = True
+  if family == "gemma2":
+    # Window < sequence so the sliding layers' mask matters; query scale 1/√head_dim.
+    return transformers.Gemma2Config(**common, query_pre_attn_scalar=common["head_dim"],
+                                     sliding_window=16 if small else 128)
+  if family == "llama":
+    return transformers.LlamaConfig(**common)
+  raise ValueError(f"unknown model {family!r}; choose from gemma2, llama.")
+
+
+def build_checkpoint(family: str, small: bool, directory: str, seed: int) -> tuple[int, int]:
+  """Saves a random-weight HF model to `directory`; returns (parameter count, vocab size)."""
+  import torch
+  import transformers
+
+  transformers.utils.logging.disable_progress_bar()  # Keeps the printed report readable.
+  torch.manual_seed(seed)
+  config = hf_config(family, small)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  num_params = sum(p.numel() for p in model.parameters())  # Tied embedding counted once.
+  model.save_pretrained(directory)
+  return num_params, config.vocab_size
+
+
+def _rss_mib() -> float:
+  """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pin(threads: int) -> list[int]:
+  cpus = sorted(os.sched_getaffinity(0))[:threads]
+  os.sched_setaffinity(0, cpus)
+  return cpus
+
+
+def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
+  """Child: loads our model, times `jit_forward` and reports compile time and peak RSS."""
+  cpus = _pin(spec["threads"])
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import transformers  # noqa: F401  Imported by load_model anyway; counted in the baseline RSS.
+
+  from neurodiff_jax.models import jit_forward, load_model
+
+  rss_imports = _rss_mib()
+  compile_s = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, duration, **_: compile_s.append(duration) if event in _COMPILE_EVENTS else None
+  )
+  model = load_model(spec["checkpoint"], dtype=jnp.float32)
+  fwd = jit_forward(model)
+  ids = jnp.asarray(np.load(spec["ids"]))
+  mask = jnp.ones(ids.shape, jnp.bool_)
+
+  start = time.perf_counter()
+  logits = jax.block_until_ready(fwd(ids, mask).logits)
+  first_s = time.perf_counter() - start
+  np.save(spec["logits"], np.asarray(logits))
+  del logits
+  times = _time_reps(lambda: jax.block_until_ready(fwd(ids, mask).logits), spec["reps"], spec["warmup"])
+  return dict(times=times, first_s=first_s, compile_s=sum(compile_s), rss_imports=rss_imports,
+              peak_rss=_rss_mib(), cpus=cpus, threads=len(cpus), backend=jax.default_backend())
+
+
+def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
+  """Child: loads the HF model with one attention implementation and times its forward."""
+  cpus = _pin(spec["threads"])
+  import numpy as np
+  import torch
+  import transformers
+
+  torch.set_num_threads(spec["threads"])
+  transformers.utils.logging.disable_progress_bar()
+  rss_imports = _rss_mib()
+  try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["checkpoint"], attn_implementation=spec["engine"], dtype=torch.float32
+    ).eval()
+  except ValueError as e:  # transformers refuses e.g. sdpa for Gemma 2 (it cannot soft-cap).
+    return dict(unsupported=str(e).split(". ")[0] + ".")
+  ids = torch.from_numpy(np.load(spec["ids"]))
+  mask = torch.ones_like(ids)
+
+  # use_cache=False: our forward builds no KV cache, so neither should the reference.
+  def forward():
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+  with torch.inference_mode():
+    start = time.perf_counter()
+    logits = forward()
+    first_s = time.perf_counter() - start
+    np.save(spec["logits"], logits.numpy())
+    del logits
+    times = _time_reps(forward, spec["reps"], spec["warmup"])
+  return dict(times=times, first_s=first_s, rss_imports=rss_imports, peak_rss=_rss_mib(), cpus=cpus,
+              threads=torch.get_num_threads())
+
+
+def _time_reps(forward, reps: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    forward()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    out = forward()
+    times.append(time.perf_counter() - start)
+    del out  # Keep one logits tensor alive at a time, on both engines.
+  return times
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+  """Runs one (model, engine) measurement in a fresh interpreter so peak RSS is its own."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    env[var] = str(spec["threads"])
+  env.setdefault("HF_HUB_OFFLINE", "1")
+  env.setdefault("TOKENIZERS_PARALLELISM", "false")
+  result_path = spec["logits"] + ".json"
+  cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec), "--_result", result_path]
+  proc = subprocess.run(cmd, env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{spec['model']}/{spec['engine']} child failed with exit code {proc.returncode}.")
+  with open(result_path) as f:
+    return json.load(f)
+
+
+def max_abs_diff(path_a: str, path_b: str) -> float:
+  """max |a - b| over two saved logits arrays, a row at a time to keep the parent small."""
+  import numpy as np
+
+  a, b = np.load(path_a, mmap_mode="r"), np.load(path_b, mmap_mode="r")
+  if a.shape != b.shape:
+    raise ValueError(f"logits shapes differ: {a.shape} vs {b.shape}.")
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b))
+
+
+def _fmt(value: float | None, spec: str) -> str:
+  return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
+  """The results as a Markdown table, one row per (model, engine)."""
+  head = ["model", "params (M)", "engine", "tokens/s (median)", "ms/forward (median)", "jax speed-up",
+          "peak RSS (MiB)", "compile s", "max abs Δlogits vs jax"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+  jax_rate = {r["model"]: tokens / statistics.median(r["times"]) for r in rows
+              if r["engine"] == "jax" and "times" in r}
+  for r in rows:
+    cells = [r["model"], f"{r['params'] / 1e6:.1f}", ENGINE_NAMES[r["engine"]]]
+    if "unsupported" in r:
+      cells += ["n/a (unsupported)"] + ["—"] * 5
+    else:
+      median = statistics.median(r["times"])
+      rate = tokens / median
+      speedup = None if r["engine"] == "jax" or r["model"] not in jax_rate else jax_rate[r["model"]] / rate
+      cells += [f"{rate:,.0f}", f"{median * 1e3:,.0f}", "—" if speedup is None else f"{speedup:.2f}×",
+                f"{r['peak_rss']:,.0f}", _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("max_diff"), ".2e")]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def details(rows: list[dict[str, Any]]) -> str:
+  """Per-run details that do not fit the table: spread, first call, RSS after imports, threads."""
+  lines = []
+  for r in rows:
+    if "unsupported" in r:
+      lines.append(f"- {r['model']} / {ENGINE_NAMES[r['engine']]}: {r['unsupported']}")
+      continue
+    t = sorted(r["times"])
+    lines.append(
+        f"- {r['model']} / {ENGINE_NAMES[r['engine']]}: forward min/median/max "
+        f"{t[0] * 1e3:,.0f}/{statistics.median(t) * 1e3:,.0f}/{t[-1] * 1e3:,.0f} ms over {len(t)} reps; "
+        f"first call {r['first_s']:.1f} s; RSS after imports {r['rss_imports']:,.0f} MiB; "
+        f"threads {r['threads']} on CPUs {r['cpus']}"
+    )
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  """Parses flags, builds each model once and measures every engine in its own subprocess."""
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--models", default="gemma2,llama", help="comma-separated: gemma2, llama")
+  parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: jax, eager, sdpa")
+  parser.add_argument("--batch", type=int, default=None, help="sequences per forward (default 8; 2 with --small)")
+  parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256; 64 with --small)")
+  parser.add_argument("--reps", type=int, default=5, help="timed forwards per engine (median reported)")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed forwards after the first call")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for both XLA and torch")
+  parser.add_argument("--small", action="store_true", help="tiny configs, for a smoke test in seconds")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--_child", help=argparse.SUPPRESS)
+  parser.add_argument("--_result", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+
+  if args._child:
+    spec = json.loads(args._child)
+    result = run_jax(spec) if spec["engine"] == "jax" else run_torch(spec)
+    with open(args._result, "w") as f:
+      json.dump(result, f)
+    return
+
+  import numpy as np
+
+  if args.batch is None:
+    args.batch = 2 if args.small else 8
+  if args.seq is None:
+    args.seq = 64 if args.small else 256
+  models = [m.strip() for m in args.models.split(",") if m.strip()]
+  engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+  unknown = sorted(set(engines) - set(ENGINES))
+  if unknown:
+    parser.error(f"unknown engine(s) {unknown}; choose from {', '.join(ENGINES)}.")
+  tokens = args.batch * args.seq
+  # Other processes on the same cores skew every number; the load average makes that visible.
+  load_before = os.getloadavg()
+  rows = []
+  for family in models:
+    with tempfile.TemporaryDirectory(prefix=f"bench_{family}_") as tmp:
+      checkpoint = os.path.join(tmp, "checkpoint")
+      num_params, vocab = build_checkpoint(family, args.small, checkpoint, args.seed)
+      print(f"[{family}] {num_params / 1e6:.1f}M parameters; batch {args.batch} × seq {args.seq}", flush=True)
+      ids_path = os.path.join(tmp, "ids.npy")
+      np.save(ids_path, np.random.default_rng(args.seed).integers(0, vocab, (args.batch, args.seq), dtype=np.int32))
+      logits = {}
+      for engine in engines:
+        spec = dict(model=family, engine=engine, checkpoint=checkpoint, ids=ids_path, reps=args.reps,
+                    warmup=args.warmup, threads=args.threads, logits=os.path.join(tmp, f"logits_{engine}.npy"))
+        result = measure(spec)
+        result.update(model=family, engine=engine, params=num_params)
+        if "unsupported" not in result:
+          logits[engine] = spec["logits"]
+          print(f"[{family}] {ENGINE_NAMES[engine]}: median {statistics.median(result['times']) * 1e3:,.0f} ms, "
+                f"peak RSS {result['peak_rss']:,.0f} MiB", flush=True)
+        else:
+          print(f"[{family}] {ENGINE_NAMES[engine]}: unsupported ({result['unsupported']})", flush=True)
+        rows.append(result)
+      if "jax" in logits:
+        for r in rows:
+          if r["model"] == family and r["engine"] != "jax" and r["engine"] in logits:
+            r["max_diff"] = max_abs_diff(logits["jax"], logits[r["engine"]])
+
+  print()
+  load_after = os.getloadavg()
+  print(f"Batch {args.batch} × {args.seq} tokens, float32, {args.threads} thread(s), {args.reps} timed reps "
+        f"after {args.warmup} warm-up forward(s). 1-min load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after.\n")
+  print(markdown_table(rows, tokens))
+  print()
+  print(details(rows))
+
+
+if __name__ == "__main__":
+  main()

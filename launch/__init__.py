@@ -1,0 +1,1 @@
+"""Thin absl entry points: they parse flags and call the library."""

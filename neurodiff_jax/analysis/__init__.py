@@ -1,0 +1,1 @@
+"""Analyses of models and crosscoders: residual statistics, Δnorm, latent scaling, ADL."""

@@ -1,0 +1,1 @@
+"""Model organisms: base and fine-tuned checkpoints with known ground truth, built offline."""
