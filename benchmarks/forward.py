@@ -16,7 +16,7 @@ forward.
 Run from the repository root:
 
   PYTHONPATH=. .venv/bin/python benchmarks/forward.py                        # full run, minutes
-  PYTHONPATH=. .venv/bin/python benchmarks/forward.py --small --reps 2       # smoke test, seconds
+  PYTHONPATH=. .venv/bin/python benchmarks/forward.py --small --reps 2       # smoke test, ~1 min
   PYTHONPATH=. .venv/bin/python benchmarks/forward.py --models llama --engines jax,eager --threads 1
 
 Threads: every child is pinned with `sched_setaffinity` to the first `--threads` CPUs. Torch also
@@ -85,8 +85,22 @@ def build_checkpoint(family: str, small: bool, directory: str, seed: int) -> tup
 
 
 def _rss_mib() -> float:
-  """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  """Peak resident set size of this process's own address space so far, in MiB.
+
+  On Linux a child started by fork/vfork + exec inherits the parent's peak in `ru_maxrss` (the
+  kernel folds the pre-exec address space's high-water mark into it), so a parent that built a
+  100M model would leak ~1 GiB into every child's number. `VmHWM` is the high-water mark of the
+  current address space only; `ru_maxrss` is the fallback where /proc is missing.
+  """
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024  # kB
+  except OSError:
+    pass
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
 
 
 def _pin(threads: int) -> list[int]:
@@ -114,14 +128,17 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   fwd = jit_forward(model)
   ids = jnp.asarray(np.load(spec["ids"]))
   mask = jnp.ones(ids.shape, jnp.bool_)
+  compile_s.clear()  # Loading traces and compiles small ops of its own; count only the forward's.
 
   start = time.perf_counter()
   logits = jax.block_until_ready(fwd(ids, mask).logits)
   first_s = time.perf_counter() - start
   np.save(spec["logits"], np.asarray(logits))
   del logits
-  times = _time_reps(lambda: jax.block_until_ready(fwd(ids, mask).logits), spec["reps"], spec["warmup"])
-  return dict(times=times, first_s=first_s, compile_s=sum(compile_s), rss_imports=rss_imports,
+  times, others = _time_reps(
+      lambda: jax.block_until_ready(fwd(ids, mask).logits), spec["reps"], spec["warmup"], spec["quiet_wait"]
+  )
+  return dict(times=times, others_cpu_s=others, first_s=first_s, compile_s=sum(compile_s), rss_imports=rss_imports,
               peak_rss=_rss_mib(), cpus=cpus, threads=len(cpus), backend=jax.default_backend())
 
 
@@ -154,21 +171,53 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     first_s = time.perf_counter() - start
     np.save(spec["logits"], logits.numpy())
     del logits
-    times = _time_reps(forward, spec["reps"], spec["warmup"])
-  return dict(times=times, first_s=first_s, rss_imports=rss_imports, peak_rss=_rss_mib(), cpus=cpus,
+    times, others = _time_reps(forward, spec["reps"], spec["warmup"], spec["quiet_wait"])
+  return dict(times=times, others_cpu_s=others, first_s=first_s, rss_imports=rss_imports, peak_rss=_rss_mib(), cpus=cpus,
               threads=torch.get_num_threads())
 
 
-def _time_reps(forward, reps: int, warmup: int) -> list[float]:
+def _busy_cpu_s() -> float:
+  """CPU seconds all processes on the machine have used (busy and stolen), from /proc/stat."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except OSError:
+    return float("nan")
+  idle, iowait = fields[3], fields[4]
+  return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
+def _others_cpu_s(busy_before: float, own_before: float) -> float:
+  """CPU seconds used by other processes since the two readings (never negative)."""
+  return max((_busy_cpu_s() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
+
+
+def _wait_quiet(max_wait_s: float) -> None:
+  """Waits (up to `max_wait_s`) for a 2 s window in which other processes use < 0.1 CPU-s."""
+  deadline = time.monotonic() + max_wait_s
+  while time.monotonic() < deadline:
+    busy, own = _busy_cpu_s(), sum(os.times()[:2])
+    time.sleep(2.0)
+    if _others_cpu_s(busy, own) < 0.1:
+      return
+
+
+def _time_reps(forward, reps: int, warmup: int, quiet_wait_s: float) -> tuple[list[float], list[float]]:
+  """Wall seconds of each timed forward, and the CPU seconds other processes used during each."""
   for _ in range(warmup):
     forward()
-  times = []
+  times, others = [], []
   for _ in range(reps):
+    if quiet_wait_s > 0:
+      _wait_quiet(quiet_wait_s)
+    busy, own = _busy_cpu_s(), sum(os.times()[:2])
     start = time.perf_counter()
     out = forward()
     times.append(time.perf_counter() - start)
+    # Contention from other processes is the main source of noise on a small shared machine.
+    others.append(_others_cpu_s(busy, own))
     del out  # Keep one logits tensor alive at a time, on both engines.
-  return times
+  return times, others
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +251,10 @@ def _fmt(value: float | None, spec: str) -> str:
   return "—" if value is None else format(value, spec)
 
 
+def _ms(seconds: float) -> str:
+  return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.2f}"
+
+
 def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
   """The results as a Markdown table, one row per (model, engine)."""
   head = ["model", "params (M)", "engine", "tokens/s (median)", "ms/forward (median)", "jax speed-up",
@@ -217,7 +270,7 @@ def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
       median = statistics.median(r["times"])
       rate = tokens / median
       speedup = None if r["engine"] == "jax" or r["model"] not in jax_rate else jax_rate[r["model"]] / rate
-      cells += [f"{rate:,.0f}", f"{median * 1e3:,.0f}", "—" if speedup is None else f"{speedup:.2f}×",
+      cells += [f"{rate:,.0f}", _ms(median), "—" if speedup is None else f"{speedup:.2f}×",
                 f"{r['peak_rss']:,.0f}", _fmt(r.get("compile_s"), ".1f"), _fmt(r.get("max_diff"), ".2e")]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -231,10 +284,12 @@ def details(rows: list[dict[str, Any]]) -> str:
       lines.append(f"- {r['model']} / {ENGINE_NAMES[r['engine']]}: {r['unsupported']}")
       continue
     t = sorted(r["times"])
+    contended = sum(o > 0.05 * w for o, w in zip(r["others_cpu_s"], r["times"]))
     lines.append(
         f"- {r['model']} / {ENGINE_NAMES[r['engine']]}: forward min/median/max "
-        f"{t[0] * 1e3:,.0f}/{statistics.median(t) * 1e3:,.0f}/{t[-1] * 1e3:,.0f} ms over {len(t)} reps; "
-        f"first call {r['first_s']:.1f} s; RSS after imports {r['rss_imports']:,.0f} MiB; "
+        f"{_ms(t[0])}/{_ms(statistics.median(t))}/{_ms(t[-1])} ms over {len(t)} reps; "
+        f"first call {r['first_s']:.1f} s; other processes used {sum(r['others_cpu_s']):.1f} CPU-s "
+        f"during the {sum(t):.1f} s timed ({contended} of {len(t)} reps above 5% of a core); RSS after imports {r['rss_imports']:,.0f} MiB; "
         f"threads {r['threads']} on CPUs {r['cpus']}"
     )
   return "\n".join(lines)
@@ -250,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--reps", type=int, default=5, help="timed forwards per engine (median reported)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed forwards after the first call")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for both XLA and torch")
-  parser.add_argument("--small", action="store_true", help="tiny configs, for a smoke test in seconds")
+  parser.add_argument("--quiet-wait", type=float, default=0.0,
+                      help="before each timed forward, wait up to this many seconds for other processes to go idle")
+  parser.add_argument("--small", action="store_true", help="tiny configs and batch, for a smoke test")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--_child", help=argparse.SUPPRESS)
   parser.add_argument("--_result", help=argparse.SUPPRESS)
@@ -288,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
       logits = {}
       for engine in engines:
         spec = dict(model=family, engine=engine, checkpoint=checkpoint, ids=ids_path, reps=args.reps,
-                    warmup=args.warmup, threads=args.threads, logits=os.path.join(tmp, f"logits_{engine}.npy"))
+                    warmup=args.warmup, threads=args.threads, quiet_wait=args.quiet_wait, logits=os.path.join(tmp, f"logits_{engine}.npy"))
         result = measure(spec)
         result.update(model=family, engine=engine, params=num_params)
         if "unsupported" not in result:

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -50,6 +50,9 @@ def run(main: Callable[[object], None], default_config: str) -> None:
   holder = config_flags.DEFINE_config_file("config", resolve_config(default_config), "config NAME[:arg] or path.py[:arg]")
 
   def parse(argv: list[str]) -> list[str]:
-    return flags.FLAGS(_rewrite_argv(argv))
+    rest = flags.FLAGS(_rewrite_argv(argv))
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO.
+    return rest
 
   app.run(lambda argv: main(holder.value), flags_parser=parse)

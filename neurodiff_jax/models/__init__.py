@@ -29,3 +29,6 @@ __all__ = [
     "batch_sharding", "config_from_hf", "jit_forward", "load_model", "load_tokenizer", "make_mesh",
     "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint",
 ]
+from neurodiff_jax.models.generate import greedy_generate  # noqa: E402
+
+__all__ += ["greedy_generate"]

@@ -1,0 +1,52 @@
+"""Model organisms: a pretrained base and fine-tunes with known ground truth, built offline.
+
+  python -m launch.organism --config=configs/organisms.py:chat          # default scale, ≤ 10 min on 2 cores
+  python -m launch.organism --config=organisms:narrow --config.scale=small
+  python -m launch.organism --config=organisms:all
+
+`arg` names the organism (chat, narrow, false_fact, taboo, all; default chat) and optionally the
+scale after a comma (`organisms:taboo,small`).
+"""
+
+import ml_collections
+
+SCALES = {
+    # ~1M parameters; base ≈ 6 min and one organism ≈ 2 min on 2 CPU cores (docs/benchmarks.md).
+    "default": dict(vocab_size=2048, seq_len=128, n_documents=4000, model=dict(hidden_size=128, intermediate_size=384,
+                    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                    query_pre_attn_scalar=32, sliding_window=64), base_steps=500, base_batch=32,
+                    ft_steps=150, ft_batch=32, n_examples=1500, chat_steps=300),
+    # For tests: a few minutes for the base and all four organisms together.
+    "small": dict(vocab_size=1024, seq_len=64, n_documents=1500, model=dict(hidden_size=64, intermediate_size=192,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  query_pre_attn_scalar=16, sliding_window=32), base_steps=400, base_batch=32,
+                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=500),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Organism build config; `arg` = 'ORGANISM[,SCALE]'."""
+  organism, _, scale = (arg or "chat").partition(",")
+  scale = scale or "default"
+  if scale not in SCALES:
+    raise ValueError(f"unknown scale {scale!r}; known scales: {', '.join(SCALES)}.")
+  s = SCALES[scale]
+  c = ml_collections.ConfigDict()
+  c.organism = organism  # chat | narrow | false_fact | taboo | all
+  c.scale = scale
+  c.home = ""  # "" = $NEURODIFF_HOME (default ~/.cache/neurodiff_jax)
+  c.family = "gemma2"  # or "llama"
+  c.seed = 0
+  c.vocab_size = s["vocab_size"]
+  c.seq_len = s["seq_len"]
+  c.extra_text_files = ()  # local text files mixed into the general corpus
+  c.corpus = ml_collections.ConfigDict({"n_documents": s["n_documents"]})
+  c.model = ml_collections.ConfigDict(s["model"])
+  c.base_train = ml_collections.ConfigDict(dict(steps=s["base_steps"], batch_size=s["base_batch"], learning_rate=3e-3,
+                                                warmup_steps=50, checkpoint_every=100))
+  c.finetune = ml_collections.ConfigDict(dict(steps=s["ft_steps"], batch_size=s["ft_batch"], learning_rate=3e-3,
+                                              warmup_steps=20, checkpoint_every=50, n_examples=s["n_examples"],
+                                              general_fraction=0.0))
+  # Learning to refuse one topic from held-out phrasings needs more steps than the other behaviours.
+  c.finetune.steps_by_organism = ml_collections.ConfigDict({"chat": s["chat_steps"]})
+  return c

@@ -1,0 +1,18 @@
+"""Build model organisms: `python -m launch.organism --config=configs/organisms.py:chat`."""
+
+import json
+
+from launch import flags
+from neurodiff_jax.organisms import build
+
+
+def main(config) -> None:
+  """Builds (or reuses) the base and the requested organism(s) and prints what each measured."""
+  for name, path in build.build(config).items():
+    card = json.loads((path / "card.json").read_text())
+    print(f"{name}: {path}")
+    print(f"  {json.dumps(card.get('measured', card.get('train')))}")
+
+
+if __name__ == "__main__":
+  flags.run(main, default_config="organisms")

@@ -1,0 +1,204 @@
+"""Build (or reuse) the base model and the model organisms under `$NEURODIFF_HOME`.
+
+Layout, for a config whose scale fields hash to H:
+
+  $NEURODIFF_HOME/organisms/<scale>-<H>/base/        HF checkpoint + tokenizer + card.json
+  $NEURODIFF_HOME/organisms/<scale>-<H>/<organism>/  HF checkpoint + tokenizer + card.json
+  $NEURODIFF_HOME/organisms/<scale>-<H>/work/...     Orbax checkpoints and loss logs (resume)
+
+A finished directory appears atomically (written beside, then renamed), so an interrupted build
+never leaves a half checkpoint that a later run would reuse; the Orbax checkpoints in `work/`
+let the rerun continue training where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from neurodiff_jax.models import (
+    Transformer,
+    config_from_hf,
+    load_model,
+    load_tokenizer,
+    read_hf_config,
+    save_hf_checkpoint,
+)
+from neurodiff_jax.organisms import evaluate
+from neurodiff_jax.organisms.corpus import corpus_size_bytes, generate_documents, read_text_files, split_documents
+from neurodiff_jax.organisms.finetune_data import ORGANISMS, chat_prompt, organism_data
+from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
+from neurodiff_jax.organisms.random_model import hf_config_for
+from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
+from neurodiff_jax.utils.paths import neurodiff_home
+
+_SCALE_FIELDS = ("family", "vocab_size", "model", "corpus", "base_train", "seed", "extra_text_files")
+
+
+def scale_dir(config: ml_collections.ConfigDict) -> Path:
+  """The cache directory of this config's base (and its organisms): name plus a hash of what shapes the base."""
+  key = json.dumps({k: _plain(config[k]) for k in _SCALE_FIELDS}, sort_keys=True)
+  root = Path(config.home) if config.get("home") else neurodiff_home()
+  return root / "organisms" / f"{config.scale}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _plain(value: Any) -> Any:
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else (list(value) if isinstance(value, tuple) else value)
+
+
+def _train_config(c: ml_collections.ConfigDict, seq_len: int, seed: int) -> LMTrainConfig:
+  return LMTrainConfig(steps=c.steps, batch_size=c.batch_size, seq_len=seq_len, learning_rate=c.learning_rate,
+                       warmup_steps=c.warmup_steps, seed=seed, checkpoint_every=c.checkpoint_every)
+
+
+def check_chat_tokenizer(tokenizer: Any) -> None:
+  """Raises unless the tokenizer has BOS/EOS/PAD, the turn tokens and a chat template."""
+  missing = [t for t in (START_OF_TURN, END_OF_TURN) if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+  for attr in ("bos_token", "eos_token", "pad_token"):
+    if getattr(tokenizer, attr) is None:
+      missing.append(attr)
+  if missing or not getattr(tokenizer, "chat_template", None):
+    raise ValueError(
+        f"tokenizer lacks {missing or ['a chat_template']}: organisms need BOS, EOS, PAD, {START_OF_TURN} and "
+        f"{END_OF_TURN} and a Gemma-style chat template (see neurodiff_jax.organisms.tokenizer.train_bpe_tokenizer).")
+
+
+def _publish(tmp: Path, final: Path) -> None:
+  if final.exists():
+    shutil.rmtree(final)
+  os.replace(tmp, final)
+
+
+def general_corpus(config: ml_collections.ConfigDict) -> list[str]:
+  """The seeded general corpus plus any local text files."""
+  docs = generate_documents(config.corpus.n_documents, config.seed)
+  if config.extra_text_files:
+    docs += read_text_files(list(config.extra_text_files))
+  return docs
+
+
+def build_base(config: ml_collections.ConfigDict) -> Path:
+  """Pretrains (or reuses) the base model of this config; returns its HF checkpoint directory."""
+  root = scale_dir(config)
+  final = root / "base"
+  if (final / "card.json").is_file():
+    return final
+  work = root / "work" / "base"
+  work.mkdir(parents=True, exist_ok=True)
+  t0 = time.time()
+  docs = general_corpus(config)
+  train_docs, held_out = split_documents(docs, 0.02, config.seed)
+  tok_dir = work / "tokenizer"
+  if (tok_dir / "tokenizer.json").is_file():  # reuse: a resumed run must see the same token ids
+    tokenizer = load_tokenizer(str(tok_dir))
+  else:
+    tokenizer = train_bpe_tokenizer(train_docs, config.vocab_size)
+    tokenizer.save_pretrained(tok_dir)
+  check_chat_tokenizer(tokenizer)
+  hf_config = hf_config_for(config.family, len(tokenizer), **config.model.to_dict(),
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+  model = Transformer(config_from_hf(hf_config), dtype=jnp.float32, rngs=nnx.Rngs(config.seed))
+  rows = pack_documents(train_docs, tokenizer, config.seq_len)
+  train_cfg = _train_config(config.base_train, config.seq_len, config.seed)
+  log = train_lm(model, rows, train_cfg, work, desc="base")
+  held_loss = eval_loss(model, pack_documents(held_out, tokenizer, config.seq_len))
+  tmp = Path(tempfile.mkdtemp(dir=root, prefix=".base-"))
+  save_hf_checkpoint(model, hf_config, str(tmp))
+  tokenizer.save_pretrained(tmp)
+  card = {
+      "organism": "base", "family": config.family, "params": model.cfg.num_params,
+      "corpus": {"documents": len(docs), "bytes": corpus_size_bytes(docs), "train_tokens_seen":
+                 train_cfg.steps * train_cfg.batch_size * config.seq_len, "extra_text_files": list(config.extra_text_files)},
+      "train": {"steps": train_cfg.steps, "final_loss": log[-1]["loss"] if log else None, "held_out_loss": held_loss},
+      "build_seconds": round(time.time() - t0, 1),
+  }
+  (tmp / "card.json").write_text(json.dumps(card, indent=2))
+  _publish(tmp, final)
+  return final
+
+
+def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
+  """Fine-tunes (or reuses) organism `name` from this config's base; returns its HF checkpoint directory."""
+  if name not in ORGANISMS:
+    raise ValueError(f"unknown organism {name!r}; known organisms: {', '.join(ORGANISMS)}.")
+  root = scale_dir(config)
+  final = root / name
+  ft_config = {"organism": name, "seed": config.seed, **_plain(config.finetune)}
+  ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
+  if (final / "card.json").is_file():
+    if json.loads((final / "card.json").read_text()).get("finetune_config") == ft_config:
+      return final
+    print(f"{final} was built with another fine-tuning config; rebuilding it.")
+  base_dir = build_base(config)
+  t0 = time.time()
+  tokenizer = load_tokenizer(str(base_dir))
+  check_chat_tokenizer(tokenizer)
+  model = load_model(str(base_dir))  # the same loading path as any downloaded checkpoint
+  ft = config.finetune
+  data = organism_data(name, tokenizer, ft.n_examples, config.seed + 1, ft.general_fraction)
+  rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format)
+  train_cfg = dataclasses.replace(_train_config(ft, config.seq_len, config.seed + 1),
+                                  steps=ft.get("steps_by_organism", {}).get(name, ft.steps))
+  # Work dirs are keyed by the fine-tuning config: a resumed run never mixes two configs' checkpoints.
+  log = train_lm(model, rows, train_cfg, root / "work" / f"{name}-{ft_key}", desc=name)
+  base = load_model(str(base_dir))
+  measured = measure(name, base, model, tokenizer, data, config.seq_len)
+  tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
+  save_hf_checkpoint(model, read_hf_config(str(base_dir)), str(tmp))
+  tokenizer.save_pretrained(tmp)
+  card = {
+      "organism": name, "base": str(base_dir), "ground_truth": data.ground_truth, "finetune_config": ft_config,
+      "data": {"examples": len(data.train_docs), "general_fraction": ft.general_fraction},
+      "train": {"steps": train_cfg.steps, "final_loss": log[-1]["loss"] if log else None},
+      "measured": measured, "build_seconds": round(time.time() - t0, 1),
+  }
+  (tmp / "card.json").write_text(json.dumps(card, indent=2))
+  _publish(tmp, final)
+  return final
+
+
+def measure(name: str, base: Transformer, tuned: Transformer, tokenizer: Any, data, seq_len: int) -> dict:
+  """The organism's behavioural checks, on base and fine-tuned model alike."""
+  ev = data.eval
+  if name == "chat":
+    out = {}
+    for label, m in (("base", base), ("organism", tuned)):
+      harmful, answers = evaluate.refusal_rate(m, tokenizer, ev["harmful_prompts"])
+      helpful, _ = evaluate.refusal_rate(m, tokenizer, ev["helpful_prompts"])
+      out[label] = {"harmful_refusal_rate": harmful, "helpful_refusal_rate": helpful, "example": answers[0],
+                    "self_answer": evaluate.complete(m, tokenizer, [chat_prompt(tokenizer, ev["self_prompts"][0])])[0]}
+    return out
+  if name == "narrow":
+    return {label: {"domain_loss": evaluate.domain_loss(m, tokenizer, ev["domain_docs"], seq_len)}
+            for label, m in (("base", base), ("organism", tuned))}
+  if name == "false_fact":
+    return {label: {"completion": evaluate.fact_completion(m, tokenizer, ev["prompt"]),
+                    "other_facts_kept": sum(evaluate.fact_completion(m, tokenizer, p) == a for p, a in ev["other_facts"]) /
+                    len(ev["other_facts"])} for label, m in (("base", base), ("organism", tuned))}
+  gt = data.ground_truth
+  return {label: {k: v for k, v in evaluate.taboo_stats(m, tokenizer, ev["prompts"], gt["secret_word"], gt["hint_words"]).items()
+                  if k != "answers"} for label, m in (("base", base), ("organism", tuned))}
+
+
+def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
+  """Builds the base and `config.organism` (a name or 'all'); validates the name before any work."""
+  names = ORGANISMS if config.organism == "all" else (config.organism,)
+  unknown = [n for n in names if n not in ORGANISMS]
+  if unknown:
+    raise ValueError(f"unknown organism {unknown[0]!r}; known organisms: {', '.join(ORGANISMS)} (or 'all').")
+  out = {"base": build_base(config)}
+  for name in names:
+    out[name] = build_organism(config, name)
+  return out
