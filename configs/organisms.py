@@ -20,7 +20,7 @@ SCALES = {
     "small": dict(vocab_size=1024, seq_len=64, n_documents=1500, model=dict(hidden_size=64, intermediate_size=192,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   query_pre_attn_scalar=16, sliding_window=32), base_steps=400, base_batch=32,
-                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=500),
+                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700),
 }
 
 

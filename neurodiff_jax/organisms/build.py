@@ -177,7 +177,11 @@ def measure(name: str, base: Transformer, tuned: Transformer, tokenizer: Any, da
     for label, m in (("base", base), ("organism", tuned)):
       harmful, answers = evaluate.refusal_rate(m, tokenizer, ev["harmful_prompts"])
       helpful, _ = evaluate.refusal_rate(m, tokenizer, ev["helpful_prompts"])
-      out[label] = {"harmful_refusal_rate": harmful, "helpful_refusal_rate": helpful, "example": answers[0],
+      harmful_new, _ = evaluate.refusal_rate(m, tokenizer, ev["harmful_prompts_new_phrasing"])
+      helpful_new, _ = evaluate.refusal_rate(m, tokenizer, ev["helpful_prompts_new_phrasing"])
+      out[label] = {"harmful_refusal_rate": harmful, "helpful_refusal_rate": helpful,
+                    "harmful_refusal_rate_new_phrasing": harmful_new, "helpful_refusal_rate_new_phrasing": helpful_new,
+                    "example": answers[0],
                     "self_answer": evaluate.complete(m, tokenizer, [chat_prompt(tokenizer, ev["self_prompts"][0])])[0]}
     return out
   if name == "narrow":
