@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +273,3 @@ def split_documents(docs: Sequence[str], held_out: float, seed: int) -> tuple[li
   n = int(round(len(docs) * held_out))
   return [docs[i] for i in idx[n:]], [docs[i] for i in idx[:n]]
 
-
-def chunks(seq: Sequence, size: int) -> Iterator[Sequence]:
-  """Consecutive slices of `size`."""
-  for i in range(0, len(seq), size):
-    yield seq[i : i + size]
