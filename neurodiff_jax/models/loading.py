@@ -165,7 +165,8 @@ def load_model(
   table = {m.hf_name: m for m in param_table(cfg)}
   files = [SafetensorsFile(p) for p in _weight_files(directory)]
   tied_head = None
-  digest = hashlib.sha256(open(os.path.join(directory, "config.json"), "rb").read())
+  with open(os.path.join(directory, "config.json"), "rb") as f:
+    digest = hashlib.sha256(f.read())
   seen: set[str] = set()
   for file in files:
     digest.update(json.dumps(file.header, sort_keys=True).encode())
