@@ -112,28 +112,36 @@ class Attention(nnx.Module):
       precision: jax.lax.Precision | None,
   ) -> Float[Array, "B T D"]:
     cfg = self.cfg
-    q = jnp.einsum("BTD,DNH->BTNH", x, self.w_q[...], precision=precision)
-    k = jnp.einsum("BSD,DKH->BSKH", x, self.w_k[...], precision=precision)
-    v = jnp.einsum("BSD,DKH->BSKH", x, self.w_v[...], precision=precision)
+    b, t, d = x.shape
+    # Projections on [B*T, D]: XLA:CPU runs the weight gradients of 2-D products (one contracting
+    # dimension) about twice as fast as those of "BTD,..." einsums, and the forward no slower.
+    x2 = x.reshape(b * t, d)
+    q = jnp.einsum("TD,DNH->TNH", x2, self.w_q[...], precision=precision).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = jnp.einsum("TD,DKH->TKH", x2, self.w_k[...], precision=precision).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = jnp.einsum("TD,DKH->TKH", x2, self.w_v[...], precision=precision).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qkv_bias:
       q, k, v = q + self.b_q[...], k + self.b_k[...], v + self.b_v[...]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-    b, t, n, h = q.shape
+    n, h = q.shape[2:]
     kv = cfg.num_kv_heads
-    # Query head n reads KV head n // G, the order HF's repeat_kv produces.
-    q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, precision=precision) * cfg.query_scale
+    # Query head n reads KV head n // G, the order HF's repeat_kv produces. Heads go in front of
+    # time before the two attention einsums so each is a batched matmul over leading (B, K) dims:
+    # XLA:CPU runs "BTKGH,BSKH->BKGTS" about 2.4x slower than the same product laid out heads-major.
+    q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, precision=precision) * cfg.query_scale
     logits = softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=precision).reshape(b, t, n, h)
-    out = jnp.einsum("BTNH,NHD->BTD", out, self.w_o[...], precision=precision)
+    out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v, precision=precision)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, n, h)  # [B*T, N, H]
+    out = jnp.einsum("TNH,NHD->TD", out, self.w_o[...], precision=precision)
     if cfg.out_bias:
       out = out + self.b_o[...]
-    return out
+    return out.reshape(b, t, d)
 
 
 class MLP(nnx.Module):
@@ -151,8 +159,10 @@ class MLP(nnx.Module):
       self.b_down = nnx.Param(jnp.zeros((d,), dtype))
 
   def __call__(self, x: Float[Array, "B T D"], precision: jax.lax.Precision | None) -> Float[Array, "B T D"]:
-    gate = jnp.einsum("BTD,DF->BTF", x, self.w_gate[...], precision=precision)
-    up = jnp.einsum("BTD,DF->BTF", x, self.w_up[...], precision=precision)
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # [B*T, D]: see Attention for why products are 2-D
+    gate = jnp.einsum("TD,DF->TF", x, self.w_gate[...], precision=precision)
+    up = jnp.einsum("TD,DF->TF", x, self.w_up[...], precision=precision)
     if self.cfg.mlp_bias:
       gate, up = gate + self.b_gate[...], up + self.b_up[...]
     act = self.cfg.activation
@@ -160,7 +170,7 @@ class MLP(nnx.Module):
       gate = jax.nn.silu(gate)
     else:
       gate = jax.nn.gelu(gate, approximate=(act == "gelu_pytorch_tanh"))
-    out = jnp.einsum("BTF,FD->BTD", gate * up, self.w_down[...], precision=precision)
+    out = jnp.einsum("TF,FD->TD", gate * up, self.w_down[...], precision=precision)
     if self.cfg.mlp_bias:
       out = out + self.b_down[...]
-    return out
+    return out.reshape(shape)
