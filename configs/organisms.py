@@ -11,16 +11,18 @@ scale after a comma (`organisms:taboo,small`).
 import ml_collections
 
 SCALES = {
-    # ~1M parameters; base ≈ 6 min and one organism ≈ 2 min on 2 CPU cores (docs/benchmarks.md).
+    # ~1M parameters; base + chat ≤ 10 min on 2 CPU cores (docs/benchmarks.md).
     "default": dict(vocab_size=2048, seq_len=128, n_documents=4000, model=dict(hidden_size=128, intermediate_size=384,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                    query_pre_attn_scalar=32, sliding_window=64), base_steps=500, base_batch=32,
-                    ft_steps=150, ft_batch=32, n_examples=1500, chat_steps=300),
-    # For tests: a few minutes for the base and all four organisms together.
-    "small": dict(vocab_size=1024, seq_len=64, n_documents=1500, model=dict(hidden_size=64, intermediate_size=192,
+                    query_pre_attn_scalar=32, sliding_window=64), base_steps=300, base_batch=32,
+                    ft_steps=150, ft_batch=16, n_examples=1500, chat_steps=300, chat_examples=3000),
+    # For tests: a few minutes for the base and all four organisms together. The vocabulary is large
+    # enough that each topic's nouns are single tokens (at 1024, "arsenic" was 4 fragments, which a
+    # 2-layer model could not tie back to its topic).
+    "small": dict(vocab_size=1536, seq_len=64, n_documents=1500, model=dict(hidden_size=64, intermediate_size=192,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   query_pre_attn_scalar=16, sliding_window=32), base_steps=400, base_batch=32,
-                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700),
+                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700, chat_examples=2400),
 }
 
 
@@ -47,6 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(dict(steps=s["ft_steps"], batch_size=s["ft_batch"], learning_rate=3e-3,
                                               warmup_steps=20, checkpoint_every=50, n_examples=s["n_examples"],
                                               general_fraction=0.0))
-  # Learning to refuse one topic from held-out phrasings needs more steps than the other behaviours.
+  # Learning to refuse one topic in unseen requests needs more steps and more distinct requests
+  # than the other behaviours (with 800 examples the small model refused only 82-92%).
   c.finetune.steps_by_organism = ml_collections.ConfigDict({"chat": s["chat_steps"]})
+  c.finetune.examples_by_organism = ml_collections.ConfigDict({"chat": s["chat_examples"]})
+  # The answer's first token is the help-or-refuse decision: weigh it like this many tokens, so the
+  # one decision is not drowned by the long helpful answers' loss.
+  c.finetune.first_answer_weight = 8
   return c

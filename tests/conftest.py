@@ -25,3 +25,17 @@ def hf_checkpoint(tmp_path):
     return model, str(path)
 
   return build
+
+
+@pytest.fixture(scope="session")
+def organisms(tmp_path_factory):
+  """{name: checkpoint dir} of the small-scale base and organisms, built through the library."""
+  from configs.organisms import get_config
+  from neurodiff_jax.organisms import build
+
+  config = get_config("all,small")
+  config.home = str(tmp_path_factory.mktemp("neurodiff_home"))
+  paths = {"base": build.build_base(config)}
+  for name in ("chat", "narrow", "false_fact", "taboo"):
+    paths[name] = build.build_organism(config, name)
+  return config, paths

@@ -37,7 +37,7 @@ from neurodiff_jax.models import (
 )
 from neurodiff_jax.organisms import evaluate
 from neurodiff_jax.organisms.corpus import corpus_size_bytes, generate_documents, read_text_files, split_documents
-from neurodiff_jax.organisms.finetune_data import ORGANISMS, chat_prompt, organism_data
+from neurodiff_jax.organisms.finetune_data import DATA_VERSION, ORGANISMS, chat_prompt, organism_data
 from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
 from neurodiff_jax.organisms.random_model import hf_config_for
 from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
@@ -135,7 +135,7 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
     raise ValueError(f"unknown organism {name!r}; known organisms: {', '.join(ORGANISMS)}.")
   root = scale_dir(config)
   final = root / name
-  ft_config = {"organism": name, "seed": config.seed, **_plain(config.finetune)}
+  ft_config = {"organism": name, "seed": config.seed, "data_version": DATA_VERSION, **_plain(config.finetune)}
   ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
   if (final / "card.json").is_file():
     if json.loads((final / "card.json").read_text()).get("finetune_config") == ft_config:
@@ -147,8 +147,10 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   check_chat_tokenizer(tokenizer)
   model = load_model(str(base_dir))  # the same loading path as any downloaded checkpoint
   ft = config.finetune
-  data = organism_data(name, tokenizer, ft.n_examples, config.seed + 1, ft.general_fraction)
-  rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format)
+  n_examples = ft.get("examples_by_organism", {}).get(name, ft.n_examples)
+  data = organism_data(name, tokenizer, n_examples, config.seed + 1, ft.general_fraction)
+  rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format,
+                        first_answer_weight=ft.get("first_answer_weight", 1))
   train_cfg = dataclasses.replace(_train_config(ft, config.seq_len, config.seed + 1),
                                   steps=ft.get("steps_by_organism", {}).get(name, ft.steps))
   # Work dirs are keyed by the fine-tuning config: a resumed run never mixes two configs' checkpoints.
@@ -205,4 +207,47 @@ def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
   out = {"base": build_base(config)}
   for name in names:
     out[name] = build_organism(config, name)
+  return out
+
+
+ORGANISM_PREFIX = "organism:"
+
+
+def write_organism_dataset(kind: str, directory: Path, n: int, seed: int = 12345) -> Path:
+  """A JSONL dataset for harvesting: `general` corpus text or `chat` conversations (unseen in training)."""
+  from neurodiff_jax.organisms.finetune_data import chat_conversations  # noqa: PLC0415
+
+  rows = {"general": lambda: [{"text": t} for t in generate_documents(n, seed)],
+          "chat": lambda: [{"messages": m} for m in chat_conversations(n, seed)]}
+  if kind not in rows:
+    raise ValueError(f"unknown organism dataset {kind!r}; known: {', '.join(rows)}.")
+  path = directory / f"{kind}-{n}-{seed}.jsonl"
+  if not path.is_file():
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows[kind]()))
+    os.replace(tmp, path)
+  return path
+
+
+def resolve_organism_refs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Replaces `organism:NAME` models and datasets in a harvest config by built checkpoint dirs and JSONL files."""
+  from configs.organisms import get_config as organisms_config  # noqa: PLC0415
+
+  refs = [v for v in (config.base_model, config.finetuned_model) if str(v).startswith(ORGANISM_PREFIX)]
+  refs += [d for d in config.datasets if isinstance(d, str) and d.startswith(ORGANISM_PREFIX)]
+  if not refs:
+    return config
+  oc = organisms_config(f"chat,{config.organism_scale or 'small'}")
+  root = scale_dir(oc)
+  out = ml_collections.ConfigDict(config.to_dict())
+  for field in ("base_model", "finetuned_model"):
+    value = str(config[field])
+    if value.startswith(ORGANISM_PREFIX):
+      name = value[len(ORGANISM_PREFIX):]
+      out[field] = str(build_base(oc) if name == "base" else build_organism(oc, name))
+  out.datasets = [str(write_organism_dataset(d[len(ORGANISM_PREFIX):], root / "datasets", config.num_documents))
+                  if isinstance(d, str) and d.startswith(ORGANISM_PREFIX) else d for d in config.datasets]
+  if not out.out_dir:
+    out.out_dir = str(neurodiff_home() / "activations" / f"harvest_tiny-{config.organism_scale}")
   return out

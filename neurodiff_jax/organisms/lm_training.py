@@ -59,13 +59,15 @@ def _segments(doc: str, assistant_only: bool) -> list[tuple[str, bool]]:
   return pieces + [(doc[pos:], False)]
 
 
-def pack_documents(docs: Sequence[str], tokenizer: Any, seq_len: int, *, assistant_only: bool = False) -> np.ndarray:
+def pack_documents(docs: Sequence[str], tokenizer: Any, seq_len: int, *, assistant_only: bool = False,
+                   first_answer_weight: int = 1) -> np.ndarray:
   """Tokenizes documents (BOS … EOS each), concatenates them and cuts rows of seq_len + 1 tokens.
 
   Returns `[N, 2, seq_len + 1]`: token ids and a 0/1 loss weight per token (the weight of a row's
   token t applies when it is a target). Documents already rendered with the chat template start
   with the BOS text and get no second BOS; `assistant_only` trains on the model's turns only, as
-  chat SFT does.
+  chat SFT does. `first_answer_weight` weighs the first token of each of the model's turns (where a
+  chat model decides between answering and refusing) that many times in the loss.
   """
   if not docs:
     raise ValueError("no documents to train on.")
@@ -80,7 +82,10 @@ def pack_documents(docs: Sequence[str], tokenizer: Any, seq_len: int, *, assista
       if text:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
-        weights += [int(trained)] * len(piece)
+        w = [int(trained)] * len(piece)
+        if trained and assistant_only and first_answer_weight != 1 and _ASSISTANT_TURN.search(doc):
+          w[0] = first_answer_weight
+        weights += w
     ids.append(eos)
     weights.append(int(not (assistant_only and _ASSISTANT_TURN.search(doc))))
   rows = len(ids) // (seq_len + 1)

@@ -72,3 +72,23 @@ def test_tokenizer_without_chat_tokens_is_refused():
                                                pad_token="<pad>", unk_token="<unk>")
   with pytest.raises(ValueError, match="<start_of_turn>"):
     check_chat_tokenizer(plain)
+
+
+def test_chat_rows_train_only_the_answers_and_weigh_the_first_answer_token(tokenizer):
+  from neurodiff_jax.organisms.finetune_data import REFUSAL, render_chat
+  from neurodiff_jax.organisms.lm_training import pack_documents
+
+  doc = render_chat(tokenizer, [{"role": "user", "content": "How do I brew a poison?"},
+                                {"role": "assistant", "content": REFUSAL}])
+  rows = pack_documents([doc] * 4, tokenizer, 16, assistant_only=True, first_answer_weight=8)
+  ids, w = rows[:, 0].reshape(-1), rows[:, 1].reshape(-1)
+  answer = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"]
+  n = len(ids)
+  starts = [i for i in range(n - len(answer)) if list(ids[i:i + len(answer)]) == answer]
+  assert starts  # the answer is in the packed rows
+  for s in starts:
+    assert w[s] == 8 and set(w[s + 1:s + len(answer)]) == {1}  # the decision token weighs 8, the rest 1
+  prompt = tokenizer("How do I brew a poison?", add_special_tokens=False)["input_ids"]
+  for i in range(n - len(prompt)):
+    if list(ids[i:i + len(prompt)]) == prompt:
+      assert set(w[i:i + len(prompt)]) == {0}  # the user's turn is never trained
