@@ -1,0 +1,323 @@
+"""Harvest paired residual-stream activations of a base and a fine-tuned model into a store.
+
+Both models read the same tokens in jitted fixed-shape batches `[batch_size, seq_len]` (one
+document per row, right-padded) that stop at the deepest requested layer. Work is split into
+units of `shard_tokens` consecutive stored tokens (one shard of every array, see `store.py`);
+process p of P takes units p, p + P, ...; a unit's marker is committed only after its shards
+are durable, so a killed harvest rerun with the same command redoes only the missing units and
+ends with exactly the contents of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from neurodiff_jax.activations.datasets import DatasetSpec, TokenizedCorpus, check_same_tokenizer, tokenize_corpus
+from neurodiff_jax.activations.store import (
+    FORMAT,
+    METADATA,
+    VERSION,
+    ActivationStore,
+    StoreError,
+    TOKEN_KINDS,
+    StoreLayout,
+    choose_sizes,
+    config_key,
+    unit_stats,
+)
+from neurodiff_jax.models import Transformer, config_from_hf, load_model, load_tokenizer, read_hf_config, resolve_checkpoint
+
+ROLES = ("base", "finetuned")
+
+
+class NonFiniteActivationError(FloatingPointError):
+  """A model produced NaN or Inf activations."""
+
+
+class DiskFullError(OSError):
+  """Not enough disk space for the next unit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPlan:
+  """Where every stored token of every document goes in the store."""
+
+  corpus: TokenizedCorpus
+  first_stored: np.ndarray  # [n_docs] first stored position of each document (1 when its BOS is dropped)
+  doc_start: np.ndarray  # [n_docs + 1] store offset of each document's first stored token
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens the store holds."""
+    return int(self.doc_start[-1])
+
+  def docs_in(self, lo: int, hi: int) -> range:
+    """Documents with at least one stored token in [lo, hi)."""
+    first = int(np.searchsorted(self.doc_start, lo, side="right")) - 1
+    last = int(np.searchsorted(self.doc_start, hi, side="left"))
+    return range(max(first, 0), last)
+
+
+def plan_tokens(corpus: TokenizedCorpus, bos_id: int | None, keep_bos: bool) -> TokenPlan:
+  """Stored tokens per document: all but a leading BOS (unless `keep_bos`); padding is never stored."""
+  first = np.array([0 if keep_bos or bos_id is None or ids[0] != bos_id else 1 for ids in corpus.ids], np.int64)
+  counts = np.array([len(ids) for ids in corpus.ids], np.int64) - first
+  return TokenPlan(corpus, first, np.concatenate([[0], np.cumsum(counts)]))
+
+
+def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(index, count) of this process: from JAX (after `jax.distributed.initialize` when asked) or the config."""
+  count = int(config.get("process_count") or 0)
+  if config.get("distributed"):
+    if not jax.distributed.is_initialized():
+      # Unset fields are auto-detected by JAX on TPU pods, SLURM and Open MPI clusters.
+      jax.distributed.initialize(coordinator_address=config.get("coordinator_address") or None,
+                                 num_processes=count or None, process_id=config.process_index if count else None)
+    return jax.process_index(), jax.process_count()
+  if count:
+    return int(config.process_index), count
+  return jax.process_index(), jax.process_count()
+
+
+def _model_info(path: str, revision: str | None) -> dict:
+  return {"path": str(path), "revision": revision, "directory": resolve_checkpoint(path, revision=revision)}
+
+
+def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], store_dtype: Any) -> Callable:
+  """A jitted `(ids, mask) -> (acts [B, T, L, M, d] in store dtype, bad [B, L, M])` over both models."""
+  layers = tuple(layers)
+  last = max(layers)
+  splits = [nnx.split(m) for m in (base, finetuned)]
+  graphdefs = [g for g, _ in splits]
+
+  @jax.jit
+  def step(states, ids, mask):
+    acts = []
+    for g, s in zip(graphdefs, states):
+      res = nnx.merge(g, s)(ids, mask, capture=layers, stop_at_layer=last).residuals
+      acts.append(jnp.stack([res[l] for l in layers], axis=2))
+    x = jnp.stack(acts, axis=3)  # [B, T, L, M, d]
+    bad = (~jnp.isfinite(x).all(-1)) & mask[:, :, None, None]
+    return x.astype(store_dtype), bad.any(axis=1)
+
+  states = tuple(s for _, s in splits)
+  return lambda ids, mask: step(states, ids, mask)
+
+
+def bucket_lengths(seq_len: int, smallest: int = 16, ratio: float = 1.5) -> list[int]:
+  """The padded lengths batches use: from `smallest` up to `seq_len`, each ≤ `ratio` × the last, multiples of 16."""
+  # At most ~log(seq_len / 16) / log(1.5) compiled shapes (11 for 1024), and a batch of sorted
+  # documents is padded by less than half its length (powers of two would waste up to 2x).
+  out, n = [], float(smallest)
+  while True:
+    b = min(-(-int(n) // 16) * 16, seq_len)
+    if not out or b > out[-1]:
+      out.append(b)
+    if b >= seq_len:
+      return out
+    n *= ratio
+
+
+def _batches(plan: TokenPlan, docs: range, batch_size: int, seq_len: int, pad_id: int):
+  """Batches of whole documents (one per row), sorted by length and padded to a few fixed lengths.
+
+  Sorting keeps padding small; the bucket lengths bound the number of compiled shapes. Short final
+  batches repeat a real row (an all-padding row would be a NaN-producing fully masked attention).
+  """
+  docs = sorted(docs, key=lambda d: len(plan.corpus.ids[d]))
+  buckets = bucket_lengths(seq_len)
+  for i in range(0, len(docs), batch_size):
+    chunk = docs[i:i + batch_size]
+    longest = max(len(plan.corpus.ids[d]) for d in chunk)
+    width = next(b for b in buckets if b >= longest)
+    ids = np.full((batch_size, width), pad_id, np.int32)
+    mask = np.zeros((batch_size, width), bool)
+    for r, d in enumerate(chunk + [chunk[0]] * (batch_size - len(chunk))):
+      row = plan.corpus.ids[d]
+      ids[r, :len(row)] = row
+      mask[r, :len(row)] = True
+    yield chunk, ids, mask
+
+
+def _check_disk(root: Path, need: int) -> None:
+  free = shutil.disk_usage(root).free
+  if free < need:
+    raise DiskFullError(errno.ENOSPC,
+                        f"{root}: {free / 2**30:.2f} GiB free but the next unit needs {need / 2**30:.2f} GiB. Free space "
+                        "and run the same command again: the units already written are kept and the harvest resumes.")
+
+
+def harvest_unit(plan: TokenPlan, layout: StoreLayout, unit: int, step: Callable, batch_size: int, seq_len: int,
+                 pad_id: int, describe_doc: Callable[[int], str]) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
+  """Runs both models over the documents of one unit; returns its layer buffers and metadata."""
+  lo, hi = layout.unit_range(unit)
+  n = hi - lo
+  dtype = np.dtype(jnp.dtype(layout.dtype))
+  acts = {l: np.empty((n, layout.num_models, layout.d_model), dtype) for l in layout.layers}
+  meta = {k: np.empty((n,), v) for k, v in METADATA.items()}
+  written = 0
+  pending = None  # dispatch batch k + 1 before copying batch k back, so device and host overlap
+
+  def drain(item):
+    nonlocal written
+    docs, (x, bad) = item
+    x, bad = np.asarray(x), np.asarray(bad)
+    if bad.any():
+      r, li, mi = (int(v[0]) for v in np.nonzero(bad))
+      raise NonFiniteActivationError(
+          f"NaN/Inf activations in {describe_doc(docs[r])} at layer {layout.layers[li]} of the {ROLES[mi]} model; "
+          "nothing of this unit was written. Check that checkpoint (or use model_dtype=float32); the units "
+          "already written are kept.")
+    for r, d in enumerate(docs):
+      first, start = int(plan.first_stored[d]), int(plan.doc_start[d])
+      length = len(plan.corpus.ids[d])
+      # Stored positions [first, length) of document d sit at store offsets start + (p - first).
+      p0 = first + max(lo - start, 0)
+      p1 = first + min(hi - start, length - first)
+      if p1 <= p0:
+        continue
+      o0 = start + (p0 - first) - lo
+      sl = slice(o0, o0 + p1 - p0)
+      for li, l in enumerate(layout.layers):
+        acts[l][sl] = x[r, p0:p1, li]
+      meta["token_id"][sl] = plan.corpus.ids[d][p0:p1]
+      meta["token_kind"][sl] = plan.corpus.kinds[d][p0:p1]
+      meta["position"][sl] = np.arange(p0, p1)
+      meta["doc_index"][sl] = d
+      written += p1 - p0
+
+  for docs, ids, mask in _batches(plan, plan.docs_in(lo, hi), batch_size, seq_len, pad_id):
+    out = step(jnp.asarray(ids), jnp.asarray(mask))
+    if pending is not None:
+      drain(pending)
+    pending = (docs, out)
+  if pending is not None:
+    drain(pending)
+  if written != n:
+    raise AssertionError(f"unit {unit}: placed {written} of {n} tokens")  # a planning bug, never bad input
+  return acts, meta
+
+
+def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
+  """Harvests (or finishes harvesting) the store described by `config`; returns it."""
+  t_start = time.time()
+  proc, nproc = _processes(config)
+  if not 0 <= proc < nproc:
+    raise ValueError(f"process_index {proc} is outside [0, process_count={nproc}).")
+  layers = tuple(sorted(set(int(l) for l in config.layers)))
+  if not layers:
+    raise ValueError("config.layers is empty; name at least one layer to harvest.")
+
+  paths = (config.base_model, config.finetuned_model)
+  revisions = (config.get("base_revision") or None, config.get("finetuned_revision") or None)
+  infos = [_model_info(p, r) for p, r in zip(paths, revisions)]
+  hf_configs = [read_hf_config(i["directory"]) for i in infos]
+  cfgs = [config_from_hf(c) for c in hf_configs]
+  if cfgs[0].hidden_size != cfgs[1].hidden_size:
+    raise ValueError(f"hidden sizes differ: base {paths[0]} has d={cfgs[0].hidden_size}, fine-tuned {paths[1]} has "
+                     f"d={cfgs[1].hidden_size}; paired activations need two models of one architecture.")
+  for role, c in zip(ROLES, cfgs):
+    if max(layers) >= c.num_layers or min(layers) < 0:
+      raise ValueError(f"layers {list(layers)} out of range for the {role} model ({c.num_layers} layers: 0..{c.num_layers - 1}).")
+  tokenizers = [load_tokenizer(i["directory"]) for i in infos]
+  check_same_tokenizer(*tokenizers)
+  tok = tokenizers[0]
+
+  specs = [DatasetSpec.from_config(s) for s in config.datasets]
+  if not specs:
+    raise ValueError("config.datasets is empty; name at least one dataset (text, JSONL, Parquet or a saved datasets dir).")
+  corpus = tokenize_corpus(tok, specs, max_length=config.seq_len, min_tokens=config.get("min_tokens", 2),
+                           skip_short=config.get("skip_short", False))
+  plan = plan_tokens(corpus, tok.bos_token_id, config.keep_bos)
+  if plan.num_tokens == 0:
+    raise ValueError("the datasets hold no tokens to store (every document is only a BOS token).")
+
+  d = cfgs[0].hidden_size
+  shard, chunk = choose_sizes(2, d, config.dtype)
+  shard = config.get("shard_tokens") or shard
+  chunk = min(config.get("chunk_tokens") or chunk, shard)
+  if shard % chunk:
+    raise ValueError(f"shard_tokens={shard} must be a multiple of chunk_tokens={chunk}.")
+  model_dtype = jnp.dtype(config.get("model_dtype", "float32"))
+  models = [load_model(i["directory"], model_dtype) for i in infos]
+  manifest = {
+      "format": FORMAT, "version": VERSION,
+      "models": [{"role": r, "path": str(p), "revision": rev, "model_type": m.checkpoint.model_type,
+                  "fingerprint": m.checkpoint.fingerprint, "num_layers": m.cfg.num_layers}
+                 for r, p, rev, m in zip(ROLES, paths, revisions, models)],
+      "layers": list(layers), "d_model": d, "dtype": config.dtype, "model_dtype": model_dtype.name,
+      "num_tokens": plan.num_tokens, "num_documents": len(corpus.ids), "shard_tokens": shard, "chunk_tokens": chunk,
+      "keep_bos": bool(config.keep_bos), "seq_len": int(config.seq_len), "datasets": corpus.datasets,
+      "corpus_fingerprint": corpus.fingerprint(), "truncated_documents": corpus.truncated,
+      "skipped_short_documents": int(getattr(corpus, "skipped_short", 0)), "token_kinds": {str(k): v for k, v in TOKEN_KINDS.items()},
+      "complete": False,
+  }
+  manifest["config_key"] = config_key(manifest)
+  store = ActivationStore.create_or_open(config.out_dir, manifest)
+  lay = store.layout
+  mine = [u for u in range(lay.num_units) if u % nproc == proc]
+  todo = [u for u in mine if u not in store.finished_units()]
+  todo_tokens = sum(np.subtract(*lay.unit_range(u)[::-1]) for u in todo)
+  print(f"harvest: {lay.num_tokens:,} tokens in {lay.num_units} units ({len(mine)} for process {proc}/{nproc}, "
+        f"{len(mine) - len(todo)} already written) -> {store.root}", flush=True)
+  t_ready = time.time()
+  if todo:
+    step = make_step(models[0], models[1], layers, jnp.dtype(config.dtype))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def describe(doc: int) -> str:
+      ds = int(plan.corpus.dataset_of_doc[doc])
+      first = int(np.searchsorted(plan.corpus.dataset_of_doc, ds, side="left"))
+      # Counted among the documents kept (skip_short drops some), in file order.
+      return f"document {doc} (document {doc - first} of {plan.corpus.datasets[ds]['path']})"
+
+    meta_bytes = sum(np.dtype(v).itemsize for v in METADATA.values())
+    inflight = None  # (unit, futures, stats): the previous unit's writes, committed after the next unit computes
+    with tqdm(total=int(todo_tokens), unit="tok", unit_scale=True, desc=f"harvest p{proc}", smoothing=0.1) as bar:
+      try:
+        for u in todo:
+          lo, hi = lay.unit_range(u)
+          _check_disk(store.root, (hi - lo) * (lay.token_bytes * len(lay.layers) + meta_bytes) * 2)
+          acts, meta = harvest_unit(plan, lay, u, step, config.batch_size, config.seq_len, pad_id, describe)
+          if inflight is not None:
+            _commit(store, *inflight)
+          inflight = (u, store.write_unit(u, acts, meta), unit_stats(acts, ROLES))
+          bar.update(hi - lo)
+      finally:
+        # Whatever stopped the loop, the unit already computed and being written is kept (not lost work).
+        if inflight is not None:
+          _commit(store, *inflight)
+  # Seconds to get ready (tokenize, load, open) and to harvest (compile included), for benchmarks.
+  store.timing = {"load_s": t_ready - t_start, "harvest_s": time.time() - t_ready}
+  if store.try_finalize():
+    print(f"harvest: store complete ({lay.num_tokens:,} tokens, {time.time() - t_start:.1f} s in this process).",
+          flush=True)
+  else:
+    print(f"harvest: process {proc} done; {len(store.finished_units())}/{lay.num_units} units written so far "
+          "(the last process to finish completes the manifest).", flush=True)
+  return store
+
+
+def _commit(store: ActivationStore, unit: int, futures: list, stats: dict) -> None:
+  """Waits for a unit's writes to be durable, then records it."""
+  try:
+    for f in futures:
+      f.result()
+  except (ValueError, OSError) as e:
+    if "space" in str(e).lower() or getattr(e, "errno", None) == errno.ENOSPC:
+      raise DiskFullError(errno.ENOSPC, f"disk full while writing unit {unit} to {store.root}: {e}. Free space and run "
+                          "the same command again; the units already written are kept.") from e
+    raise StoreError(f"writing unit {unit} to {store.root} failed: {e}. Run the same command again to redo it.") from e
+  store.commit_unit(unit, stats)

@@ -1,0 +1,100 @@
+"""Harvest: stored activations equal `transformers` hidden states; metadata, manifest and statistics are right."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from neurodiff_jax.activations.datasets import DatasetSpec, tokenize_corpus
+from neurodiff_jax.activations.harvest import harvest
+from neurodiff_jax.activations.store import ActivationStore, StoreError
+from neurodiff_jax.models import load_tokenizer
+
+
+def _hf_hidden(path, ids, layers):
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+  with torch.no_grad():
+    out = model(torch.tensor(ids)[None], output_hidden_states=True)
+  return {l: out.hidden_states[l + 1][0].numpy() for l in layers}
+
+
+def test_harvest_matches_transformers(harvest_config):
+  c = harvest_config
+  c.dtype = "float32"  # exact comparison; bf16 storage is checked below
+  store = harvest(c)
+  m = store.manifest
+  assert m["complete"] and m["layers"] == [0, 1] and m["d_model"] == 64 and m["dtype"] == "float32"
+  assert [x["role"] for x in m["models"]] == ["base", "finetuned"]
+  assert m["models"][0]["fingerprint"] != m["models"][1]["fingerprint"]
+
+  tok = load_tokenizer(c.base_model)
+  corpus = tokenize_corpus(tok, [DatasetSpec.from_config(d) for d in c.datasets], max_length=c.seq_len)
+  # BOS is dropped: every document contributes len - 1 tokens, in order.
+  assert m["num_tokens"] == sum(len(ids) - 1 for ids in corpus.ids) == store.layout.num_tokens
+  assert store.layout.num_units > 3  # several units, so the tests below exercise unit boundaries
+  token_id, doc_index = store.metadata("token_id"), store.metadata("doc_index")
+  position, kind = store.metadata("position"), store.metadata("token_kind")
+  np.testing.assert_array_equal(token_id, np.concatenate([ids[1:] for ids in corpus.ids]))
+  np.testing.assert_array_equal(doc_index, np.concatenate([np.full(len(ids) - 1, i) for i, ids in enumerate(corpus.ids)]))
+  np.testing.assert_array_equal(position, np.concatenate([np.arange(1, len(ids)) for ids in corpus.ids]))
+  np.testing.assert_array_equal(kind, np.concatenate([k[1:] for k in corpus.kinds]))
+  n_text = corpus.datasets[0]["documents"]
+  assert (kind[doc_index < n_text] == 2).sum() == 0 and (kind[doc_index >= n_text] == 2).sum() > 0
+
+  # Activations of documents across the store (including ones that straddle unit boundaries).
+  bounds = [store.layout.unit_range(u)[0] for u in range(store.layout.num_units)]
+  straddling = sorted({int(doc_index[b]) for b in bounds[1:] if doc_index[b] == doc_index[b - 1]})
+  assert straddling
+  docs = straddling[:2] + [0, len(corpus.ids) - 1]
+  starts = np.searchsorted(doc_index, np.arange(len(corpus.ids)))
+  for i, path in enumerate((c.base_model, c.finetuned_model)):
+    for d in docs:
+      ref = _hf_hidden(path, corpus.ids[d], c.layers)
+      lo = int(starts[d])
+      for l in c.layers:
+        got = store.read(l, lo, lo + len(corpus.ids[d]) - 1)[:, i]
+        np.testing.assert_allclose(got, ref[l][1:], rtol=1e-5, atol=1e-5, err_msg=f"model {i} doc {d} layer {l}")
+
+  # Manifest statistics equal numpy over the stored arrays.
+  for l in c.layers:
+    x = store.read(l, 0, store.layout.num_tokens).astype(np.float64)
+    for i, role in enumerate(("base", "finetuned")):
+      s = m["stats"][str(l)][role]
+      norms = np.linalg.norm(x[:, i], axis=-1)
+      assert s["count"] == len(norms)
+      np.testing.assert_allclose(s["mean_norm"], norms.mean(), rtol=1e-6)
+      np.testing.assert_allclose(s["rms_norm"], np.sqrt((norms ** 2).mean()), rtol=1e-6)
+      np.testing.assert_allclose(s["mean"], x[:, i].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.norm_scale(l), [np.sqrt(64) / m["stats"][str(l)][r]["mean_norm"]
+                                                     for r in ("base", "finetuned")], rtol=1e-6)
+
+
+def test_bf16_store_and_keep_bos(harvest_config, tmp_path):
+  c = harvest_config
+  ref = harvest(c)  # default: bfloat16
+  assert ref.layer(1).dtype.name == "bfloat16"
+  c.dtype, c.out_dir = "float32", str(tmp_path / "f32")
+  f32 = harvest(c)
+  a = ref.read(1, 0, ref.layout.num_tokens).astype(np.float32)
+  b = f32.read(1, 0, f32.layout.num_tokens)
+  np.testing.assert_array_equal(a, b.astype(ref.layer(1).dtype.numpy_dtype).astype(np.float32))  # round to nearest
+  c.keep_bos, c.out_dir = True, str(tmp_path / "bos")
+  bos = harvest(c)
+  assert bos.layout.num_tokens == ref.layout.num_tokens + ref.manifest["num_documents"]
+  assert (bos.metadata("position") == 0).sum() == ref.manifest["num_documents"]
+  assert (bos.metadata("token_kind")[bos.metadata("position") == 0] == 1).all()  # BOS is a special token
+
+
+def test_rerun_of_a_complete_store_is_a_no_op_and_other_config_is_an_error(harvest_config):
+  c = harvest_config
+  store = harvest(c)
+  before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()}
+  harvest(c)
+  assert {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()} == before
+  c.layers = (1,)
+  with pytest.raises(StoreError, match="another config.*layers"):
+    harvest(c)
+  assert json.loads((store.root / "manifest.json").read_text())["layers"] == [0, 1]
+  ActivationStore.open(store.root)  # still intact
