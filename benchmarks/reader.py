@@ -79,9 +79,10 @@ def raw_read(paths: list[Path]) -> tuple[float, int]:
   return time.perf_counter() - t0, n
 
 
-def reader_read(store: ActivationStore, batch: int, batches: int, window: int) -> float:
+def reader_read(store: ActivationStore, batch: int, batches: int, window: int, dtype: str = "float32") -> float:
   """Seconds to draw `batches` shuffled batches through the Grain iterator."""
-  it = batch_iterator(batch_dataset(store, 0, batch, seed=0, window_tokens=window), prefetch=4, num_threads=2)
+  it = batch_iterator(batch_dataset(store, 0, batch, seed=0, window_tokens=window, dtype=dtype), prefetch=4,
+                      num_threads=2)
   t0 = time.perf_counter()
   for _ in range(batches):
     next(it)
@@ -150,6 +151,7 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=2048)
   ap.add_argument("--batches", type=int, default=40)
   ap.add_argument("--window", type=int, default=None, help="shuffle window in tokens (default: 512 MiB worth)")
+  ap.add_argument("--dtype", default="float32", help="batch dtype: float32 or bfloat16 (no widening)")
   ap.add_argument("--dir", default="", help="where to write the store (default: a temp dir)")
   ap.add_argument("--cc-d", type=int, default=256, help="crosscoder width per model for the waiting test")
   ap.add_argument("--cc-m", type=int, default=8192)
@@ -167,12 +169,12 @@ def main() -> None:
       raw_s, raw_n = raw_read(files)
       if cache == "cold":
         drop_cache(files)
-      rd_s = reader_read(store, args.batch, args.batches, args.window)
+      rd_s = reader_read(store, args.batch, args.batches, args.window, args.dtype)
       rd_bytes = args.batches * args.batch * store.layout.token_bytes
       rows.append((cache, raw_n / raw_s / 1e6, args.batches / rd_s, rd_bytes / rd_s / 1e6))
     print(f"\nreader: {args.tokens:,} tokens × 2 × {args.d} bf16 ({size / 1e9:.2f} GB on disk, shard "
           f"{store.layout.shard_tokens} / chunk {store.layout.chunk_tokens} tokens), batch {args.batch}, "
-          f"window {args.window or 'default (512 MiB)'} tokens, float32 output\n")
+          f"window {args.window or 'default (512 MiB)'} tokens, {args.dtype} output\n")
     print("| page cache | raw sequential MB/s | reader batches/s | reader MB/s | reader / raw |")
     print("|---|---|---|---|---|")
     for cache, raw, bps, mbs in rows:
