@@ -37,7 +37,7 @@ from neurodiff_jax.activations.store import (
     config_key,
     unit_stats,
 )
-from neurodiff_jax.models import Transformer, config_from_hf, load_model, load_tokenizer, read_hf_config, resolve_checkpoint
+from neurodiff_jax.models import Transformer, checkpoint_info, config_from_hf, load_model, load_tokenizer, read_hf_config
 
 ROLES = ("base", "finetuned")
 
@@ -89,10 +89,6 @@ def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
   if count:
     return int(config.process_index), count
   return jax.process_index(), jax.process_count()
-
-
-def _model_info(path: str, revision: str | None) -> dict:
-  return {"path": str(path), "revision": revision, "directory": resolve_checkpoint(path, revision=revision)}
 
 
 def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], store_dtype: Any) -> Callable:
@@ -222,16 +218,16 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
 
   paths = (config.base_model, config.finetuned_model)
   revisions = (config.get("base_revision") or None, config.get("finetuned_revision") or None)
-  infos = [_model_info(p, r) for p, r in zip(paths, revisions)]
-  hf_configs = [read_hf_config(i["directory"]) for i in infos]
-  cfgs = [config_from_hf(c) for c in hf_configs]
+  # Fingerprints and configs without the weights: a finished or foreign store is known before loading.
+  infos = [checkpoint_info(p, revision=r) for p, r in zip(paths, revisions)]
+  cfgs = [config_from_hf(read_hf_config(i.path)) for i in infos]
   if cfgs[0].hidden_size != cfgs[1].hidden_size:
     raise ValueError(f"hidden sizes differ: base {paths[0]} has d={cfgs[0].hidden_size}, fine-tuned {paths[1]} has "
                      f"d={cfgs[1].hidden_size}; paired activations need two models of one architecture.")
   for role, c in zip(ROLES, cfgs):
     if max(layers) >= c.num_layers or min(layers) < 0:
       raise ValueError(f"layers {list(layers)} out of range for the {role} model ({c.num_layers} layers: 0..{c.num_layers - 1}).")
-  tokenizers = [load_tokenizer(i["directory"]) for i in infos]
+  tokenizers = [load_tokenizer(i.path) for i in infos]
   check_same_tokenizer(*tokenizers)
   tok = tokenizers[0]
 
@@ -251,29 +247,30 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
   if shard % chunk:
     raise ValueError(f"shard_tokens={shard} must be a multiple of chunk_tokens={chunk}.")
   model_dtype = jnp.dtype(config.get("model_dtype", "float32"))
-  models = [load_model(i["directory"], model_dtype) for i in infos]
   manifest = {
       "format": FORMAT, "version": VERSION,
-      "models": [{"role": r, "path": str(p), "revision": rev, "model_type": m.checkpoint.model_type,
-                  "fingerprint": m.checkpoint.fingerprint, "num_layers": m.cfg.num_layers}
-                 for r, p, rev, m in zip(ROLES, paths, revisions, models)],
+      "models": [{"role": r, "path": str(p), "revision": rev, "model_type": i.model_type,
+                  "fingerprint": i.fingerprint, "num_layers": c.num_layers}
+                 for r, p, rev, i, c in zip(ROLES, paths, revisions, infos, cfgs)],
       "layers": list(layers), "d_model": d, "dtype": config.dtype, "model_dtype": model_dtype.name,
       "num_tokens": plan.num_tokens, "num_documents": len(corpus.ids), "shard_tokens": shard, "chunk_tokens": chunk,
       "keep_bos": bool(config.keep_bos), "seq_len": int(config.seq_len), "datasets": corpus.datasets,
       "corpus_fingerprint": corpus.fingerprint(), "truncated_documents": corpus.truncated,
-      "skipped_short_documents": int(getattr(corpus, "skipped_short", 0)), "token_kinds": {str(k): v for k, v in TOKEN_KINDS.items()},
+      "skipped_short_documents": corpus.skipped_short, "token_kinds": {str(k): v for k, v in TOKEN_KINDS.items()},
       "complete": False,
   }
   manifest["config_key"] = config_key(manifest)
   store = ActivationStore.create_or_open(config.out_dir, manifest)
   lay = store.layout
   mine = [u for u in range(lay.num_units) if u % nproc == proc]
-  todo = [u for u in mine if u not in store.finished_units()]
-  todo_tokens = sum(np.subtract(*lay.unit_range(u)[::-1]) for u in todo)
+  finished = store.finished_units()
+  todo = [u for u in mine if u not in finished]
+  todo_tokens = sum(hi - lo for lo, hi in map(lay.unit_range, todo))
   print(f"harvest: {lay.num_tokens:,} tokens in {lay.num_units} units ({len(mine)} for process {proc}/{nproc}, "
         f"{len(mine) - len(todo)} already written) -> {store.root}", flush=True)
   t_ready = time.time()
   if todo:
+    models = [load_model(i.path, model_dtype) for i in infos]
     step = make_step(models[0], models[1], layers, jnp.dtype(config.dtype))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -285,7 +282,7 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
 
     meta_bytes = sum(np.dtype(v).itemsize for v in METADATA.values())
     inflight = None  # (unit, futures, stats): the previous unit's writes, committed after the next unit computes
-    with tqdm(total=int(todo_tokens), unit="tok", unit_scale=True, desc=f"harvest p{proc}", smoothing=0.1) as bar:
+    with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"harvest p{proc}", smoothing=0.1) as bar:
       try:
         for u in todo:
           lo, hi = lay.unit_range(u)
@@ -314,7 +311,7 @@ def _commit(store: ActivationStore, unit: int, futures: list, stats: dict) -> No
   """Waits for a unit's writes to be durable, then records it."""
   try:
     for f in futures:
-      f.result()
+      f.commit.result()  # durable, not merely copied out of our buffers
   except (ValueError, OSError) as e:
     if "space" in str(e).lower() or getattr(e, "errno", None) == errno.ENOSPC:
       raise DiskFullError(errno.ENOSPC, f"disk full while writing unit {unit} to {store.root}: {e}. Free space and run "

@@ -9,6 +9,7 @@ from neurodiff_jax.models.loading import (
     FAMILIES,
     CheckpointError,
     CheckpointInfo,
+    checkpoint_info,
     config_from_hf,
     load_model,
     load_tokenizer,
@@ -26,7 +27,7 @@ __all__ = [
     "FAMILIES", "CheckpointError", "CheckpointInfo", "CorruptCheckpointError", "ForwardOutput",
     "Gemma2Config", "Gemma3Config", "GemmaConfig", "LlamaConfig", "Qwen2Config", "Qwen3Config",
     "RopeConfig", "ShardingRules", "Transformer", "TransformerConfig", "UnsupportedConfigError",
-    "batch_sharding", "config_from_hf", "jit_forward", "load_model", "load_tokenizer", "make_mesh",
+    "batch_sharding", "checkpoint_info", "config_from_hf", "jit_forward", "load_model", "load_tokenizer", "make_mesh",
     "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint",
 ]
 from neurodiff_jax.models.generate import greedy_generate  # noqa: E402

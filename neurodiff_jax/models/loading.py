@@ -154,6 +154,23 @@ def _sampled_bytes(data: np.ndarray, samples: int = 256, block: int = 4096) -> b
   return b"".join(data[s:s + block].tobytes() for s in np.unique(starts))
 
 
+def _fingerprint(directory: str, files: list[SafetensorsFile]) -> str:
+  """A hash of config.json, the tensor headers and sampled weight bytes of a checkpoint."""
+  with open(os.path.join(directory, "config.json"), "rb") as f:
+    digest = hashlib.sha256(f.read())
+  for file in files:
+    digest.update(json.dumps(file.header, sort_keys=True).encode())
+    digest.update(_sampled_bytes(file._mmap))
+  return digest.hexdigest()[:16]
+
+
+def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None, allow_download: bool = False) -> CheckpointInfo:
+  """Where a checkpoint is, its model type and fingerprint, without loading its weights."""
+  directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
+  files = [SafetensorsFile(p) for p in _weight_files(directory)]
+  return CheckpointInfo(directory, read_hf_config(directory).model_type, _fingerprint(directory, files))
+
+
 def load_model(
     path_or_repo_id: str,
     dtype: jnp.dtype | str = jnp.float32,
@@ -173,12 +190,8 @@ def load_model(
   table = {m.hf_name: m for m in param_table(cfg)}
   files = [SafetensorsFile(p) for p in _weight_files(directory)]
   tied_head = None
-  with open(os.path.join(directory, "config.json"), "rb") as f:
-    digest = hashlib.sha256(f.read())
   seen: set[str] = set()
   for file in files:
-    digest.update(json.dumps(file.header, sort_keys=True).encode())
-    digest.update(_sampled_bytes(file._mmap))
     for raw_name in file.keys():
       name = _canonical(raw_name)
       if _IGNORED.search(raw_name):
@@ -203,7 +216,7 @@ def load_model(
     raise CheckpointError(f"checkpoint {directory} is missing tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
   if tied_head is not None and tied_head[0].shape(tied_head[1]) != table["model.embed_tokens.weight"].hf_shape:
     raise CheckpointError(f"lm_head.weight in {tied_head[0].path} has the wrong shape for tied embeddings.")
-  model.checkpoint = CheckpointInfo(directory, hf_config.model_type, digest.hexdigest()[:16])
+  model.checkpoint = CheckpointInfo(directory, hf_config.model_type, _fingerprint(directory, files))
   return model
 
 
