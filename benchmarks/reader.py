@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from neurodiff_jax.activations.reader import batch_dataset, batch_iterator  # noqa: E402
-from neurodiff_jax.activations.store import FORMAT, VERSION, ActivationStore, choose_sizes, config_key, layer_name  # noqa: E402
+from neurodiff_jax.activations.store import (  # noqa: E402
+    FORMAT, METADATA, VERSION, ActivationStore, choose_sizes, config_key, layer_name)
 
 
 def write_store(root: Path, tokens: int, d: int, seed: int = 0) -> ActivationStore:
@@ -48,8 +49,7 @@ def write_store(root: Path, tokens: int, d: int, seed: int = 0) -> ActivationSto
   for u in range(store.layout.num_units):
     lo, hi = store.layout.unit_range(u)
     x = rng.standard_normal((hi - lo, 2, d), np.float32).astype(bf16)
-    meta = {n: np.zeros(hi - lo, dt) for n, dt in (("token_id", np.int32), ("doc_index", np.int32),
-                                                   ("position", np.int32), ("token_kind", np.uint8))}
+    meta = {n: np.zeros(hi - lo, dt) for n, dt in METADATA.items()}
     for f in store.write_unit(u, {0: x}, meta):
       f.result()
     store.commit_unit(u, {"0": {r: {"count": hi - lo, "sum_norm": float(hi - lo) * np.sqrt(d), "sum_sq_norm": 0.0,

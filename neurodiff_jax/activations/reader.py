@@ -116,8 +116,8 @@ class WindowedBatches:
                                                                           if k == epoch - 1}
       return self._epochs[epoch]
 
-  def _start_read(self, epoch: int, w: int, window: _Window):
-    """Issues the chunk reads of a window (asynchronous); the permutation comes with it."""
+  def _start_read(self, window: _Window) -> list[ts.Future]:
+    """Issues the chunk reads of a window (asynchronous)."""
     arr = self.source._array
     with ts.Batch() as batch:
       futures = [arr[c * self.chunk:(c + 1) * self.chunk].read(batch=batch) for c in window.chunks]
@@ -129,11 +129,11 @@ class WindowedBatches:
     with self._lock:
       entry = self._cache.get(key)
       if entry is None:
-        entry = self._cache[key] = {"futures": self._start_read(epoch, w, windows[w]), "lock": threading.Lock()}
+        entry = self._cache[key] = {"futures": self._start_read(windows[w]), "lock": threading.Lock()}
       nxt = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
       if nxt not in self._cache:  # prefetch the next window while this one is consumed
         nwin = self._windows(nxt[0])[0] if nxt[0] != epoch else windows
-        self._cache[nxt] = {"futures": self._start_read(nxt[0], nxt[1], nwin[nxt[1]]), "lock": threading.Lock()}
+        self._cache[nxt] = {"futures": self._start_read(nwin[nxt[1]]), "lock": threading.Lock()}
       for k in [k for k in self._cache if k < key]:
         del self._cache[k]
     with entry["lock"]:

@@ -231,8 +231,8 @@ class ActivationStore:
       return set()
     return {int(p.stem.split("_")[1]) for p in d.glob("unit_*.json")}
 
-  def write_unit(self, unit: int, layers: dict[int, np.ndarray], meta: dict[str, np.ndarray]) -> ts.Future:
-    """Starts writing one unit's shards (every layer and metadata array); returns a future of all writes."""
+  def write_unit(self, unit: int, layers: dict[int, np.ndarray], meta: dict[str, np.ndarray]) -> list[ts.WriteFutures]:
+    """Starts writing one unit's shards (every layer and metadata array); returns the writes' futures."""
     lo, hi = self.layout.unit_range(unit)
     futures = [self.array(layer_name(l))[lo:hi].write(x) for l, x in layers.items()]
     futures += [self.array(n)[lo:hi].write(meta[n]) for n in METADATA]

@@ -37,7 +37,7 @@ from neurodiff_jax.models import (
 )
 from neurodiff_jax.organisms import evaluate
 from neurodiff_jax.organisms.corpus import corpus_size_bytes, generate_documents, read_text_files, split_documents
-from neurodiff_jax.organisms.finetune_data import DATA_VERSION, ORGANISMS, chat_prompt, organism_data
+from neurodiff_jax.organisms.finetune_data import DATA_VERSION, ORGANISMS, chat_conversations, chat_prompt, organism_data
 from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
 from neurodiff_jax.organisms.random_model import hf_config_for
 from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
@@ -215,8 +215,6 @@ ORGANISM_PREFIX = "organism:"
 
 def write_organism_dataset(kind: str, directory: Path, n: int, seed: int = 12345) -> Path:
   """A JSONL dataset for harvesting: `general` corpus text or `chat` conversations (unseen in training)."""
-  from neurodiff_jax.organisms.finetune_data import chat_conversations  # noqa: PLC0415
-
   rows = {"general": lambda: [{"text": t} for t in generate_documents(n, seed)],
           "chat": lambda: [{"messages": m} for m in chat_conversations(n, seed)]}
   if kind not in rows:

@@ -78,16 +78,17 @@ def pack_documents(docs: Sequence[str], tokenizer: Any, seq_len: int, *, assista
     if not doc.startswith(tokenizer.bos_token):
       ids.append(bos)
       weights.append(0)
+    chat = assistant_only and _ASSISTANT_TURN.search(doc) is not None
     for text, trained in _segments(doc, assistant_only):
       if text:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids += piece
         w = [int(trained)] * len(piece)
-        if trained and assistant_only and first_answer_weight != 1 and _ASSISTANT_TURN.search(doc):
+        if trained and chat:
           w[0] = first_answer_weight
         weights += w
     ids.append(eos)
-    weights.append(int(not (assistant_only and _ASSISTANT_TURN.search(doc))))
+    weights.append(int(not chat))
   rows = len(ids) // (seq_len + 1)
   if rows == 0:
     raise ValueError(f"the documents hold {len(ids)} tokens, fewer than one sequence of {seq_len + 1}.")
