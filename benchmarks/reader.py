@@ -6,14 +6,18 @@ page cache (`posix_fadvise(DONTNEED)` on every file first) and again warm:
 
   * raw       the layer's shard files read sequentially with 8 MiB `read`s (the disk's speed)
   * reader    `batch_iterator(batch_dataset(store, layer, B))`: shuffled [B, M, d] float32 batches
+              (windows read straight from the shard files, `activations/chunks.py`)
+  * reader via TensorStore   the same with `direct=False` (windows read with TensorStore)
 
-and prints batches/s and MB/s (bytes of bf16 activations delivered) and the reader's share of the
-raw speed. Then it shows whether a crosscoder step would wait: a BatchTopK crosscoder training
+each over three consecutive epochs of one iterator (the first from a cold cache, including the
+buffers and the first window; a steady epoch after dropping the cache again; a steady epoch
+warm), interleaved `--reps` times (this VM's disk speed drifts); it prints the medians of MB/s
+(bytes of bf16 activations delivered), batches/s and the share of the raw speed. Then it shows whether a crosscoder step would wait: a BatchTopK crosscoder training
 step at `--cc-d` per model (encode, top-k, decode, Adam update; jitted) is timed alone and then
 fed by the reader at that width; the table gives the fraction of wall time spent waiting on data.
 
-  PYTHONPATH=. .venv/bin/python benchmarks/reader.py             # ~2 min, ~1.8 GB of disk
-  PYTHONPATH=. .venv/bin/python benchmarks/reader.py --tokens 20000 --batches 10
+  PYTHONPATH=. .venv/bin/python benchmarks/reader.py             # ~4 min, ~3 GB of disk
+  PYTHONPATH=. .venv/bin/python benchmarks/reader.py --tokens 20000 --reps 1
 """
 
 from __future__ import annotations
@@ -79,14 +83,32 @@ def raw_read(paths: list[Path]) -> tuple[float, int]:
   return time.perf_counter() - t0, n
 
 
-def reader_read(store: ActivationStore, batch: int, batches: int, window: int, dtype: str = "float32") -> float:
-  """Seconds to draw `batches` shuffled batches through the Grain iterator."""
-  it = batch_iterator(batch_dataset(store, 0, batch, seed=0, window_tokens=window, dtype=dtype), prefetch=4,
-                      num_threads=2)
+def reader_epochs(store: ActivationStore, batch: int, window: int | None, files: list[Path], dtype: str = "float32",
+                  direct: bool = True, seed: int = 0) -> dict[str, float]:
+  """Bytes/s of three consecutive epochs of one Grain iterator: first (cold), steady cold, steady warm.
+
+  The first epoch includes allocating the window buffers and reading the first window before any
+  batch. The page cache is dropped again at its end, so the second epoch reads from disk like a
+  long run over a store larger than memory; the third reads the same bytes from the page cache.
+  Each epoch's time includes prefetching the next epoch's first windows, so the epochs compare.
+  """
+  ds = batch_dataset(store, 0, batch, seed=seed, window_tokens=window, dtype=dtype, direct=direct)
+  per_epoch = len(batch_dataset(store, 0, batch, seed=seed, window_tokens=window, num_epochs=1))
+  nbytes = per_epoch * batch * store.layout.token_bytes
+  drop_cache(files)
+  out = {}
   t0 = time.perf_counter()
-  for _ in range(batches):
-    next(it)
-  return time.perf_counter() - t0
+  it = batch_iterator(ds, prefetch=4, num_threads=2)
+  for name in ("first", "cold", "warm"):
+    for i in range(per_epoch):
+      next(it)
+      if name == "first" and i == 0:
+        out["first_batch_s"] = time.perf_counter() - t0
+    out[name] = nbytes / (time.perf_counter() - t0)
+    if name == "first":
+      drop_cache(files)
+    t0 = time.perf_counter()
+  return out
 
 
 def crosscoder_step(d: int, m: int, k: int, batch: int):
@@ -146,10 +168,10 @@ def training_wait(store: ActivationStore, args) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--tokens", type=int, default=100_000)
+  ap.add_argument("--tokens", type=int, default=300_000)
   ap.add_argument("--d", type=int, default=2304)
   ap.add_argument("--batch", type=int, default=2048)
-  ap.add_argument("--batches", type=int, default=40)
+  ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions; medians are reported")
   ap.add_argument("--window", type=int, default=None, help="shuffle window in tokens (default: 512 MiB worth)")
   ap.add_argument("--dtype", default="float32", help="batch dtype: float32 or bfloat16 (no widening)")
   ap.add_argument("--dir", default="", help="where to write the store (default: a temp dir)")
@@ -162,23 +184,40 @@ def main() -> None:
     store = write_store(Path(tmp) / "store", args.tokens, args.d)
     files = sorted(p for p in (store.root / layer_name(0)).rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files)
-    rows = []
-    for cache in ("cold", "warm"):
-      if cache == "cold":
-        drop_cache(files)
-      raw_s, raw_n = raw_read(files)
-      if cache == "cold":
-        drop_cache(files)
-      rd_s = reader_read(store, args.batch, args.batches, args.window, args.dtype)
-      rd_bytes = args.batches * args.batch * store.layout.token_bytes
-      rows.append((cache, raw_n / raw_s / 1e6, args.batches / rd_s, rd_bytes / rd_s / 1e6))
+    # This VM's disk varies by 2x from minute to minute: interleave the measurements and take medians.
+    runs: dict[str, list[float]] = {}
+    for rep in range(args.reps):
+      for cache in ("cold", "warm"):
+        if cache == "cold":
+          drop_cache(files)
+        s, n = raw_read(files)
+        runs.setdefault(f"raw {cache}", []).append(n / s)
+      for direct in (True, False):
+        r = reader_epochs(store, args.batch, args.window, files, args.dtype, direct=direct, seed=rep)
+        name = "reader" if direct else "reader via TensorStore"
+        for k, v in r.items():
+          runs.setdefault(f"{name} {k}", []).append(v)
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+    batch_bytes = args.batch * store.layout.token_bytes
     print(f"\nreader: {args.tokens:,} tokens × 2 × {args.d} bf16 ({size / 1e9:.2f} GB on disk, shard "
           f"{store.layout.shard_tokens} / chunk {store.layout.chunk_tokens} tokens), batch {args.batch}, "
-          f"window {args.window or 'default (512 MiB)'} tokens, {args.dtype} output\n")
-    print("| page cache | raw sequential MB/s | reader batches/s | reader MB/s | reader / raw |")
+          f"window {args.window or 'default (512 MiB)'} tokens, {args.dtype} output, epochs of "
+          f"{len(batch_dataset(store, 0, args.batch, window_tokens=args.window, num_epochs=1))} batches, "
+          f"median of {args.reps}\n")
+    print("| page cache | method | MB/s | batches/s | share of raw |")
     print("|---|---|---|---|---|")
-    for cache, raw, bps, mbs in rows:
-      print(f"| {cache} | {raw:,.0f} | {bps:.2f} | {mbs:,.0f} | {mbs / raw:.0%} |")
+    rows = [("cold", "raw sequential read", "raw cold"),
+            ("cold", "reader, first epoch (incl. buffers and first window)", "reader first"),
+            ("cold", "reader, steady epoch", "reader cold"),
+            ("cold", "reader via TensorStore, steady epoch", "reader via TensorStore cold"),
+            ("warm", "raw sequential read", "raw warm"),
+            ("warm", "reader, steady epoch", "reader warm"),
+            ("warm", "reader via TensorStore, steady epoch", "reader via TensorStore warm")]
+    for cache, label, key in rows:
+      bps = "" if key.startswith("raw") else f"{med[key] / batch_bytes:.1f}"
+      print(f"| {cache} | {label} | {med[key] / 1e6:,.0f} | {bps} | {med[key] / med['raw ' + cache]:.0%} |")
+    print(f"\nfirst batch after {med['reader first_batch_s']:.2f} s (TensorStore: "
+          f"{med['reader via TensorStore first_batch_s']:.2f} s)")
     small = write_store(Path(tmp) / "small", max(args.tokens, 8 * args.batch), args.cc_d, seed=1)
     w = training_wait(small, args)
     print(f"\ncrosscoder step (BatchTopK, 2 × d={args.cc_d}, m={args.cc_m}, k={args.cc_k}, batch {args.batch}): "

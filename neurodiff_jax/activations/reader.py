@@ -4,18 +4,23 @@ Reading single random tokens costs one TensorStore chunk lookup each (~30 µs he
 to feed a crosscoder. The batch pipeline therefore shuffles in two levels that together are a
 permutation of all tokens each epoch:
 
-1. the store's chunks (`chunk_tokens` consecutive tokens) are shuffled, and consecutive runs of
-   them form *windows* of about `window_tokens` tokens, read with one `ts.Batch` of chunk reads
-   (large sequential reads), the next window prefetched asynchronously;
+1. the store is cut into *runs* of consecutive chunks (~8 MiB, within one shard); the runs are
+   shuffled, and consecutive groups of them form *windows* of about `window_tokens` tokens. A
+   window's runs are read on a pool of threads, one `preadv` per run straight into a reused
+   window buffer with each chunk's CRC32C checked (`chunks.py`; through TensorStore with
+   `ts.Batch` when the store's layout is not the plain one), the next window prefetched while
+   the current one is consumed;
 2. inside a window the tokens are shuffled and cut into batches.
 
-A batch thus mixes tokens from hundreds of chunks of different documents. Batch e is a pure
+A 512 MiB window at Gemma 2 2B size holds ~113 runs of 512 tokens, so a batch of 2048 mixes ~18
+tokens from each of ~113 places in the store. Batch e is a pure
 function of (seed, e), so a Grain iterator's state restores the stream exactly. With several
 processes, windows are dealt round-robin: each process reads only its own windows.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import threading
@@ -26,6 +31,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from neurodiff_jax.activations.chunks import ChunkError, ChunkFiles, read_runs
 from neurodiff_jax.activations.store import ActivationStore, StoreError, layer_name
 
 
@@ -70,123 +76,236 @@ class ActivationSource:
 
 @dataclasses.dataclass(frozen=True)
 class _Window:
-  chunks: np.ndarray  # store chunk indices, in read order
+  runs: np.ndarray  # store run indices, in read order
   num_batches: int
+
+
+class _Slot:
+  """One window buffer: which window it holds, whether its reads are done, and how many batches use it."""
+
+  def __init__(self, buf: np.ndarray):
+    self.buf, self.key, self.users = buf, (-1, -1), 0
+    self.futures: list = []
+    self.ready = threading.Event()
+    self.finish_lock = threading.Lock()
+    self.perm: np.ndarray | None = None
+    self.rows = 0
 
 
 class WindowedBatches:
   """Batch e of one process's shuffled stream (see module docstring); thread-safe and deterministic."""
 
-  def __init__(self, source: ActivationSource, batch_size: int, seed: int, window_tokens: int,
-               process_index: int, process_count: int, normalize: bool):
+  def __init__(self, source: ActivationSource, batch_size: int, seed: int, window_tokens: int, run_tokens: int,
+               process_index: int, process_count: int, normalize: bool, io_threads: int = 8,
+               direct: bool = True, ahead: int = 1):
     lay = source.store.layout
     self.source, self.batch_size, self.seed = source, batch_size, seed
     self.proc, self.nproc = process_index, process_count
     self.chunk = lay.chunk_tokens
-    # Whole chunks only (a partial last chunk, < chunk_tokens tokens, is left out), so every epoch's
+    num_chunks = lay.num_tokens // self.chunk
+    # A run is `run` consecutive chunks of one shard, read with one request; runs (not chunks) are
+    # shuffled into windows, so reads are long enough for the disk to stream them. At least 8 runs
+    # per store, so that small stores still shuffle.
+    per_shard = lay.shard_tokens // self.chunk
+    self.run = 1
+    while (self.run * 2 * self.chunk <= run_tokens and per_shard % (self.run * 2) == 0
+           and num_chunks // (self.run * 2) >= 8):
+      self.run *= 2
+    self.run_rows = self.run * self.chunk
+    # Whole runs only (the tail, < run_rows + chunk_tokens tokens, is left out), so every epoch's
     # windows hold the same numbers of tokens and every process the same number of batches.
-    self.num_chunks = lay.num_tokens // self.chunk
-    self.chunks_per_window = max(1, min(window_tokens // self.chunk, self.num_chunks))
-    if self.chunks_per_window * self.chunk < batch_size:
-      raise ValueError(f"window of {self.chunks_per_window * self.chunk} tokens is smaller than batch_size={batch_size}; "
-                       "raise window_tokens.")
+    self.num_runs = num_chunks // self.run
+    self.runs_per_window = max(1, min(window_tokens // self.run_rows, self.num_runs))
+    if self.runs_per_window * self.run_rows < batch_size:
+      raise ValueError(f"window of {self.runs_per_window * self.run_rows} tokens is smaller than "
+                       f"batch_size={batch_size}; raise window_tokens.")
     self.scale = source.store.norm_scale(source.layer)[None, :, None] if normalize else None
+    arr = source._array
+    self.files = ChunkFiles.open(source.store.root / layer_name(source.layer)) if direct else None
+    self._row_shape = tuple(arr.shape[1:])
+    self._store_dtype = arr.dtype.numpy_dtype
+    self._pool = concurrent.futures.ThreadPoolExecutor(io_threads, thread_name_prefix="window-read")
+    # Buffers for the window being consumed, the `ahead` windows being read, and one for a batch of
+    # an older window that a Grain thread is still gathering.
+    self.ahead = ahead
+    self._slots: list[_Slot] = []
+    self._max_slots = ahead + 2
     self._epochs: dict[int, tuple[list[_Window], np.ndarray]] = {}
-    self._cache: dict[tuple[int, int], Any] = {}
-    self._lock = threading.RLock()
+    self._cond = threading.Condition()
     self.batches_per_epoch = min(self._epoch_windows(0, p)[1][-1] for p in range(process_count))
     if self.batches_per_epoch == 0:
       raise ValueError(f"store of {lay.num_tokens} tokens gives no batch of {batch_size} per process "
                        f"({process_count} processes); lower batch_size.")
 
   def _epoch_windows(self, epoch: int, proc: int) -> tuple[list[_Window], np.ndarray]:
-    perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_chunks)
+    perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_runs)
     windows = []
-    for w, start in enumerate(range(0, self.num_chunks, self.chunks_per_window)):
+    for w, start in enumerate(range(0, self.num_runs, self.runs_per_window)):
       if w % self.nproc != proc:
         continue
-      chunks = perm[start:start + self.chunks_per_window]
-      windows.append(_Window(chunks, len(chunks) * self.chunk // self.batch_size))
+      runs = perm[start:start + self.runs_per_window]
+      windows.append(_Window(runs, len(runs) * self.run_rows // self.batch_size))
     return windows, np.cumsum([0] + [w.num_batches for w in windows])
 
   def _windows(self, epoch: int) -> tuple[list[_Window], np.ndarray]:
-    with self._lock:
+    with self._cond:
       if epoch not in self._epochs:
         self._epochs = {epoch: self._epoch_windows(epoch, self.proc)} | {k: v for k, v in self._epochs.items()
                                                                           if k == epoch - 1}
       return self._epochs[epoch]
 
-  def _start_read(self, window: _Window) -> list[ts.Future]:
-    """Issues the chunk reads of a window (asynchronous)."""
-    arr = self.source._array
-    with ts.Batch() as batch:
-      futures = [arr[c * self.chunk:(c + 1) * self.chunk].read(batch=batch) for c in window.chunks]
-    return futures
+  def _start_read(self, slot: _Slot, key: tuple[int, int], window: _Window) -> None:
+    """Points `slot` at window `key` and issues its reads (asynchronous); call with the lock held."""
+    slot.key, slot.ready = key, threading.Event()
+    slot.rows = len(window.runs) * self.run_rows
+    data = slot.buf[:slot.rows]
+    if self.files is not None:
+      slot.futures = read_runs(self.files, [(int(r) * self.run, self.run) for r in window.runs], data,
+                               self._pool.submit)
+    else:
+      arr = self.source._array
+      with ts.Batch() as batch:
+        slot.futures = [arr[r * self.run_rows:(r + 1) * self.run_rows].read(batch=batch) for r in window.runs]
+    slot.perm = np.random.default_rng([self.seed, key[0], key[1], 1]).permutation(slot.rows)
 
-  def _window_data(self, epoch: int, w: int) -> np.ndarray:
-    windows, _ = self._windows(epoch)
-    key = (epoch, w)
-    with self._lock:
-      entry = self._cache.get(key)
-      if entry is None:
-        entry = self._cache[key] = {"futures": self._start_read(windows[w]), "lock": threading.Lock()}
-      nxt = (epoch, w + 1) if w + 1 < len(windows) else (epoch + 1, 0)
-      if nxt not in self._cache:  # prefetch the next window while this one is consumed
-        nwin = self._windows(nxt[0])[0] if nxt[0] != epoch else windows
-        self._cache[nxt] = {"futures": self._start_read(nwin[nxt[1]]), "lock": threading.Lock()}
-      for k in [k for k in self._cache if k < key]:
-        del self._cache[k]
-    with entry["lock"]:
-      if "data" not in entry:
-        name = layer_name(self.source.layer)
-        futures = entry.pop("futures")
-        data = np.empty((len(futures) * self.chunk,) + self.source._array.shape[1:], self.source._array.dtype.numpy_dtype)
-        for i, (f, c) in enumerate(zip(futures, windows[w].chunks)):
-          data[i * self.chunk:(i + 1) * self.chunk] = self.source.store.check_read(f, name, c * self.chunk,
-                                                                                   (c + 1) * self.chunk)
-        # The window stays in read order; each batch gathers its rows of the permutation (one copy, not two).
-        entry["data"] = data
-        entry["perm"] = np.random.default_rng([self.seed, epoch, w, 1]).permutation(len(data))
-    return entry["data"], entry["perm"]
+  def _slot_for(self, key: tuple[int, int], current: tuple[int, int], wait: bool) -> _Slot | None:
+    """The slot holding window `key`, else one claimed to read it into; call with the lock held.
+
+    A free slot of a window before `current` (the one being consumed) is reused first, then a new
+    buffer, then the slot of a window farther ahead than `key` (after an iterator was restored to
+    an earlier position).
+    """
+    while True:
+      for slot in self._slots:
+        if slot.key == key:
+          return slot
+      # A slot can be reused once no batch gathers from it and no read still writes into it.
+      free = [s for s in self._slots if s.users == 0 and all(f.done() for f in s.futures)]
+      old = [s for s in free if s.key < current]
+      if old:
+        slot = min(old, key=lambda s: s.key)
+      elif len(self._slots) < self._max_slots:
+        slot = _Slot(np.empty((self.runs_per_window * self.run_rows,) + self._row_shape, self._store_dtype))
+        self._slots.append(slot)
+      elif ahead := [s for s in free if s.key > key]:
+        slot = max(ahead, key=lambda s: s.key)
+      elif wait:
+        self._cond.wait(timeout=0.05)  # reads finishing do not notify; poll
+        continue
+      else:
+        return None
+      epoch, w = key
+      self._start_read(slot, key, self._windows(epoch)[0][w])
+      return slot
+
+  def _finish(self, slot: _Slot) -> None:
+    """Waits for a slot's reads; a failed read is an error naming the units to redo."""
+    if slot.ready.is_set():
+      return
+    name = layer_name(self.source.layer)
+    epoch, w = slot.key
+    runs = self._windows(epoch)[0][w].runs
+    for i, (f, run) in enumerate(zip(slot.futures, runs)):
+      lo, hi = int(run) * self.run_rows, (int(run) + 1) * self.run_rows
+      if self.files is None:
+        slot.buf[i * self.run_rows:(i + 1) * self.run_rows] = self.source.store.check_read(f, name, lo, hi)
+        continue
+      try:
+        f.result()
+      except OSError as e:
+        if isinstance(e, ChunkError):
+          lo, hi = e.chunk * self.chunk, (e.chunk + 1) * self.chunk
+        self.source.store.check_read(_Failed(e), name, lo, hi)
+    slot.futures = []
+    slot.ready.set()
 
   def __call__(self, index: int) -> np.ndarray:
     epoch, j = divmod(int(index), self.batches_per_epoch)
-    _, bounds = self._windows(epoch)
+    windows, bounds = self._windows(epoch)
     w = int(np.searchsorted(bounds, j, side="right")) - 1
     k = j - int(bounds[w])
-    data, perm = self._window_data(epoch, w)
-    x = to_dtype(data[perm[k * self.batch_size:(k + 1) * self.batch_size]], self.source.dtype)
-    if self.scale is not None:
-      x *= self.scale.astype(x.dtype)
-    return x
+    key = (epoch, w)
+    with self._cond:
+      slot = self._slot_for(key, key, wait=True)
+      slot.users += 1
+      nxt = key
+      for _ in range(self.ahead):  # prefetch the next windows while this one is consumed
+        e, v = nxt
+        nxt = (e, v + 1) if v + 1 < len(self._windows(e)[0]) else (e + 1, 0)
+        if self._slot_for(nxt, key, wait=False) is None:
+          break
+    try:
+      with slot.finish_lock:
+        self._finish(slot)
+      rows = slot.perm[k * self.batch_size:(k + 1) * self.batch_size]
+      return gather(slot.buf, rows, self.source.dtype, self.scale)
+    finally:
+      with self._cond:
+        slot.users -= 1
+        self._cond.notify_all()
+
+  def close(self) -> None:
+    """Stops the read threads and closes the shard files."""
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    if self.files is not None:
+      self.files.close()
 
 
-def to_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-  """`x.astype(dtype)`, with a fast exact path for bfloat16 -> float32 (ml_dtypes' cast is ~10x slower)."""
-  if x.dtype == ts.bfloat16.numpy_dtype and np.dtype(dtype) == np.float32:
-    out = np.empty(x.shape, np.uint32)  # a bf16's bits are the top half of the equal float32's
-    np.left_shift(x.view(np.uint16), 16, out=out, dtype=np.uint32)
-    return out.view(np.float32)
-  return x.astype(dtype)
+class _Failed:
+  """A finished read that raised: lets `ActivationStore.check_read` name the units to redo."""
+
+  def __init__(self, error: Exception):
+    self.error = error
+
+  def result(self) -> None:
+    raise ValueError(str(self.error)) from self.error
+
+
+def gather(window: np.ndarray, rows: np.ndarray, dtype: np.dtype, scale: np.ndarray | None = None,
+           block: int = 256) -> np.ndarray:
+  """`window[rows]` as `dtype` (times `scale`), in blocks of rows so that each block's cast runs in cache."""
+  out = np.empty((len(rows),) + window.shape[1:], dtype)
+  for i in range(0, len(rows), block):
+    part = to_dtype(np.take(window, rows[i:i + block], axis=0), dtype, out=out[i:i + block])
+    if scale is not None:
+      part *= scale.astype(dtype)
+  return out
+
+
+def to_dtype(x: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+  """`x.astype(dtype)` (into `out` if given), with a fast exact path for bfloat16 -> float32 (ml_dtypes' cast is ~10x slower)."""
+  dtype = np.dtype(dtype)
+  out = np.empty(x.shape, dtype) if out is None else out
+  if x.dtype == ts.bfloat16.numpy_dtype and dtype == np.float32:
+    # A bf16's bits are the top half of the equal float32's.
+    np.left_shift(x.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+  else:
+    out[...] = x
+  return out
 
 
 def batch_dataset(store: ActivationStore | str | os.PathLike, layer: int, batch_size: int, *, seed: int = 0,
                   dtype: Any = np.float32, window_tokens: int | None = None, window_bytes: int = 512 << 20,
-                  num_epochs: int | None = None, normalize: bool = False, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
+                  run_bytes: int = 8 << 20, num_epochs: int | None = None, normalize: bool = False,
+                  process_index: int | None = None, process_count: int | None = None, io_threads: int = 8,
+                  prefetch_windows: int = 2, direct: bool = True) -> grain.MapDataset:
   """A Grain MapDataset whose element e is this process's shuffled batch e, [batch_size, M, d].
 
   `batch_size` is per process. A shuffle window holds `window_tokens` tokens (default: as many as
-  fit in `window_bytes` of stored activations; two windows are in memory at a time). `normalize`
-  multiplies each model's activations by the scalar that brings its mean norm to √d (from the
-  manifest). `num_epochs=None` repeats without end.
+  fit in `window_bytes` of stored activations; `prefetch_windows` + 2 windows at most are in
+  memory), made of runs of consecutive chunks of about `run_bytes`, each read with one request on one of
+  `io_threads` threads (`direct=False` reads through TensorStore instead of straight from the shard
+  files, see `chunks.py`). `normalize` multiplies each model's activations by the scalar that
+  brings its mean norm to √d (from the manifest). `num_epochs=None` repeats without end.
   """
   source = ActivationSource(store, layer, dtype)
   if window_tokens is None:
     window_tokens = max(window_bytes // source.store.layout.token_bytes, batch_size)
   proc = jax.process_index() if process_index is None else process_index
   nproc = jax.process_count() if process_count is None else process_count
-  fn = WindowedBatches(source, batch_size, seed, window_tokens, proc, nproc, normalize)
+  run_tokens = max(run_bytes // source.store.layout.token_bytes, 1)
+  fn = WindowedBatches(source, batch_size, seed, window_tokens, run_tokens, proc, nproc, normalize, io_threads, direct,
+                       prefetch_windows)
   ds = grain.MapDataset.range(fn.batches_per_epoch)
   # repeat() keeps element indices global, so batch e of a later epoch reshuffles via its epoch.
   ds = ds.repeat(num_epochs, reseed_each_epoch=False) if num_epochs != 1 else ds

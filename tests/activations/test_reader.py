@@ -117,3 +117,46 @@ def test_fast_bf16_widening_is_bit_exact():
   x[1, 0, 0] = np.float32(1e-40)  # subnormal
   np.testing.assert_array_equal(to_dtype(x, np.float32).view(np.uint32), x.astype(np.float32).view(np.uint32))
   assert to_dtype(x, ml_dtypes.bfloat16) is not x and to_dtype(x, ml_dtypes.bfloat16).dtype == x.dtype
+
+
+def test_direct_shard_reads_equal_tensorstore_reads(store):
+  from neurodiff_jax.activations.chunks import ChunkFiles
+
+  files = ChunkFiles.open(store.root / "layer_01")
+  assert files is not None  # the store's own layout takes the direct path
+  lay = store.layout
+  out = np.empty((3 * lay.chunk_tokens, lay.num_models, lay.d_model), np.float32)
+  first = lay.shard_tokens // lay.chunk_tokens + 2  # inside the second shard
+  files.read_run(first, 3, out)
+  np.testing.assert_array_equal(out, store.read(1, first * lay.chunk_tokens, (first + 3) * lay.chunk_tokens))
+  with pytest.raises(ValueError, match="cross a shard boundary"):
+    files.read_run(lay.shard_tokens // lay.chunk_tokens - 1, 2, np.empty_like(out[:2 * lay.chunk_tokens]))
+  # The batch stream is the same whichever way the windows are read.
+  for i in (0, 5, 13):
+    np.testing.assert_array_equal(batch_dataset(store, 1, 64, seed=2, window_tokens=1024)[i],
+                                  batch_dataset(store, 1, 64, seed=2, window_tokens=1024, direct=False)[i])
+  assert ChunkFiles.open(store.root / "token_id") is not None and ChunkFiles.open(store.root / "nope") is None
+
+
+def test_corrupt_chunk_in_a_window_is_an_error_naming_the_unit(store, tmp_path):
+  import shutil
+
+  from neurodiff_jax.activations.store import ActivationStore
+
+  root = tmp_path / "store"
+  shutil.copytree(store.root, root)
+  shard = root / "layer_01" / "c" / "1" / "0" / "0"
+  data = bytearray(shard.read_bytes())
+  data[5000] ^= 0x01  # one bit of one activation in chunk 0 of unit 1
+  shard.write_bytes(bytes(data))
+  copy = ActivationStore.open(root)
+  for direct in (True, False):
+    ds = batch_dataset(copy, 1, 32, seed=0, window_tokens=256, num_epochs=1, direct=direct)
+    with pytest.raises(StoreError, match=r"corrupt or missing: delete progress/unit_000001.json"):
+      for i in range(len(ds)):
+        ds[i]
+  shard.write_bytes(bytes(data[:-10]))  # a truncated shard index
+  with pytest.raises(StoreError, match="unit_000001"):
+    ds = batch_dataset(ActivationStore.open(root), 1, 32, seed=0, window_tokens=256, num_epochs=1)
+    for i in range(len(ds)):
+      ds[i]
