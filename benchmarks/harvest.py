@@ -6,14 +6,15 @@ generated corpus as JSONL. Each engine runs in a fresh subprocess pinned to the 
 cores and harvests every token (BOS dropped) of both models at `--layer`, stored as bf16:
 
   * jax         `neurodiff_jax.activations.harvest` into a TensorStore store (jit, both models in
-                one step, stop at the layer, length-sorted fixed-shape buckets, async writes)
+                one step, stop at the layer, documents packed into fixed-shape rows, async writes)
   * torch       `AutoModelForCausalLM` (eager), layers after `--layer` removed and no LM head
                 (as nnsight's `.stop()` would), documents in order, each batch padded to its
                 longest document, activations gathered, cast to bf16 and saved with `np.save`
-  * torch-sort  the same with documents sorted by length first (the padding saving jax uses)
+  * torch-sort  the same with documents sorted by length first (the usual padding saving;
+                jax packs documents into rows instead)
 
 and prints a Markdown table: tokens harvested, harvest seconds (after models are loaded and
-tokens are ready; jax's includes compiling one step per bucket length, reported apart), tokens/s
+tokens are ready; jax's includes compiling one step per batch shape, reported apart), tokens/s
 with and without that compile time, the speed-up of jax over each engine, and peak RSS; plus the
 largest difference between the two engines' stored activations.
 

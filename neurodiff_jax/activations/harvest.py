@@ -1,7 +1,8 @@
 """Harvest paired residual-stream activations of a base and a fine-tuned model into a store.
 
-Both models read the same tokens in jitted fixed-shape batches `[batch_size, seq_len]` (one
-document per row, right-padded) that stop at the deepest requested layer. Work is split into
+Both models read the same tokens in jitted fixed-shape batches `[batch_size, seq_len]` (whole
+documents packed end to end into each row, attending only within themselves) that stop at the
+deepest requested layer. Work is split into
 units of `shard_tokens` consecutive stored tokens (one shard of every array, see `store.py`);
 process p of P takes units p, p + P, ...; a unit's marker is committed only after its shards
 are durable, so a killed harvest rerun with the same command redoes only the missing units and
@@ -92,59 +93,79 @@ def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], store_dtype: Any) -> Callable:
-  """A jitted `(ids, mask) -> (acts [B, T, L, M, d] in store dtype, bad [B, L, M])` over both models."""
+  """A jitted `(ids, segments) -> (acts [B, T, L, M, d] in store dtype, bad [B, T, L, M])` over both models."""
   layers = tuple(layers)
   last = max(layers)
   splits = [nnx.split(m) for m in (base, finetuned)]
   graphdefs = [g for g, _ in splits]
 
   @jax.jit
-  def step(states, ids, mask):
+  def step(states, ids, segments):
     acts = []
     for g, s in zip(graphdefs, states):
-      res = nnx.merge(g, s)(ids, mask, capture=layers, stop_at_layer=last).residuals
+      res = nnx.merge(g, s)(ids, segment_ids=segments, capture=layers, stop_at_layer=last).residuals
       acts.append(jnp.stack([res[l] for l in layers], axis=2))
     x = jnp.stack(acts, axis=3)  # [B, T, L, M, d]
-    bad = (~jnp.isfinite(x).all(-1)) & mask[:, :, None, None]
-    return x.astype(store_dtype), bad.any(axis=1)
+    bad = (~jnp.isfinite(x).all(-1)) & (segments > 0)[:, :, None, None]
+    return x.astype(store_dtype), bad
 
   states = tuple(s for _, s in splits)
-  return lambda ids, mask: step(states, ids, mask)
+  return lambda ids, segments: step(states, ids, segments)
 
 
-def bucket_lengths(seq_len: int, smallest: int = 16, ratio: float = 1.5) -> list[int]:
-  """The padded lengths batches use: from `smallest` up to `seq_len`, each ≤ `ratio` × the last, multiples of 16."""
-  # At most ~log(seq_len / 16) / log(1.5) compiled shapes (11 for 1024), and a batch of sorted
-  # documents is padded by less than half its length (powers of two would waste up to 2x).
-  out, n = [], float(smallest)
-  while True:
-    b = min(-(-int(n) // 16) * 16, seq_len)
-    if not out or b > out[-1]:
-      out.append(b)
-    if b >= seq_len:
-      return out
-    n *= ratio
+def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+  """Indices of `lengths` packed into rows of `width` (first-fit decreasing); each row's lengths sum to ≤ width."""
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for i in order:
+    n = lengths[i]
+    if n > width:
+      raise ValueError(f"a document of {n} tokens does not fit a row of {width}")
+    r = next((r for r, f in enumerate(free) if f >= n), None)
+    if r is None:
+      rows.append([i])
+      free.append(width - n)
+    else:
+      rows[r].append(i)
+      free[r] -= n
+  return rows
+
+
+def row_buckets(batch_size: int) -> list[int]:
+  """The row counts batches use: powers of two below `batch_size`, and `batch_size` (a unit's last batch is short)."""
+  out = [1]
+  while out[-1] * 2 < batch_size:
+    out.append(out[-1] * 2)
+  return out + [batch_size] if batch_size > 1 else out
 
 
 def _batches(plan: TokenPlan, docs: range, batch_size: int, seq_len: int, pad_id: int):
-  """Batches of whole documents (one per row), sorted by length and padded to a few fixed lengths.
+  """Batches of `batch_size` rows of `seq_len` tokens, each row several whole documents packed end to end.
 
-  Sorting keeps padding small; the bucket lengths bound the number of compiled shapes. Short final
-  batches repeat a real row (an all-padding row would be a NaN-producing fully masked attention).
+  Packing wastes almost no compute on padding and needs one compiled shape (plus a few row counts
+  for a unit's last batch); tokens attend only within their document (`segment_ids`), so every
+  activation equals the document's own forward pass. Yields (placements, ids, segments) with
+  placements [(row, column, document)].
   """
-  docs = sorted(docs, key=lambda d: len(plan.corpus.ids[d]))
-  buckets = bucket_lengths(seq_len)
-  for i in range(0, len(docs), batch_size):
-    chunk = docs[i:i + batch_size]
-    longest = max(len(plan.corpus.ids[d]) for d in chunk)
-    width = next(b for b in buckets if b >= longest)
-    ids = np.full((batch_size, width), pad_id, np.int32)
-    mask = np.zeros((batch_size, width), bool)
-    for r, d in enumerate(chunk + [chunk[0]] * (batch_size - len(chunk))):
-      row = plan.corpus.ids[d]
-      ids[r, :len(row)] = row
-      mask[r, :len(row)] = True
-    yield chunk, ids, mask
+  docs = list(docs)
+  rows = pack_rows([len(plan.corpus.ids[d]) for d in docs], seq_len)
+  buckets = row_buckets(batch_size)
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    height = next(b for b in buckets if b >= len(chunk))
+    ids = np.full((height, seq_len), pad_id, np.int32)
+    segments = np.zeros((height, seq_len), np.int32)
+    placements = []
+    for r, row in enumerate(chunk):
+      col = 0
+      for seg, j in enumerate(row, start=1):
+        ids_d = plan.corpus.ids[docs[j]]
+        ids[r, col:col + len(ids_d)] = ids_d
+        segments[r, col:col + len(ids_d)] = seg
+        placements.append((r, col, docs[j]))
+        col += len(ids_d)
+    yield placements, ids, segments
 
 
 def _check_disk(root: Path, need: int) -> None:
@@ -168,15 +189,16 @@ def harvest_unit(plan: TokenPlan, layout: StoreLayout, unit: int, step: Callable
 
   def drain(item):
     nonlocal written
-    docs, (x, bad) = item
+    placements, (x, bad) = item
     x, bad = np.asarray(x), np.asarray(bad)
     if bad.any():
-      r, li, mi = (int(v[0]) for v in np.nonzero(bad))
+      r, t, li, mi = (int(v[0]) for v in np.nonzero(bad))
+      doc = next(d for row, col, d in placements if row == r and col <= t < col + len(plan.corpus.ids[d]))
       raise NonFiniteActivationError(
-          f"NaN/Inf activations in {describe_doc(docs[r])} at layer {layout.layers[li]} of the {ROLES[mi]} model; "
+          f"NaN/Inf activations in {describe_doc(doc)} at layer {layout.layers[li]} of the {ROLES[mi]} model; "
           "nothing of this unit was written. Check that checkpoint (or use model_dtype=float32); the units "
           "already written are kept.")
-    for r, d in enumerate(docs):
+    for r, col, d in placements:
       first, start = int(plan.first_stored[d]), int(plan.doc_start[d])
       length = len(plan.corpus.ids[d])
       # Stored positions [first, length) of document d sit at store offsets start + (p - first).
@@ -187,18 +209,18 @@ def harvest_unit(plan: TokenPlan, layout: StoreLayout, unit: int, step: Callable
       o0 = start + (p0 - first) - lo
       sl = slice(o0, o0 + p1 - p0)
       for li, l in enumerate(layout.layers):
-        acts[l][sl] = x[r, p0:p1, li]
+        acts[l][sl] = x[r, col + p0:col + p1, li]
       meta["token_id"][sl] = plan.corpus.ids[d][p0:p1]
       meta["token_kind"][sl] = plan.corpus.kinds[d][p0:p1]
       meta["position"][sl] = np.arange(p0, p1)
       meta["doc_index"][sl] = d
       written += p1 - p0
 
-  for docs, ids, mask in _batches(plan, plan.docs_in(lo, hi), batch_size, seq_len, pad_id):
-    out = step(jnp.asarray(ids), jnp.asarray(mask))
+  for placements, ids, segments in _batches(plan, plan.docs_in(lo, hi), batch_size, seq_len, pad_id):
+    out = step(jnp.asarray(ids), jnp.asarray(segments))
     if pending is not None:
       drain(pending)
-    pending = (docs, out)
+    pending = (placements, out)
   if pending is not None:
     drain(pending)
   if written != n:

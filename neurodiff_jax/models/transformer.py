@@ -53,13 +53,17 @@ class Block(nnx.Module):
 
 
 def attention_masks(
-    attention_mask: Bool[Array, "B S"], sliding_window: int | None
+    attention_mask: Bool[Array, "B S"], sliding_window: int | None, segment_ids: Int[Array, "B S"] | None = None
 ) -> tuple[Bool[Array, "B T S"], Bool[Array, "B T S"] | None]:
-  """Causal ∧ key-padding mask, and the same restricted to the last `sliding_window` keys."""
+  """Causal ∧ key-padding (or same-segment) mask, and the same restricted to the last `sliding_window` keys."""
   s = attention_mask.shape[1]
   q_idx = jnp.arange(s)[:, None]
   k_idx = jnp.arange(s)[None, :]
-  full = (k_idx <= q_idx)[None] & attention_mask[:, None, :]  # [B, T, S]
+  if segment_ids is None:
+    full = (k_idx <= q_idx)[None] & attention_mask[:, None, :]  # [B, T, S]
+  else:
+    # Padding (segment 0) attends to padding, so that no query is fully masked (a NaN softmax).
+    full = (k_idx <= q_idx)[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
   if sliding_window is None:
     return full, None
   return full, full & (k_idx > q_idx - sliding_window)[None]
@@ -68,6 +72,13 @@ def attention_masks(
 def positions_from_mask(attention_mask: Bool[Array, "B T"]) -> Int[Array, "B T"]:
   """Position ids that count only real tokens, so left padding does not shift RoPE."""
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: Int[Array, "B T"]) -> Int[Array, "B T"]:
+  """Position ids that restart at 0 where each packed segment begins."""
+  idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 class Transformer(nnx.Module):
@@ -109,6 +120,7 @@ class Transformer(nnx.Module):
       attention_mask: Bool[Array, "B T"] | None = None,
       *,
       positions: Int[Array, "B T"] | None = None,
+      segment_ids: Int[Array, "B T"] | None = None,
       capture: Sequence[int] = (),
       interventions: Mapping[int, Intervention] | None = None,
       stop_at_layer: int | None = None,
@@ -116,7 +128,9 @@ class Transformer(nnx.Module):
     """Runs the model; returns logits and the residual after each block in `capture`.
 
     `attention_mask` is 1 for real tokens (left or right padding); positions default to the
-    count of real tokens before each one. `interventions[L]` maps the residual after block L
+    count of real tokens before each one. `segment_ids` (> 0 per packed document, 0 for padding)
+    packs several documents into a row: a token attends only to its own document, and positions
+    restart at each document. `interventions[L]` maps the residual after block L
     to a new one (steering, patching). With `stop_at_layer=L` blocks after L are skipped and
     logits are None.
     """
@@ -130,11 +144,11 @@ class Transformer(nnx.Module):
         raise ValueError(f"layer {layer} is after stop_at_layer={last}; it would never run.")
 
     if attention_mask is None:
-      attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+      attention_mask = jnp.ones(input_ids.shape, jnp.bool_) if segment_ids is None else segment_ids > 0
     attention_mask = attention_mask.astype(jnp.bool_)
     if positions is None:
-      positions = positions_from_mask(attention_mask)
-    full_mask, sliding_mask = attention_masks(attention_mask, cfg.sliding_window)
+      positions = positions_from_mask(attention_mask) if segment_ids is None else positions_from_segments(segment_ids)
+    full_mask, sliding_mask = attention_masks(attention_mask, cfg.sliding_window, segment_ids)
 
     tables = {}
     x = self.embed_tokens(input_ids)  # [B, T, D]

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from neurodiff_jax.activations.datasets import DatasetSpec, tokenize_corpus
-from neurodiff_jax.activations.harvest import harvest
+from neurodiff_jax.activations.harvest import harvest, pack_rows, row_buckets
 from neurodiff_jax.activations.store import ActivationStore, StoreError
 from neurodiff_jax.models import load_tokenizer
 
@@ -98,3 +98,14 @@ def test_rerun_of_a_complete_store_is_a_no_op_and_other_config_is_an_error(harve
     harvest(c)
   assert json.loads((store.root / "manifest.json").read_text())["layers"] == [0, 1]
   ActivationStore.open(store.root)  # still intact
+
+
+def test_packing_places_every_document_once_within_its_row():
+  lengths = list(np.random.default_rng(0).integers(2, 65, 300))
+  rows = pack_rows(lengths, 64)
+  assert sorted(i for r in rows for i in r) == list(range(300))
+  assert all(sum(lengths[i] for i in r) <= 64 for r in rows)
+  assert len(rows) <= -(-sum(lengths) // 64) * 1.1  # near the bound: little padding
+  with pytest.raises(ValueError, match="does not fit a row of 64"):
+    pack_rows([65], 64)
+  assert row_buckets(16) == [1, 2, 4, 8, 16] and row_buckets(12) == [1, 2, 4, 8, 12] and row_buckets(1) == [1]

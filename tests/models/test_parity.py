@@ -85,6 +85,29 @@ def test_left_padding_does_not_change_real_tokens(hf_checkpoint):
   np.testing.assert_allclose(np.asarray(pad.residuals[3])[:, 5:], np.asarray(plain.residuals[3]), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gemma2_gqa_window", "llama3_scaled_untied"])
+def test_packed_documents_equal_their_own_forward_passes(name, hf_checkpoint):
+  config = CONFIGS[name]()
+  _, path = hf_checkpoint(config)
+  model = load_model(path)
+  rng = np.random.default_rng(2)
+  docs = [rng.integers(0, config.vocab_size, n) for n in (9, 4, 7)]  # 9 > the Gemma window of 5
+  ids = np.zeros((2, 16), np.int64)
+  seg = np.zeros((2, 16), np.int32)
+  ids[0, :9], seg[0, :9] = docs[0], 1
+  ids[0, 9:13], seg[0, 9:13] = docs[1], 2  # row 0: two documents and 3 padding tokens
+  ids[1, :7], seg[1, :7] = docs[2], 1
+  packed = model(jnp.asarray(ids), segment_ids=jnp.asarray(seg), capture=(1, 3))
+  for (row, col), doc in zip([(0, 0), (0, 9), (1, 0)], docs):
+    alone = model(jnp.asarray(doc[None]), capture=(1, 3))
+    for l in (1, 3):
+      np.testing.assert_allclose(np.asarray(packed.residuals[l])[row, col:col + len(doc)],
+                                 np.asarray(alone.residuals[l])[0], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(packed.logits)[row, col:col + len(doc)], np.asarray(alone.logits)[0],
+                               atol=1e-5)
+  assert np.isfinite(np.asarray(packed.residuals[3])).all()  # padding attends to padding: no NaN anywhere
+
+
 @pytest.mark.parametrize("layer", [0, 2])
 def test_intervention_equals_hf_forward_hook(layer, hf_checkpoint):
   config = CONFIGS["gemma2_gqa_window"]()
