@@ -56,3 +56,14 @@ def run(main: Callable[[object], None], default_config: str) -> None:
     return rest
 
   app.run(lambda argv: main(holder.value), flags_parser=parse)
+
+
+def load_config(value: str):
+  """The ConfigDict of `NAME[:arg]` (as `--config` would give it), for a launcher that needs a second config."""
+  import importlib.util
+
+  path, _, arg = resolve_config(value).partition(":")
+  spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)

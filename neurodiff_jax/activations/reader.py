@@ -244,6 +244,16 @@ class WindowedBatches:
         slot.users -= 1
         self._cond.notify_all()
 
+  def tokens(self, index: int) -> np.ndarray:
+    """The store token index of each row of batch `index` (to name the source of a bad batch)."""
+    epoch, j = divmod(int(index), self.batches_per_epoch)
+    windows, bounds = self._windows(epoch)
+    w = int(np.searchsorted(bounds, j, side="right")) - 1
+    k = j - int(bounds[w])
+    rows = len(windows[w].runs) * self.run_rows
+    pos = np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)[k * self.batch_size:(k + 1) * self.batch_size]
+    return windows[w].runs[pos // self.run_rows].astype(np.int64) * self.run_rows + pos % self.run_rows
+
   def close(self) -> None:
     """Stops the read threads and closes the shard files."""
     self._pool.shutdown(wait=True, cancel_futures=True)
@@ -284,19 +294,19 @@ def to_dtype(x: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> n
   return out
 
 
-def batch_dataset(store: ActivationStore | str | os.PathLike, layer: int, batch_size: int, *, seed: int = 0,
-                  dtype: Any = np.float32, window_tokens: int | None = None, window_bytes: int = 512 << 20,
-                  run_bytes: int = 8 << 20, num_epochs: int | None = None, normalize: bool = False,
-                  process_index: int | None = None, process_count: int | None = None, io_threads: int = 8,
-                  prefetch_windows: int = 2, direct: bool = True) -> grain.MapDataset:
-  """A Grain MapDataset whose element e is this process's shuffled batch e, [batch_size, M, d].
+def windowed_batches(store: ActivationStore | str | os.PathLike, layer: int, batch_size: int, *, seed: int = 0,
+                     dtype: Any = np.float32, window_tokens: int | None = None, window_bytes: int = 512 << 20,
+                     run_bytes: int = 8 << 20, normalize: bool = False, process_index: int | None = None,
+                     process_count: int | None = None, io_threads: int = 8, prefetch_windows: int = 2,
+                     direct: bool = True) -> WindowedBatches:
+  """The function e -> this process's shuffled batch e, [batch_size, M, d] (see `batch_dataset`).
 
   `batch_size` is per process. A shuffle window holds `window_tokens` tokens (default: as many as
   fit in `window_bytes` of stored activations; `prefetch_windows` + 2 windows at most are in
   memory), made of runs of consecutive chunks of about `run_bytes`, each read with one request on one of
   `io_threads` threads (`direct=False` reads through TensorStore instead of straight from the shard
   files, see `chunks.py`). `normalize` multiplies each model's activations by the scalar that
-  brings its mean norm to √d (from the manifest). `num_epochs=None` repeats without end.
+  brings its mean norm to √d (from the manifest).
   """
   source = ActivationSource(store, layer, dtype)
   if window_tokens is None:
@@ -304,12 +314,25 @@ def batch_dataset(store: ActivationStore | str | os.PathLike, layer: int, batch_
   proc = jax.process_index() if process_index is None else process_index
   nproc = jax.process_count() if process_count is None else process_count
   run_tokens = max(run_bytes // source.store.layout.token_bytes, 1)
-  fn = WindowedBatches(source, batch_size, seed, window_tokens, run_tokens, proc, nproc, normalize, io_threads, direct,
-                       prefetch_windows)
-  ds = grain.MapDataset.range(fn.batches_per_epoch)
+  return WindowedBatches(source, batch_size, seed, window_tokens, run_tokens, proc, nproc, normalize, io_threads,
+                         direct, prefetch_windows)
+
+
+def dataset_of(batches: WindowedBatches, num_epochs: int | None = None) -> grain.MapDataset:
+  """A Grain MapDataset whose element e is `batches(e)`; `num_epochs=None` repeats without end."""
+  ds = grain.MapDataset.range(batches.batches_per_epoch)
   # repeat() keeps element indices global, so batch e of a later epoch reshuffles via its epoch.
   ds = ds.repeat(num_epochs, reseed_each_epoch=False) if num_epochs != 1 else ds
-  return ds.map_with_index(lambda i, _: fn(i))
+  return ds.map_with_index(lambda i, _: batches(i))
+
+
+def batch_dataset(store: ActivationStore | str | os.PathLike, layer: int, batch_size: int, *,
+                  num_epochs: int | None = None, **kwargs: Any) -> grain.MapDataset:
+  """A Grain MapDataset whose element e is this process's shuffled batch e, [batch_size, M, d].
+
+  `kwargs` are those of `windowed_batches`; `num_epochs=None` repeats without end.
+  """
+  return dataset_of(windowed_batches(store, layer, batch_size, **kwargs), num_epochs)
 
 
 def batch_iterator(dataset: grain.MapDataset, *, prefetch: int = 4, num_threads: int = 2) -> grain.DatasetIterator:
@@ -317,4 +340,5 @@ def batch_iterator(dataset: grain.MapDataset, *, prefetch: int = 4, num_threads:
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
 
 
-__all__ = ["ActivationSource", "StoreError", "WindowedBatches", "batch_dataset", "batch_iterator"]
+__all__ = ["ActivationSource", "StoreError", "WindowedBatches", "batch_dataset", "batch_iterator", "dataset_of",
+           "windowed_batches"]

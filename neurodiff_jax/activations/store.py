@@ -322,3 +322,36 @@ def merge_stats(per_unit: list[dict], models: list[dict]) -> dict:
       final[l][r] = {"count": a["count"], "mean_norm": a["sum_norm"] / n, "rms_norm": float(np.sqrt(a["sum_sq_norm"] / n)),
                      "mean": (np.asarray(a["sum"]) / n).tolist()}
   return final
+
+
+def write_arrays(root: str | os.PathLike, layers: dict[int, np.ndarray], *, dtype: str = "float32",
+                 roles: Sequence[str] = ("base", "finetuned"), shard_tokens: int | None = None,
+                 chunk_tokens: int | None = None, metadata: dict[str, np.ndarray] | None = None,
+                 source: str = "arrays") -> ActivationStore:
+  """A complete store holding given activations `{layer: [n, M, d]}` (synthetic data, tests, benchmarks).
+
+  Metadata default to zeros (token id, position, kind) and one document per token.
+  """
+  arrays = {int(l): np.asarray(x) for l, x in layers.items()}
+  n, num_models, d = next(iter(arrays.values())).shape
+  if any(x.shape != (n, num_models, d) for x in arrays.values()) or len(roles) != num_models:
+    raise ValueError(f"every layer must be [n, M={len(roles)}, d] with the same shape; got "
+                     f"{ {l: x.shape for l, x in arrays.items()} }.")
+  shard, chunk = choose_sizes(num_models, d, dtype)
+  shard, chunk = shard_tokens or shard, chunk_tokens or min(chunk, shard)
+  manifest = {"format": FORMAT, "version": VERSION, "models": [{"role": r, "path": source} for r in roles],
+              "layers": sorted(arrays), "d_model": d, "dtype": dtype, "num_tokens": n, "shard_tokens": shard,
+              "chunk_tokens": chunk, "complete": False, "datasets": [{"path": source}]}
+  manifest["config_key"] = config_key(manifest)
+  store = ActivationStore.create_or_open(root, manifest)
+  meta = {k: np.zeros(n, v) for k, v in METADATA.items()} | {"doc_index": np.arange(n, dtype=np.int32)}
+  meta |= {k: np.asarray(v, METADATA[k]) for k, v in (metadata or {}).items()}
+  np_dtype = _np_dtype(dtype)
+  for u in range(store.layout.num_units):
+    lo, hi = store.layout.unit_range(u)
+    part = {l: x[lo:hi].astype(np_dtype) for l, x in arrays.items()}
+    for f in store.write_unit(u, part, {k: v[lo:hi] for k, v in meta.items()}):
+      f.result()
+    store.commit_unit(u, unit_stats(part, roles))
+  store.try_finalize()
+  return store

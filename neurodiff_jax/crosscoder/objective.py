@@ -1,0 +1,82 @@
+"""The training objective (METHODS.md §2): reconstruction, L1 penalty, AuxK, and the per-batch metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from neurodiff_jax.crosscoder import sparsity
+from neurodiff_jax.crosscoder.model import CrosscoderConfig, Params, decode, decoder_norms, encode_train
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Loss settings: reconstruction kind, L1 λ and its warm-up, AuxK."""
+
+  reconstruction: str = "squared"  # Σ_i ‖x_i − x̂_i‖² per token; "l2": Σ_i ‖x_i − x̂_i‖ (Minder et al.'s code)
+  l1_lambda: float = 0.0
+  l1_warmup_steps: int = 0
+  k_aux: int = 0  # 0: d / 2
+  aux_coef: float = 1 / 32
+  dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
+
+  def __post_init__(self):
+    if self.reconstruction not in ("squared", "l2"):
+      raise ValueError(f"unknown reconstruction loss {self.reconstruction!r}; choose 'squared' or 'l2'.")
+
+
+def reconstruction_error(x: Float[Array, "B M d"], x_hat: Float[Array, "B M d"], kind: str) -> Float[Array, "B M"]:
+  """Per token and model, ‖x_i − x̂_i‖² (squared) or ‖x_i − x̂_i‖ (l2)."""
+  sq = jnp.sum(jnp.square(x - x_hat), axis=-1)
+  return sq if kind == "squared" else jnp.sqrt(sq + 1e-12)
+
+
+def aux_loss(params: Params, a: Float[Array, "B m"], residual: Float[Array, "B M d"], dead: Array, k_aux: int,
+             precision: Any) -> Float[Array, ""]:
+  """AuxK: the top `k_aux` dead latents of each token reconstruct the (detached) residual; ‖e − ê‖² / ‖e − ē‖²."""
+  relu = jnp.where(dead[None, :], jax.nn.relu(a), 0.0)
+  k = min(k_aux, a.shape[-1])
+  f = jnp.where(sparsity.topk_mask(jax.lax.stop_gradient(relu), k), relu, 0.0)
+  e_hat = decode(params, f, precision) - params["b_dec"]
+  num = jnp.sum(jnp.square(residual - e_hat))
+  den = jnp.sum(jnp.square(residual - residual.mean(0, keepdims=True)))
+  return jnp.where(jnp.any(dead), num / jnp.maximum(den, 1e-12), 0.0)
+
+
+def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, cfg: CrosscoderConfig,
+            lcfg: LossConfig, precision: Any = None, compute_dtype: Any = jnp.float32) -> tuple[Array, dict]:
+  """Total loss and metrics of one batch (normalised inputs)."""
+  p = jax.tree.map(lambda w: w.astype(compute_dtype), params) if compute_dtype != jnp.float32 else params
+  xc = x.astype(compute_dtype)
+  f, a, cut = encode_train(p, xc, cfg, precision)
+  x_hat = decode(p, f, precision).astype(jnp.float32)
+  f = f.astype(jnp.float32)
+  err = reconstruction_error(x, x_hat, lcfg.reconstruction)  # [B, M]
+  recon = err.sum(-1).mean()
+  total = recon
+  metrics = {"loss/reconstruction": recon}
+  if cfg.sparsity == "l1":
+    warm = jnp.minimum(1.0, (step + 1) / max(lcfg.l1_warmup_steps, 1))
+    penalty = jnp.mean(jnp.sum(f * decoder_norms(params).sum(-1), axis=-1))
+    lam = lcfg.l1_lambda * warm
+    total = total + lam * penalty
+    metrics |= {"loss/l1": penalty, "l1_lambda": lam}
+  elif lcfg.aux_coef > 0:
+    k_aux = lcfg.k_aux or max(cfg.d_model // 2, 1)
+    aux = aux_loss(p, a.astype(jnp.float32), jax.lax.stop_gradient(x - x_hat), dead, k_aux, precision)
+    total = total + lcfg.aux_coef * aux
+    metrics |= {"loss/aux": aux}
+  sq = jnp.sum(jnp.square(x - x_hat), axis=-1)  # [B, M]
+  var = jnp.sum(jnp.square(x - x.mean(0, keepdims=True)), axis=-1)  # [B, M]
+  fve = 1.0 - sq.sum(0) / jnp.maximum(var.sum(0), 1e-12)
+  metrics |= {"loss/total": total, "l0": jnp.mean(jnp.sum(f > 0, axis=-1)), "cut": cut,
+              "fired": jnp.any(f > 0, axis=0)}
+  metrics |= {f"fve/{i}": fve[i] for i in range(x.shape[1])}
+  return total, metrics
+
+
+__all__ = ["LossConfig", "aux_loss", "loss_fn", "reconstruction_error"]

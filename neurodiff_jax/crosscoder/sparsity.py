@@ -1,0 +1,56 @@
+"""Sparsity of crosscoder codes: BatchTopK (global), TopK (per token), and the L1 penalty.
+
+The k·B-th largest of the scores `s [B, m]` is found by bisection on the float bits instead of
+`lax.top_k` or a sort: for s ≥ 0 the uint32 bit patterns order like the floats, so 31 rounds of
+"how many scores are ≥ t" pin the exact value. Each round is an elementwise compare and a sum,
+which XLA partitions like any reduction: with `s` sharded over ('data', 'latent') every device
+counts its own block and only a scalar (TopK: one count per token) is all-reduced, so the
+`[B, m]` matrix is never gathered (METHODS.md §2), and every mesh selects exactly the same
+latents. Ties at the cut-off are all kept (as `s >= cut` would).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+_BITS = 31  # non-negative float32s use the low 31 bits
+
+
+def kth_largest(s: Float[Array, "... n"], k: int | Array, axis: tuple[int, ...] | int | None = None) -> Float[Array, "..."]:
+  """The k-th largest value of non-negative `s` over `axis` (None: all), exactly, by bisection on its bits."""
+  u = jax.lax.bitcast_convert_type(jnp.maximum(s, 0.0).astype(jnp.float32), jnp.uint32)
+  keep = axis is not None
+  shape = jnp.sum(u, axis=axis, keepdims=keep).shape if keep else ()
+  lo = jnp.zeros(shape, jnp.uint32)  # count(u >= lo) >= k always
+  hi = jnp.full(shape, 1 << _BITS, jnp.uint32)  # count(u >= hi) < k always (NaN-free inputs)
+
+  def body(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(u >= mid, axis=axis, keepdims=keep, dtype=jnp.int32) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, _BITS, body, (lo, hi))
+  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def batch_topk_mask(s: Float[Array, "B m"], k: int) -> tuple[Bool[Array, "B m"], Float[Array, ""]]:
+  """BatchTopK: keep the k·B largest scores of the whole batch; returns the mask and the cut-off score."""
+  cut = kth_largest(s, k * s.shape[0])
+  return (s >= cut) & (s > 0), cut
+
+
+def topk_mask(s: Float[Array, "B m"], k: int) -> Bool[Array, "B m"]:
+  """TopK: keep the k largest scores of each token."""
+  cut = kth_largest(s, k, axis=-1)
+  return (s >= cut) & (s > 0)
+
+
+def threshold_mask(s: Float[Array, "B m"], theta: Float[Array, ""]) -> Bool[Array, "B m"]:
+  """Inference-time BatchTopK: a latent is on when its score exceeds the tracked threshold θ."""
+  return s > theta
+
+
+__all__ = ["batch_topk_mask", "kth_largest", "threshold_mask", "topk_mask"]

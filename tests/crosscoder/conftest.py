@@ -1,0 +1,29 @@
+"""Planted-feature stores and small training configs for the crosscoder tests."""
+
+import pytest
+
+from neurodiff_jax.crosscoder import synthetic
+
+COUNTS = {"shared": 48, "chat_only": 16, "base_only": 16, "weak_base": 16}
+
+
+def train_config(store, workdir, **overrides):
+  """A small run config on a store (the same fields as configs/*.py), unlocked overrides applied."""
+  from configs._crosscoder import base_config
+
+  c = base_config()
+  c.store, c.layer, c.workdir = str(store.root if hasattr(store, "root") else store), 0, str(workdir)
+  c.dict_size, c.k, c.batch_size, c.steps, c.lr, c.warmup_steps = 256, 8, 256, 40, 3e-3, 5
+  c.dead_tokens, c.theta_momentum, c.window_mib, c.log_every, c.checkpoint_every = 5_000, 0.9, 4, 10, 20
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  c.lock()
+  return c
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+  """(truth, store) of 65,536 planted tokens at d = 32."""
+  truth = synthetic.plant_features(32, COUNTS, seed=0)
+  store = synthetic.write_planted_store(tmp_path_factory.mktemp("planted") / "store", truth, 65_536)
+  return truth, store
