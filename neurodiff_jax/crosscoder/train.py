@@ -226,6 +226,9 @@ def train(config: ml_collections.ConfigDict) -> dict:
     scale = np.ones(lay.num_models, np.float32)
   stats = store.manifest["stats"][str(config.layer)]
   mean = np.stack([np.asarray(stats[m["role"]]["mean"], np.float32) for m in store.manifest["models"]]) * scale[:, None]
+  if not (np.isfinite(scale).all() and np.isfinite(mean).all()):
+    raise ValueError(f"the statistics of layer {config.layer} in {store.root}/manifest.json are not finite (NaN/Inf "
+                     "activations were stored); re-harvest the store, or set normalize=False to train without them.")
 
   tx = make_optimizer(config)
   saved_config = {"run": config_json(config), "crosscoder": cfg.to_dict()}
@@ -286,8 +289,11 @@ def train(config: ml_collections.ConfigDict) -> dict:
     ckpt.close()
     writer.close()
     batches.close()
+  path = workdir / "metrics.json"
+  if not last and path.is_file():  # nothing left to train: the finished run's metrics stand
+    return json.loads(path.read_text())
   if proc == 0:
-    write_json(workdir / "metrics.json", last)
+    write_json(path, last)
   return last
 
 

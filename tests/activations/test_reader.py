@@ -160,3 +160,12 @@ def test_corrupt_chunk_in_a_window_is_an_error_naming_the_unit(store, tmp_path):
     ds = batch_dataset(ActivationStore.open(root), 1, 32, seed=0, window_tokens=256, num_epochs=1)
     for i in range(len(ds)):
       ds[i]
+
+
+def test_batch_tokens_name_the_store_rows_of_a_batch(store):
+  from neurodiff_jax.activations.reader import windowed_batches
+
+  batches = windowed_batches(store, 1, 64, seed=5, window_tokens=1024)
+  everything = store.read(1, 0, store.layout.num_tokens)
+  for e in (0, 3, batches.batches_per_epoch + 2):  # a later epoch too
+    np.testing.assert_array_equal(batches(e), everything[batches.tokens(e)])

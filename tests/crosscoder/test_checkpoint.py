@@ -1,0 +1,82 @@
+"""Checkpoints: a killed run resumes to the parameters of an uninterrupted one; `load` needs no training code."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neurodiff_jax.crosscoder import load
+from neurodiff_jax.crosscoder import train as train_lib
+from neurodiff_jax.crosscoder.checkpoint import CheckpointError
+from neurodiff_jax.crosscoder.model import encode_train
+from tests.crosscoder.conftest import train_config
+
+JOB = Path(__file__).parent / "train_job.py"
+
+
+def _run(store, work):
+  return subprocess.run([sys.executable, str(JOB), str(store.root), str(work)], capture_output=True, text=True,
+                        timeout=600)
+
+
+def _steps(work):
+  d = work / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(planted, tmp_path):
+  _, store = planted
+  clean = tmp_path / "clean"
+  assert _run(store, clean).returncode == 0
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, str(JOB), str(store.root), str(killed)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not any(s >= 75 for s in _steps(killed)):
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  stopped_at = max(_steps(killed))
+  assert 75 <= stopped_at < 300, stopped_at  # killed mid-run, with checkpoints kept
+  rerun = _run(store, killed)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"resuming from step {stopped_at}" in rerun.stdout
+  a, b = load(clean), load(killed)
+  for name in ("w_enc", "b_enc", "w_dec", "b_dec"):
+    np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+  assert a.theta == b.theta and _steps(clean)[-1] == _steps(killed)[-1] == 300
+  assert len(_steps(clean)) == 2  # keep_checkpoints=2
+
+
+def test_load_gives_a_working_crosscoder_and_resume_checks_the_config(planted, tmp_path):
+  truth, store = planted
+  work = tmp_path / "run"
+  metrics = train_lib.train(train_config(store, work, steps=30))
+  cc = load(work)
+  assert cc.cfg.dict_size == 256 and cc.cfg.k == 8 and cc.norm_scale.shape == (2,)
+  x = store.read(0, 0, 512)
+  codes = np.asarray(cc.encode(x))
+  assert codes.shape == (512, 256) and (codes >= 0).all()
+  recon = np.asarray(cc(x))
+  fve = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+  assert fve > 0.3 and 4 <= codes.astype(bool).sum(1).mean() <= 32  # θ (still settling at step 30) gives ~k a token
+  # With θ just below this batch's own k·B-th score, inference selects exactly what training's BatchTopK does.
+  xn = jnp.asarray(x * cc.norm_scale[None, :, None])
+  f_train, a, cut = encode_train(cc.params, xn, cc.cfg)
+  exact = dataclasses.replace(cc, theta=float(np.nextafter(np.float32(cut), np.float32(0))))
+  np.testing.assert_array_equal(np.asarray(exact.encode(x)) > 0, np.asarray(f_train) > 0)
+  assert (work / "metrics.json").is_file() and metrics["step"] == 30
+  assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+  # Running the finished config again is a no-op; another config in the same workdir is an error.
+  assert train_lib.train(train_config(store, work, steps=30)).get("step") in (None, 30)
+  with pytest.raises(CheckpointError, match="another run config.*dict_size"):
+    train_lib.train(train_config(store, work, steps=30, dict_size=128))
+  with pytest.raises(CheckpointError, match="no checkpoint directory"):
+    load(tmp_path / "nothing")

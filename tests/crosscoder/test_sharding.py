@@ -1,0 +1,66 @@
+"""The sharded step: every ('data', 'latent') mesh trains the same crosscoder as one device."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from neurodiff_jax.crosscoder import load, sharding
+from neurodiff_jax.crosscoder import train as train_lib
+from neurodiff_jax.crosscoder.model import CrosscoderConfig
+from neurodiff_jax.crosscoder.objective import LossConfig
+from neurodiff_jax.crosscoder.sparsity import kth_largest
+from tests.crosscoder.conftest import train_config
+
+
+def _losses(workdir):
+  return np.array([json.loads(l)["loss/total"] for l in (workdir / "tensorboard" / "metrics.jsonl").open()])
+
+
+def test_meshes_match_one_device_after_20_steps(planted, tmp_path, sparsity="batchtopk"):
+  _, store = planted
+  assert jax.device_count() >= 8, "tests/conftest.py forces 8 host devices"
+  runs = {}
+  for mesh in [(1, 1), (8, 1), (1, 8), (2, 4)]:
+    work = tmp_path / f"{sparsity}-{mesh[0]}x{mesh[1]}"
+    c = train_config(store, work, steps=20, log_every=1, checkpoint_every=20, sparsity=sparsity, mesh=mesh,
+                     l1_lambda=0.05 if sparsity == "l1" else 0.0, dead_tokens=1024)
+    train_lib.train(c)
+    runs[mesh] = (_losses(work), load(work))
+  ref_losses, ref = runs[(1, 1)]
+  assert len(ref_losses) == 20 and ref_losses[-1] < ref_losses[0]
+  for mesh, (losses, cc) in runs.items():
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=f"mesh {mesh}")
+    for name in ("w_enc", "b_enc", "w_dec", "b_dec"):
+      scale = np.abs(ref.params[name]).max()
+      np.testing.assert_allclose(cc.params[name] / scale, ref.params[name] / scale, atol=1e-5,
+                                 err_msg=f"{name}, mesh {mesh}")
+    assert cc.theta == pytest.approx(ref.theta, rel=1e-5)
+
+
+def test_global_batch_topk_never_gathers_the_score_matrix():
+  cfg = CrosscoderConfig(2, 16, 512, "batchtopk", k=4)
+  lcfg = LossConfig(dead_tokens=100)
+  c = train_config("unused", "unused", steps=10)
+  tx = train_lib.make_optimizer(c)
+  mesh = sharding.make_mesh(2, 4)
+  abstract = jax.eval_shape(lambda k: train_lib.init_state(k, cfg, tx, np.ones(2), None), jax.random.key(0))
+  state = train_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
+  step = train_lib.make_train_step(cfg, lcfg, tx, mesh, abstract)
+  x = train_lib.global_batch(np.random.default_rng(0).standard_normal((64, 2, 16), np.float32), mesh)
+  hlo = step.lower(state, x).compile().as_text()
+  gathers = [l for l in hlo.splitlines() if "all-gather" in l and " = " in l]
+  big = [l for l in gathers if "[64,512]" in l or "[32,512]" in l or "[64,128]" in l]
+  assert not big, big
+  assert state["model"]["params"]["w_dec"].sharding.spec == jax.sharding.PartitionSpec("latent", None, None)
+
+
+def test_kth_largest_is_exact_with_ties_and_zeros():
+  rng = np.random.default_rng(0)
+  s = np.maximum(rng.standard_normal((37, 101)), 0).astype(np.float32)
+  s[3, :10] = s[5, 7]  # ties
+  for k in (1, 5, 500, 1800, s.size):
+    assert float(kth_largest(s, k)) == np.sort(s.ravel())[::-1][k - 1]
+  rows = np.asarray(kth_largest(s, 7, axis=-1))
+  np.testing.assert_array_equal(rows[:, 0], np.sort(s, axis=1)[:, ::-1][:, 6])

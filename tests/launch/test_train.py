@@ -1,0 +1,71 @@
+"""`python -m launch.train` and `launch.sweep` end to end: organisms' store, planted store, flag errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from neurodiff_jax.crosscoder import load, synthetic
+from neurodiff_jax.crosscoder.metrics import delta_norm
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(module, *args, home):
+  env = {**os.environ, "NEURODIFF_HOME": str(home), "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_train_launcher_on_the_organisms_store(organisms, tmp_path):
+  config, _ = organisms
+  store = tmp_path / "store"
+  h = _run("launch.harvest", "--config=harvest_tiny", "--config.num_documents=80", f"--config.out_dir={store}",
+           home=config.home)
+  assert h.returncode == 0, h.stderr[-3000:]
+  work = tmp_path / "run"
+  proc = _run("launch.train", "--config=tiny_batchtopk", f"--config.store={store}", "--config.steps=60",
+              "--config.checkpoint_every=30", f"--config.workdir={work}", home=config.home)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "train: done; step 60" in proc.stdout and "step/s" in proc.stderr  # progress bar with a rate
+  metrics = json.loads((work / "metrics.json").read_text())
+  assert metrics["step"] == 60 and metrics["fve/0"] > 0.2 and metrics["fve/1"] > 0.2
+  assert abs(metrics["l0"] - 16) < 1e-6  # BatchTopK: exactly k a token on average over the batch
+  cc = load(work)
+  assert cc.cfg.d_model == 64 and cc.cfg.dict_size == 512
+  dn = delta_norm(cc.decoder_norms())
+  assert ((dn >= 0) & (dn <= 1)).all() and sorted(json.loads(l)["step"] for l in
+                                                   (work / "tensorboard" / "metrics.jsonl").open())[-1] == 60
+
+
+def test_sweep_trains_every_combination(tmp_path):
+  truth = synthetic.plant_features(32, {"shared": 32, "chat_only": 8, "base_only": 8}, seed=0)
+  store = synthetic.write_planted_store(tmp_path / "store", truth, 16_384)
+  work = tmp_path / "sweep"
+  proc = _run("launch.sweep", "--config=tiny_batchtopk", f"--config.store={store.root}", "--config.harvest=",
+              "--config.layer=0", "--config.steps=10", "--config.batch_size=128", "--config.log_every=5",
+              f"--config.workdir={work}", "--sweep=k=4,8", "--sweep=dict_size=128,256", home=tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = sorted(p.name for p in work.iterdir())
+  assert runs == ["k4-dict_size128", "k4-dict_size256", "k8-dict_size128", "k8-dict_size256"]
+  for name in runs:
+    m = json.loads((work / name / "metrics.json").read_text())
+    assert m["step"] == 10 and m["l0"] == float(name[1])
+    assert load(work / name).params["w_dec"].shape[0] == int(name.split("size")[1])
+  bad = _run("launch.sweep", "--config=tiny_batchtopk", "--sweep=kk=1,2", home=tmp_path)
+  assert bad.returncode != 0 and "FIELD one of the config's fields" in bad.stderr
+
+
+def test_unknown_train_config_lists_the_known_ones(tmp_path):
+  proc = _run("launch.train", "--config=gemma2b_batchtop", home=tmp_path)
+  assert proc.returncode != 0
+  assert "unknown config 'gemma2b_batchtop'" in proc.stderr and "gemma2b_batchtopk" in proc.stderr
+  assert "tiny_l1" in proc.stderr
+  typo = _run("launch.train", "--config=tiny_batchtopk", "--config.kk=3", home=tmp_path)
+  assert typo.returncode != 0 and "kk" in typo.stderr
+  assert np.all([(ROOT / "configs" / f"{n}.py").is_file() for n in ("gemma2b_batchtopk", "gemma2b_l1",
+                                                                      "llama8b_batchtopk", "tiny_topk")])
