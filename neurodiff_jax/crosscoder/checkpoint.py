@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
-RESUMABLE_FIELDS = ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "nan_policy",
+RESUMABLE_FIELDS = ("steps", "mesh", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "nan_policy",
                     "distributed", "coordinator_address", "process_index", "process_count")
 
 

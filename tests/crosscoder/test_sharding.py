@@ -64,3 +64,25 @@ def test_kth_largest_is_exact_with_ties_and_zeros():
     assert float(kth_largest(s, k)) == np.sort(s.ravel())[::-1][k - 1]
   rows = np.asarray(kth_largest(s, 7, axis=-1))
   np.testing.assert_array_equal(rows[:, 0], np.sort(s, axis=1)[:, ::-1][:, 6])
+
+
+def test_bf16_compute_tracks_float32_and_keeps_float32_masters():
+  cfg = CrosscoderConfig(2, 32, 256, "batchtopk", k=8)
+  lcfg = LossConfig(dead_tokens=100)
+  c = train_config("unused", "unused", steps=10)
+  tx = train_lib.make_optimizer(c)
+  mesh = sharding.make_mesh(1, 1)
+  abstract = jax.eval_shape(lambda k: train_lib.init_state(k, cfg, tx, np.ones(2), None), jax.random.key(0))
+  x = np.random.default_rng(1).standard_normal((10, 128, 2, 32)).astype(np.float32)
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    state = train_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
+    step = train_lib.make_train_step(cfg, lcfg, tx, mesh, abstract, compute_dtype=dtype)
+    out = []
+    for xb in x:
+      state, m = step(state, train_lib.global_batch(xb, mesh))
+      out.append(float(m["loss/reconstruction"]))
+    losses[dtype] = np.array(out)
+    assert state["model"]["params"]["w_dec"].dtype == np.float32
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=3e-2)
+  assert not np.array_equal(losses["bfloat16"], losses["float32"])  # it did compute in bf16
