@@ -99,11 +99,19 @@ def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
   if not path.is_dir():
     raise CheckpointError(f"no checkpoint directory at {path}.")
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
-                                  item_names=("model", "config"))
+                                  item_handlers={"model": ocp.StandardCheckpointHandler(),
+                                                 "train": ocp.StandardCheckpointHandler(),
+                                                 "data": ocp.JsonCheckpointHandler(),
+                                                 "config": ocp.JsonCheckpointHandler()})
   step = manager.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no complete checkpoint in {path}.")
-  out = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  # Onto one local device, whatever mesh and processes wrote it (analysis runs anywhere).
+  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        manager.item_metadata(step)["model"])
+  out = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
+                                                      config=ocp.args.JsonRestore()))
   manager.close()
   model = jax.tree.map(np.asarray, out["model"])
   cfg = CrosscoderConfig(**out["config"]["crosscoder"])

@@ -140,8 +140,8 @@ class Crosscoder:
     return self.decode(self.encode(x))
 
   def decoder_norms(self) -> np.ndarray:
-    """‖W_dec[j, i]‖, [m, M] (in the normalised space the crosscoder was trained in)."""
-    return np.asarray(decoder_norms(self.params))
+    """‖W_dec[j, i]‖ in model i's original units (what Δnorm reads), [m, M]."""
+    return np.asarray(decoder_norms(self.params)) / np.asarray(self._scale)[:, 0]
 
 
 __all__ = ["Crosscoder", "CrosscoderConfig", "Params", "decode", "decoder_norms", "encode_inference", "encode_train",

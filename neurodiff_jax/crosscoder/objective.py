@@ -37,14 +37,21 @@ def reconstruction_error(x: Float[Array, "B M d"], x_hat: Float[Array, "B M d"],
 
 def aux_loss(params: Params, a: Float[Array, "B m"], residual: Float[Array, "B M d"], dead: Array, k_aux: int,
              precision: Any) -> Float[Array, ""]:
-  """AuxK: the top `k_aux` dead latents of each token reconstruct the (detached) residual; ‖e − ê‖² / ‖e − ē‖²."""
-  relu = jnp.where(dead[None, :], jax.nn.relu(a), 0.0)
+  """AuxK: the top `k_aux` dead latents of each token reconstruct the (detached) residual; ‖e − ê‖² / ‖e − ē‖².
+
+  Zero, and not computed (a `lax.cond`), while no latent is dead.
+  """
   k = min(k_aux, a.shape[-1])
-  f = jnp.where(sparsity.topk_mask(jax.lax.stop_gradient(relu), k), relu, 0.0)
-  e_hat = decode(params, f, precision) - params["b_dec"]
-  num = jnp.sum(jnp.square(residual - e_hat))
-  den = jnp.sum(jnp.square(residual - residual.mean(0, keepdims=True)))
-  return jnp.where(jnp.any(dead), num / jnp.maximum(den, 1e-12), 0.0)
+
+  def compute(params):
+    relu = jnp.where(dead[None, :], jax.nn.relu(a), 0.0)
+    f = jnp.where(sparsity.topk_mask(jax.lax.stop_gradient(relu), k), relu, 0.0)
+    e_hat = decode(params, f, precision).astype(jnp.float32) - params["b_dec"]
+    num = jnp.sum(jnp.square(residual - e_hat))
+    den = jnp.sum(jnp.square(residual - residual.mean(0, keepdims=True)))
+    return num / jnp.maximum(den, 1e-12)
+
+  return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), params)
 
 
 def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, cfg: CrosscoderConfig,
@@ -55,6 +62,7 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, 
   f, a, cut = encode_train(p, xc, cfg, precision)
   x_hat = decode(p, f, precision).astype(jnp.float32)
   f = f.astype(jnp.float32)
+  fired, l0 = jnp.any(f > 0, axis=0), jnp.mean(jnp.sum(f > 0, axis=-1))
   err = reconstruction_error(x, x_hat, lcfg.reconstruction)  # [B, M]
   recon = err.sum(-1).mean()
   total = recon
@@ -67,14 +75,13 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, 
     metrics |= {"loss/l1": penalty, "l1_lambda": lam}
   elif lcfg.aux_coef > 0:
     k_aux = lcfg.k_aux or max(cfg.d_model // 2, 1)
-    aux = aux_loss(p, a.astype(jnp.float32), jax.lax.stop_gradient(x - x_hat), dead, k_aux, precision)
+    aux = aux_loss(p, a, jax.lax.stop_gradient(x - x_hat), dead, k_aux, precision)
     total = total + lcfg.aux_coef * aux
     metrics |= {"loss/aux": aux}
   sq = jnp.sum(jnp.square(x - x_hat), axis=-1)  # [B, M]
   var = jnp.sum(jnp.square(x - x.mean(0, keepdims=True)), axis=-1)  # [B, M]
   fve = 1.0 - sq.sum(0) / jnp.maximum(var.sum(0), 1e-12)
-  metrics |= {"loss/total": total, "l0": jnp.mean(jnp.sum(f > 0, axis=-1)), "cut": cut,
-              "fired": jnp.any(f > 0, axis=0)}
+  metrics |= {"loss/total": total, "l0": l0, "cut": cut, "fired": fired}
   metrics |= {f"fve/{i}": fve[i] for i in range(x.shape[1])}
   return total, metrics
 

@@ -91,7 +91,9 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
     theta = model["theta"]
     if cfg.sparsity == "batchtopk":
       cut = metrics["cut"]
-      theta = jnp.where(train["step"] == 0, cut, theta_momentum * theta + (1 - theta_momentum) * cut)
+      # A batch with fewer than k·B positive scores has cut 0: it says nothing about θ.
+      theta = jnp.where(cut <= 0, theta,
+                        jnp.where(theta <= 0, cut, theta_momentum * theta + (1 - theta_momentum) * cut))
     metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "theta": theta,
                 "grad_norm": optax.global_norm(grads)}
     new = {"model": {**model, "params": params, "theta": theta},
@@ -275,7 +277,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
     last = dict(metrics, step=step)
     writer.scalars(step, metrics)
     if cfg.num_models == 2:
-      dn = delta_norm(np.asarray(jax.device_get(decoder_norms(st["model"]["params"]))))
+      norms = np.asarray(jax.device_get(decoder_norms(st["model"]["params"]))) / scale[None, :]
+      dn = delta_norm(norms)  # in the models' original units, like Crosscoder.decoder_norms
       writer.histogram(step, "delta_norm", dn)
       last["delta_norm_classes"] = delta_norm_classes(dn)
 

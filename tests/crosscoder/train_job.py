@@ -1,5 +1,6 @@
-"""A training run in its own process (for the SIGKILL test): `python tests/crosscoder/train_job.py STORE WORKDIR`."""
+"""A training run in its own process: `python tests/crosscoder/train_job.py STORE WORKDIR [OVERRIDES_JSON]`."""
 
+import json
 import os
 import sys
 
@@ -10,5 +11,7 @@ from neurodiff_jax.crosscoder import train  # noqa: E402
 from tests.crosscoder.conftest import train_config  # noqa: E402
 
 if __name__ == "__main__":
-  train.train(train_config(sys.argv[1], sys.argv[2], steps=300, dict_size=2048, checkpoint_every=25, log_every=25,
-                           keep_checkpoints=2))
+  overrides = dict(steps=150, dict_size=1024, checkpoint_every=20, log_every=25, keep_checkpoints=2)
+  if len(sys.argv) > 3:
+    overrides |= {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[3]).items()}
+  train.train(train_config(sys.argv[1], sys.argv[2], **overrides))
