@@ -49,3 +49,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.nan_policy = "stop"  # stop (naming step and shard) | skip (count and go on)
   return c
+
+
+_TINY_D = {"small": 64, "default": 128}  # the organisms' widths (configs/organisms.py)
+
+
+def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
+  """A crosscoder on the tiny organisms (`arg`: small | default): 8 × d latents, batch 256, 600 steps; locked."""
+  from neurodiff_jax.utils.paths import neurodiff_home
+
+  scale = arg or "small"
+  if scale not in _TINY_D:
+    raise ValueError(f"unknown organism scale {scale!r}; known: {', '.join(_TINY_D)}.")
+  c = base_config()
+  c.harvest = f"harvest_tiny:{scale}"
+  c.layer = {"small": 1, "default": 2}[scale]
+  c.dict_size = 8 * _TINY_D[scale]
+  c.sparsity = sparsity
+  c.k = 16
+  c.l1_lambda = 0.5 if sparsity == "l1" else 0.0
+  c.dec_init_norm = 0.05 if sparsity == "l1" else 0.1
+  c.steps = 600
+  c.batch_size = 256
+  c.lr = 1e-3
+  c.warmup_steps = 50
+  c.dead_tokens = 20_000
+  c.theta_momentum = 0.99
+  c.window_mib = 64
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.workdir = str(neurodiff_home() / "runs" / f"tiny_{sparsity}-{scale}")
+  c.lock()
+  return c
+
+
+def gemma2b_config() -> ml_collections.ConfigDict:
+  """Gemma 2 2B base vs -it at layer 13: m = 32 × 2304 = 73,728, lr 1e-4, batch 2048 (unlocked: the caller picks the sparsity)."""
+  c = base_config()
+  c.store = "gemma2b_l13_acts"
+  c.layer = 13
+  c.dict_size = 73_728
+  c.lr = 1e-4
+  c.batch_size = 2048
+  return c

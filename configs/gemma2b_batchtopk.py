@@ -5,20 +5,15 @@
   python -m launch.train --config=gemma2b_batchtopk --config.mesh='(8,1)'   # 8 GPUs, data parallel
 """
 
-from configs._crosscoder import base_config
+from configs._crosscoder import gemma2b_config
 
 
 def get_config(arg: str | None = None):
   """m = 32 × 2304 = 73,728 latents, k = 100, lr 1e-4, batch 2048."""
   del arg
-  c = base_config()
-  c.store = "gemma2b_l13_acts"
-  c.layer = 13
-  c.dict_size = 73_728
+  c = gemma2b_config()
   c.sparsity = "batchtopk"
   c.k = 100
-  c.lr = 1e-4
-  c.batch_size = 2048
   c.workdir = "runs/gemma2b_batchtopk"
   c.lock()
   return c

@@ -3,21 +3,16 @@
   python -m launch.train --config=gemma2b_l1 --config.store=/data/acts/gemma2b_l13
 """
 
-from configs._crosscoder import base_config
+from configs._crosscoder import gemma2b_config
 
 
 def get_config(arg: str | None = None):
   """m = 73,728, ReLU with the decoder-norm-weighted L1 penalty λ = 0.041, decoder rows start at norm 0.005."""
   del arg
-  c = base_config()
-  c.store = "gemma2b_l13_acts"
-  c.layer = 13
-  c.dict_size = 73_728
+  c = gemma2b_config()
   c.sparsity = "l1"
   c.l1_lambda = 0.041
   c.dec_init_norm = 0.005
-  c.lr = 1e-4
-  c.batch_size = 2048
   c.workdir = "runs/gemma2b_l1"
   c.lock()
   return c

@@ -39,6 +39,7 @@ from neurodiff_jax.activations.store import (
     unit_stats,
 )
 from neurodiff_jax.models import Transformer, checkpoint_info, config_from_hf, load_model, load_tokenizer, read_hf_config
+from neurodiff_jax.utils.distributed import initialize_from_config
 
 ROLES = ("base", "finetuned")
 
@@ -82,10 +83,7 @@ def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(index, count) of this process: from JAX (after `jax.distributed.initialize` when asked) or the config."""
   count = int(config.get("process_count") or 0)
   if config.get("distributed"):
-    if not jax.distributed.is_initialized():
-      # Unset fields are auto-detected by JAX on TPU pods, SLURM and Open MPI clusters.
-      jax.distributed.initialize(coordinator_address=config.get("coordinator_address") or None,
-                                 num_processes=count or None, process_id=config.process_index if count else None)
+    initialize_from_config(config)
     return jax.process_index(), jax.process_count()
   if count:
     return int(config.process_index), count

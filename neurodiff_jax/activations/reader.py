@@ -166,7 +166,7 @@ class WindowedBatches:
       arr = self.source._array
       with ts.Batch() as batch:
         slot.futures = [arr[r * self.run_rows:(r + 1) * self.run_rows].read(batch=batch) for r in window.runs]
-    slot.perm = np.random.default_rng([self.seed, key[0], key[1], 1]).permutation(slot.rows)
+    slot.perm = self._permutation(key[0], key[1], slot.rows)
 
   def _slot_for(self, key: tuple[int, int], current: tuple[int, int], wait: bool) -> _Slot | None:
     """The slot holding window `key`, else one claimed to read it into; call with the lock held.
@@ -219,11 +219,19 @@ class WindowedBatches:
     slot.futures = []
     slot.ready.set()
 
-  def __call__(self, index: int) -> np.ndarray:
+  def _locate(self, index: int) -> tuple[int, int, int]:
+    """(epoch, window, batch within the window) of batch `index`."""
     epoch, j = divmod(int(index), self.batches_per_epoch)
-    windows, bounds = self._windows(epoch)
+    bounds = self._windows(epoch)[1]
     w = int(np.searchsorted(bounds, j, side="right")) - 1
-    k = j - int(bounds[w])
+    return epoch, w, j - int(bounds[w])
+
+  def _permutation(self, epoch: int, w: int, rows: int) -> np.ndarray:
+    """The in-window shuffle of window w of `epoch`."""
+    return np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)
+
+  def __call__(self, index: int) -> np.ndarray:
+    epoch, w, k = self._locate(index)
     key = (epoch, w)
     with self._cond:
       slot = self._slot_for(key, key, wait=True)
@@ -246,13 +254,10 @@ class WindowedBatches:
 
   def tokens(self, index: int) -> np.ndarray:
     """The store token index of each row of batch `index` (to name the source of a bad batch)."""
-    epoch, j = divmod(int(index), self.batches_per_epoch)
-    windows, bounds = self._windows(epoch)
-    w = int(np.searchsorted(bounds, j, side="right")) - 1
-    k = j - int(bounds[w])
-    rows = len(windows[w].runs) * self.run_rows
-    pos = np.random.default_rng([self.seed, epoch, w, 1]).permutation(rows)[k * self.batch_size:(k + 1) * self.batch_size]
-    return windows[w].runs[pos // self.run_rows].astype(np.int64) * self.run_rows + pos % self.run_rows
+    epoch, w, k = self._locate(index)
+    runs = self._windows(epoch)[0][w].runs
+    pos = self._permutation(epoch, w, len(runs) * self.run_rows)[k * self.batch_size:(k + 1) * self.batch_size]
+    return runs[pos // self.run_rows].astype(np.int64) * self.run_rows + pos % self.run_rows
 
   def close(self) -> None:
     """Stops the read threads and closes the shard files."""

@@ -14,9 +14,7 @@ the previous checkpoint as the latest. The last `keep` checkpoints are kept.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -117,13 +115,6 @@ def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
   cfg = CrosscoderConfig(**out["config"]["crosscoder"])
   return Crosscoder(cfg=cfg, params=model["params"], theta=float(model["theta"]),
                     norm_scale=np.asarray(model["norm_scale"], np.float32))
-
-
-def write_json(path: Path, value: Any) -> None:
-  """Writes JSON (metrics.json) atomically."""
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-  tmp.replace(path)
 
 
 __all__ = ["CheckpointError", "Checkpointer", "check_same_run", "load"]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from neurodiff_jax.crosscoder import sharding
 from neurodiff_jax.crosscoder.model import CrosscoderConfig, init_params
 from neurodiff_jax.crosscoder.objective import LossConfig, loss_fn
+from neurodiff_jax.utils.distributed import initialize_from_config
 
 State = dict[str, Any]
 
@@ -189,25 +190,16 @@ def workdir_of(config: ml_collections.ConfigDict) -> Path:
   return Path(config.workdir).expanduser()
 
 
-def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(index, count) of this process, after `jax.distributed.initialize()` when the config asks."""
-  if config.get("distributed") and not jax.distributed.is_initialized():
-    count = int(config.get("process_count") or 0)
-    # Unset fields are auto-detected on TPU pods, SLURM and Open MPI clusters.
-    jax.distributed.initialize(coordinator_address=config.get("coordinator_address") or None,
-                               num_processes=count or None, process_id=config.process_index if count else None)
-  return jax.process_index(), jax.process_count()
-
-
 def train(config: ml_collections.ConfigDict) -> dict:
   """Trains (or resumes training) the crosscoder of `config` on its store; returns the final metrics."""
   from neurodiff_jax.activations.reader import batch_iterator, dataset_of, windowed_batches
-  from neurodiff_jax.activations.store import ActivationStore
-  from neurodiff_jax.crosscoder.checkpoint import Checkpointer, check_same_run, write_json
+  from neurodiff_jax.activations.store import ActivationStore, atomic_write_json
+  from neurodiff_jax.crosscoder.checkpoint import Checkpointer, check_same_run
   from neurodiff_jax.crosscoder.metrics import MetricWriter, delta_norm, delta_norm_classes
   from neurodiff_jax.crosscoder.model import decoder_norms
 
-  proc, nproc = _processes(config)
+  initialize_from_config(config)
+  proc, nproc = jax.process_index(), jax.process_count()
   store = ActivationStore.open(config.store)
   lay = store.layout
   for field, have in (("num_models", lay.num_models), ("d_model", lay.d_model)):
@@ -296,7 +288,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
   if not last and path.is_file():  # nothing left to train: the finished run's metrics stand
     return json.loads(path.read_text())
   if proc == 0:
-    write_json(path, last)
+    atomic_write_json(path, last)
   return last
 
 

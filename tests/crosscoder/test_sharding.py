@@ -39,15 +39,17 @@ def test_meshes_match_one_device_after_20_steps(planted, tmp_path, sparsity="bat
     assert cc.theta == pytest.approx(ref.theta, rel=1e-5)
 
 
-def test_global_batch_topk_never_gathers_the_score_matrix():
-  cfg = CrosscoderConfig(2, 16, 512, "batchtopk", k=4)
-  lcfg = LossConfig(dead_tokens=100)
-  c = train_config("unused", "unused", steps=10)
-  tx = train_lib.make_optimizer(c)
-  mesh = sharding.make_mesh(2, 4)
-  abstract = jax.eval_shape(lambda k: train_lib.init_state(k, cfg, tx, np.ones(2), None), jax.random.key(0))
+def _fresh(cfg, mesh, compute_dtype="float32"):
+  """A new sharded train state and its jitted step (10-step schedule, latents dead after 100 tokens)."""
+  tx = train_lib.make_optimizer(train_config("unused", "unused", steps=10))
   state = train_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
-  step = train_lib.make_train_step(cfg, lcfg, tx, mesh, abstract)
+  step = train_lib.make_train_step(cfg, LossConfig(dead_tokens=100), tx, mesh, state, compute_dtype=compute_dtype)
+  return state, step
+
+
+def test_global_batch_topk_never_gathers_the_score_matrix():
+  mesh = sharding.make_mesh(2, 4)
+  state, step = _fresh(CrosscoderConfig(2, 16, 512, "batchtopk", k=4), mesh)
   x = train_lib.global_batch(np.random.default_rng(0).standard_normal((64, 2, 16), np.float32), mesh)
   hlo = step.lower(state, x).compile().as_text()
   gathers = [l for l in hlo.splitlines() if "all-gather" in l and " = " in l]
@@ -67,17 +69,11 @@ def test_kth_largest_is_exact_with_ties_and_zeros():
 
 
 def test_bf16_compute_tracks_float32_and_keeps_float32_masters():
-  cfg = CrosscoderConfig(2, 32, 256, "batchtopk", k=8)
-  lcfg = LossConfig(dead_tokens=100)
-  c = train_config("unused", "unused", steps=10)
-  tx = train_lib.make_optimizer(c)
   mesh = sharding.make_mesh(1, 1)
-  abstract = jax.eval_shape(lambda k: train_lib.init_state(k, cfg, tx, np.ones(2), None), jax.random.key(0))
   x = np.random.default_rng(1).standard_normal((10, 128, 2, 32)).astype(np.float32)
   losses = {}
   for dtype in ("float32", "bfloat16"):
-    state = train_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
-    step = train_lib.make_train_step(cfg, lcfg, tx, mesh, abstract, compute_dtype=dtype)
+    state, step = _fresh(CrosscoderConfig(2, 32, 256, "batchtopk", k=8), mesh, dtype)
     out = []
     for xb in x:
       state, m = step(state, train_lib.global_batch(xb, mesh))
