@@ -5,7 +5,9 @@ from `neurodiff_jax.crosscoder.synthetic`, x [B, 2, d]), each in a fresh subproc
 same `--threads` cores, and are timed one step at a time after `--warmup` untimed steps:
 
   * neurodiff-jax        `train.make_train_step` (one jit: loss, grads, Adam, θ EMA, dead-latent
-                         counters; state donated) on a 1 × 1 mesh, float32, batch [B, 2, d]
+                         counters; state donated) on a 1 × 1 mesh, float32, batch [B, 2, d], in its two
+                         implementations (`config.train_step`): `jax` = "pairs" (decode and backward on
+                         the k·B selected pairs, crosscoder/pairs.py; the default), `jax-dense` = "dense"
   * dictionary-learning  `BatchTopKTrainer.update(step, x)` (PyPI 0.1.0) on the concatenated
                          [x_base; x_chat], x [B, 2d]: the same dictionary over the same 2d inputs
 
@@ -43,9 +45,11 @@ and are not counted). With D = 2d the input width and U = 2·B·D·m one [B, D] 
                                                               b_dec is trained, so autograd needs it
   * AuxK (`on` only): decode of the dead top-k, dW_dec and df of it   3 U
 
-so ours 5 U (8 U with AuxK) and theirs 6 U (9 U): at the default size U = 17.2 GFLOP, i.e. 85.9 and
-103.1 GFLOP per step without AuxK (137.4 and 154.6 with), and ≈ 7.0 / 8.4 TFLOP (11.1 / 12.5) at
-Gemma 2 2B size. Each engine's FLOP/s uses its own count (the work it actually does); the details
+so our dense step 5 U (8 U with AuxK) and theirs 6 U (9 U): at the default size U = 17.2 GFLOP, i.e.
+85.9 and 103.1 GFLOP per step without AuxK (137.4 and 154.6 with), and ≈ 7.0 / 8.4 TFLOP (11.1 / 12.5)
+at Gemma 2 2B size. Our pairs step does 1 U (the pre-activations) plus 4 · 2·k·B·D for the decode,
+∂f, ∂W_dec and ∂W_enc on the k·B pairs (+ 0.13 G at the default size); with AuxK add 5 U (AuxK
+recomputes the pre-activations to differentiate them, decodes densely, and backpropagates 3 U). Each engine's FLOP/s uses its own count (the work it actually does); the details
 line shows XLA's cost analysis of our step and torch's `FlopCounterMode` over one of their steps
 as a check. The matmul peak is the best float32 N × N matmul (`--peak-size`, default 4096 on CPU
 and 8192 on GPU) of numpy, torch and jax in the same pinned children; "% of peak" divides by the
@@ -99,8 +103,9 @@ sys.path.insert(0, os.path.join(_REPO_ROOT, "benchmarks"))
 
 from forward import _COMPILE_EVENTS, _busy_cpu_s, _others_cpu_s, _pin, _rss_mib, _wait_quiet  # noqa: E402
 
-ENGINES = ("jax", "dl")
-ENGINE_NAMES = {"jax": "neurodiff-jax", "dl": "dictionary-learning"}
+ENGINES = ("jax", "jax-dense", "dl")
+ENGINE_NAMES = {"jax": "neurodiff-jax (pairs)", "jax-dense": "neurodiff-jax (dense)", "dl": "dictionary-learning"}
+TRAIN_STEP = {"jax": "pairs", "jax-dense": "dense"}
 AUXK = ("off", "on")
 NUM_MODELS = 2
 SIZES = {
@@ -108,12 +113,15 @@ SIZES = {
     "gemma2b": dict(d_model=2304, dict_size=73_728, k=100, batch=2048),
 }
 # Matmuls of one step in units of one [B, D] × [D, m] product (see the module docstring).
-_UNITS = {("jax", "off"): 5, ("jax", "on"): 8, ("dl", "off"): 6, ("dl", "on"): 9}
+_UNITS = {("jax", "off"): 1, ("jax", "on"): 6, ("jax-dense", "off"): 5, ("jax-dense", "on"): 8, ("dl", "off"): 6,
+          ("dl", "on"): 9}
 
 
-def step_flops(engine: str, auxk: str, batch: int, d_model: int, dict_size: int) -> float:
-  """Matmul FLOPs of one training step of `engine`, counted analytically."""
-  return _UNITS[engine, auxk] * 2.0 * batch * NUM_MODELS * d_model * dict_size
+def step_flops(engine: str, auxk: str, batch: int, d_model: int, dict_size: int, k: int) -> float:
+  """Matmul FLOPs of one training step of `engine`, counted analytically (the pairs step's sparse products too)."""
+  dense = _UNITS[engine, auxk] * 2.0 * batch * NUM_MODELS * d_model * dict_size
+  pairs = 4 * 2.0 * k * batch * NUM_MODELS * d_model if engine == "jax" else 0.0
+  return dense + pairs
 
 
 def make_data(path: str, d_model: int, tokens: int, seed: int) -> None:
@@ -184,7 +192,8 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   norm, mean = np.ones(NUM_MODELS, np.float32), data.mean(0)
   state = train.sharded_init(jax.random.key(spec["seed"]), cfg, tx, mesh, norm, mean)
   abstract = jax.eval_shape(lambda key: train.init_state(key, cfg, tx, norm, mean), jax.random.key(spec["seed"]))
-  step_fn = train.make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), "float32")
+  step_fn = train.make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), "float32",
+                                  TRAIN_STEP[spec["engine"]])
   batches = [train.global_batch(data[i:i + B], mesh) for i in range(0, len(data), B)]
   xla_flops = step_fn.lower(state, batches[0]).cost_analysis().get("flops", float("nan"))
   compile_s.clear()  # Initialisation compiles small programs of its own; count only the step's.
@@ -202,7 +211,9 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   first_s = time.perf_counter() - start
   for i in range(1, spec["warmup"]):
     step(i)
+  dense_before = int(jax.device_get(state["train"]["dense_steps"]))
   times, others = _time_steps(step, spec)
+  dense_steps = int(jax.device_get(state["train"]["dense_steps"])) - dense_before
 
   n = spec["peak_size"]
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
@@ -214,7 +225,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   return dict(times=times, others_cpu_s=others, first_s=first_s, compile_s=sum(compile_s), counted_flops=xla_flops,
               counted_by="XLA cost analysis", peaks=peaks, losses=[float(v) for v in jax.device_get(losses)],
               rss_imports=rss_imports, peak_rss=_rss_mib(), device_peak_bytes=device_peak, cpus=cpus,
-              threads=len(cpus), platform=platform)
+              threads=len(cpus), platform=platform, dense_steps=dense_steps)
 
 
 def run_dl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +316,7 @@ def markdown_table(rows: list[dict[str, Any]], batch: int, peak: float, peak_tfl
   for r in rows:
     t = median[r["auxk"], r["engine"]]
     other = median.get((r["auxk"], "dl"))
-    speedup = f"{other / t:.2f}×" if r["engine"] == "jax" and other else "—"
+    speedup = f"{other / t:.2f}×" if r["engine"] != "dl" and other else "—"
     achieved = r["flops"] / t
     cells = [r["auxk"], ENGINE_NAMES[r["engine"]], _ms(t), f"{1 / t:.3g}", f"{batch / t:,.0f}", speedup,
              _rate(r["flops"]), _rate(achieved), f"{100 * achieved / peak:.0f}%"]
@@ -323,6 +334,8 @@ def details(rows: list[dict[str, Any]]) -> str:
     t = sorted(r["times"])
     contended = sum(o > max(0.05 * w, 0.02) for o, w in zip(r["others_cpu_s"], r["times"]))
     extra = f"; compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+    if r["engine"] == "jax":
+      extra += f"; {r['dense_steps']} of the timed steps fell back to the dense step"
     if r.get("device_peak_bytes"):
       extra += f"; device peak {r['device_peak_bytes'] / 2**30:.1f} GiB"
     lines.append(
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--dict-size", type=int, help="latents m (default 8192; 73,728 with --gemma2b)")
   parser.add_argument("--k", type=int, help="active latents per token (default 32; 100 with --gemma2b)")
   parser.add_argument("--batch", type=int, help="tokens per step (default 2048)")
-  parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: jax, dl")
+  parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: jax, jax-dense, dl")
   parser.add_argument("--auxk", default=",".join(AUXK), help="comma-separated AuxK scenarios: off, on")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per run (the median is reported)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
@@ -363,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
 
   if args._child:
     spec = json.loads(args._child)
-    result = run_jax(spec) if spec["engine"] == "jax" else run_dl(spec)
+    result = run_dl(spec) if spec["engine"] == "dl" else run_jax(spec)
     with open(args._result, "w") as f:
       json.dump(result, f)
     return
@@ -391,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                     platform=args.platform, peak_size=peak_size, quiet_wait=args.quiet_wait, seed=args.seed, **size)
         result = measure(spec, os.path.join(tmp, f"{engine}_{auxk}.json"))
         result.update(engine=engine, auxk=auxk, flops=step_flops(engine, auxk, size["batch"], size["d_model"],
-                                                                 size["dict_size"]))
+                                                                 size["dict_size"], size["k"]))
         rows.append(result)
         print(f"auxk={auxk} {ENGINE_NAMES[engine]}: median {_ms(statistics.median(result['times']))} ms/step",
               flush=True)

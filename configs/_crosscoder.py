@@ -35,6 +35,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.decay_frac = 0.2
   c.clip_norm = 1.0
   c.compute_dtype = "float32"  # float32 | bfloat16 (master parameters stay float32)
+  # The step's implementation (same codes, loss and gradients; see neurodiff_jax/crosscoder/pairs.py).
+  c.train_step = "auto"  # auto | pairs (decode and backprop only the selected pairs) | dense
+  # BatchTopK candidates: every token's best pair_candidates scores (0 = 3·k), and pair_heavy_candidates
+  # (0 = 16·k) for the pair_heavy_fraction of tokens that need more. Larger: a slower step, but fewer
+  # batches that fall back to the dense step (counted in the dense_steps metric).
+  c.pair_candidates = 0
+  c.pair_heavy_fraction = 0.125
+  c.pair_heavy_candidates = 0
+  c.pair_capacity = 1.25  # pairs per data shard, in units of k · tokens per shard (several data shards only)
   c.seed = 0
   # Devices and processes.
   c.mesh = (1, 1)  # (data, latent) devices

@@ -28,7 +28,8 @@ class CheckpointError(ValueError):
 
 
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
-RESUMABLE_FIELDS = ("steps", "mesh", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "nan_policy",
+RESUMABLE_FIELDS = ("steps", "mesh", "train_step", "pair_candidates", "pair_heavy_fraction", "pair_heavy_candidates",
+                    "pair_capacity", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "nan_policy",
                     "distributed", "coordinator_address", "process_index", "process_count")
 
 

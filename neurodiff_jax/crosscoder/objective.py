@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from neurodiff_jax.crosscoder import pairs as pairs_lib
 from neurodiff_jax.crosscoder import sparsity
-from neurodiff_jax.crosscoder.model import CrosscoderConfig, Params, decode, decoder_norms, encode_train
+from neurodiff_jax.crosscoder.model import (CrosscoderConfig, Params, decode, decoder_norms, encode_train,
+                                            pre_activations)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +37,20 @@ def reconstruction_error(x: Float[Array, "B M d"], x_hat: Float[Array, "B M d"],
   return sq if kind == "squared" else jnp.sqrt(sq + 1e-12)
 
 
-def aux_loss(params: Params, a: Float[Array, "B m"], residual: Float[Array, "B M d"], dead: Array, k_aux: int,
-             precision: Any) -> Float[Array, ""]:
+def aux_loss(params: Params, x: Float[Array, "B M d"], a: Float[Array, "B m"] | None, residual: Float[Array, "B M d"],
+             dead: Array, k_aux: int, precision: Any, method: str = "bisect") -> Float[Array, ""]:
   """AuxK: the top `k_aux` dead latents of each token reconstruct the (detached) residual; ‖e − ê‖² / ‖e − ē‖².
 
-  Zero, and not computed (a `lax.cond`), while no latent is dead.
+  Zero, and not computed (a `lax.cond`), while no latent is dead. `a`: the step's differentiable
+  pre-activations, or None to compute them here (the pairs step has only stopped ones). `method`:
+  how each token's k_aux-th largest is found (`sparsity.topk_mask`).
   """
-  k = min(k_aux, a.shape[-1])
+  k = min(k_aux, dead.shape[-1])
 
   def compute(params):
-    relu = jnp.where(dead[None, :], jax.nn.relu(a), 0.0)
-    f = jnp.where(sparsity.topk_mask(jax.lax.stop_gradient(relu), k), relu, 0.0)
+    pre = pre_activations(params, x, precision) if a is None else a
+    relu = jnp.where(dead[None, :], jax.nn.relu(pre), 0.0)
+    f = jnp.where(sparsity.topk_mask(jax.lax.stop_gradient(relu), k, method), relu, 0.0)
     e_hat = decode(params, f, precision).astype(jnp.float32) - params["b_dec"]
     num = jnp.sum(jnp.square(residual - e_hat))
     den = jnp.sum(jnp.square(residual - residual.mean(0, keepdims=True)))
@@ -54,15 +59,25 @@ def aux_loss(params: Params, a: Float[Array, "B m"], residual: Float[Array, "B M
   return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), params)
 
 
+def compute_params(params: Params, compute_dtype: Any) -> Params:
+  """The parameters as the step computes with them (float32 masters cast to bf16 under bf16 compute)."""
+  return jax.tree.map(lambda w: w.astype(compute_dtype), params) if compute_dtype != jnp.float32 else params
+
+
 def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, cfg: CrosscoderConfig,
-            lcfg: LossConfig, precision: Any = None, compute_dtype: Any = jnp.float32) -> tuple[Array, dict]:
-  """Total loss and metrics of one batch (normalised inputs)."""
-  p = jax.tree.map(lambda w: w.astype(compute_dtype), params) if compute_dtype != jnp.float32 else params
+            lcfg: LossConfig, precision: Any = None, compute_dtype: Any = jnp.float32,
+            pairs: pairs_lib.Pairs | None = None, spec: pairs_lib.PairSpec | None = None) -> tuple[Array, dict]:
+  """Total loss and metrics of one batch (normalised inputs); with `pairs` (from `pairs.select`), the pairs step."""
+  p = compute_params(params, compute_dtype)
   xc = x.astype(compute_dtype)
-  f, a, cut = encode_train(p, xc, cfg, precision)
-  x_hat = decode(p, f, precision).astype(jnp.float32)
-  f = f.astype(jnp.float32)
-  fired, l0 = jnp.any(f > 0, axis=0), jnp.mean(jnp.sum(f > 0, axis=-1))
+  if pairs is None:
+    f, a, cut = encode_train(p, xc, cfg, precision)
+    x_hat = decode(p, f, precision).astype(jnp.float32)
+    f = f.astype(jnp.float32)
+    fired, l0 = jnp.any(f > 0, axis=0), jnp.mean(jnp.sum(f > 0, axis=-1))
+  else:
+    x_hat, fired = pairs_lib.reconstruct(p, xc, pairs, spec)
+    a, cut, l0 = None, pairs.cut, pairs.count / x.shape[0]
   err = reconstruction_error(x, x_hat, lcfg.reconstruction)  # [B, M]
   recon = err.sum(-1).mean()
   total = recon
@@ -75,7 +90,9 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, 
     metrics |= {"loss/l1": penalty, "l1_lambda": lam}
   elif lcfg.aux_coef > 0:
     k_aux = lcfg.k_aux or max(cfg.d_model // 2, 1)
-    aux = aux_loss(p, a, jax.lax.stop_gradient(x - x_hat), dead, k_aux, precision)
+    # The pairs step runs only without a latent split, where lax.top_k needs no gather.
+    aux = aux_loss(p, xc, a, jax.lax.stop_gradient(x - x_hat), dead, k_aux, precision,
+                   "bisect" if pairs is None else "top_k")
     total = total + lcfg.aux_coef * aux
     metrics |= {"loss/aux": aux}
   sq = jnp.sum(jnp.square(x - x_hat), axis=-1)  # [B, M]
@@ -86,4 +103,4 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, 
   return total, metrics
 
 
-__all__ = ["LossConfig", "aux_loss", "loss_fn", "reconstruction_error"]
+__all__ = ["LossConfig", "aux_loss", "compute_params", "loss_fn", "reconstruction_error"]

@@ -20,9 +20,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from neurodiff_jax.crosscoder import pairs as pairs_lib
 from neurodiff_jax.crosscoder import sharding
 from neurodiff_jax.crosscoder.model import CrosscoderConfig, init_params
-from neurodiff_jax.crosscoder.objective import LossConfig, loss_fn
+from neurodiff_jax.crosscoder.objective import LossConfig, compute_params, loss_fn
 from neurodiff_jax.utils.distributed import initialize_from_config
 
 State = dict[str, Any]
@@ -49,6 +50,12 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
                     aux_coef=float(config.aux_coef), dead_tokens=int(config.dead_tokens))
 
 
+def pair_settings(config: ml_collections.ConfigDict) -> dict:
+  """The pairs step's settings from a run config (`pairs.PairSpec` fields)."""
+  return {"candidates": int(config.pair_candidates), "heavy_fraction": float(config.pair_heavy_fraction),
+          "heavy_candidates": int(config.pair_heavy_candidates), "capacity_factor": float(config.pair_capacity)}
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adam with linear warm-up, constant, then linear decay to 0 over the last `decay_frac`; global-norm clipping."""
   steps, warm = int(config.steps), int(config.warmup_steps)
@@ -68,23 +75,41 @@ def init_state(key: jax.Array, cfg: CrosscoderConfig, tx: optax.GradientTransfor
       "model": {"params": params, "theta": jnp.zeros((), jnp.float32),
                 "norm_scale": jnp.asarray(norm_scale, jnp.float32)},
       "train": {"opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "since_fired": jnp.zeros((cfg.dict_size,), jnp.int32), "skipped": jnp.zeros((), jnp.int32)},
+                "since_fired": jnp.zeros((cfg.dict_size,), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+                "dense_steps": jnp.zeros((), jnp.int32)},
   }
 
 
 def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    state_like: State, theta_momentum: float = 0.999, compute_dtype: str = "float32") -> Callable:
-  """The jitted `(state, x [B, M, d] raw units) -> (state, metrics)`, sharded on `mesh`, state donated."""
+                    state_like: State, theta_momentum: float = 0.999, compute_dtype: str = "float32",
+                    train_step: str = "auto", pairs: pairs_lib.PairSpec | dict | None = None) -> Callable:
+  """The jitted `(state, x [B, M, d] raw units) -> (state, metrics)`, sharded on `mesh`, state donated.
+
+  `train_step`: "pairs" decodes and backpropagates through the selected (token, latent) pairs only
+  (`pairs.py`; BatchTopK/TopK on a mesh without a latent split), falling back to the dense step for
+  a batch the pairs cannot hold exactly; "dense" always multiplies the full [B, m] codes; "auto"
+  takes pairs where they apply. `pairs`: the PairSpec settings (`pair_settings(config)`), if not defaults.
+  """
   precision = jax.lax.Precision.HIGHEST if compute_dtype == "float32" else None
   cdtype = jnp.dtype(compute_dtype)
   cap = np.int32(min(2 * lcfg.dead_tokens, 2**30))
+  spec = pairs_lib.PairSpec(mesh, **(pairs or {})) if pairs_lib.use_pairs(train_step, cfg, mesh) else None
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def step(state: State, x: jax.Array) -> tuple[State, dict]:
     model, train = state["model"], state["train"]
     x = x.astype(jnp.float32) * model["norm_scale"][None, :, None]
     dead = train["since_fired"] >= lcfg.dead_tokens
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        model["params"], x, train["step"], dead, cfg, lcfg, precision, cdtype)
+    args = (model["params"], x, train["step"], dead, cfg, lcfg, precision, cdtype)
+    dense_steps = train["dense_steps"]
+    if spec is None:
+      (_, metrics), grads = grad_fn(*args)
+    else:
+      pairs = pairs_lib.select(compute_params(model["params"], cdtype), x.astype(cdtype), cfg, spec, precision)
+      # Both branches are whole gradient computations, so the dense one's [B, m] residuals never
+      # exist on the pairs path.
+      (_, metrics), grads = jax.lax.cond(pairs.overflow, lambda: grad_fn(*args), lambda: grad_fn(*args, pairs, spec))
+      dense_steps = dense_steps + pairs.overflow.astype(jnp.int32)
     updates, opt = tx.update(grads, train["opt"], model["params"])
     params = optax.apply_updates(model["params"], updates)
     fired = metrics.pop("fired")
@@ -96,9 +121,9 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
       theta = jnp.where(cut <= 0, theta,
                         jnp.where(theta <= 0, cut, theta_momentum * theta + (1 - theta_momentum) * cut))
     metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "theta": theta,
-                "grad_norm": optax.global_norm(grads)}
+                "grad_norm": optax.global_norm(grads), "dense_steps": dense_steps}
     new = {"model": {**model, "params": params, "theta": theta},
-           "train": {**train, "opt": opt, "step": train["step"] + 1, "since_fired": since}}
+           "train": {**train, "opt": opt, "step": train["step"] + 1, "since_fired": since, "dense_steps": dense_steps}}
     return new, metrics
 
   shardings = sharding.state_shardings(state_like, mesh)
@@ -173,7 +198,7 @@ def run_loop(config: ml_collections.ConfigDict, state: State, step_fn: Callable,
 
 
 __all__ = ["DivergedError", "NonFiniteBatchError", "State", "check_batch", "crosscoder_config", "global_batch",
-           "init_state", "loss_config", "make_optimizer", "make_train_step", "run_loop", "sharded_init"]
+           "init_state", "loss_config", "make_optimizer", "make_train_step", "pair_settings", "run_loop", "sharded_init"]
 
 
 def _jsonable(x: Any) -> Any:
@@ -277,7 +302,8 @@ def train(config: ml_collections.ConfigDict) -> dict:
   def save(st: State, step: int) -> None:
     ckpt.save(step, st, {"next_index": counter["next"]}, saved_config)
 
-  step_fn = make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), config.compute_dtype)
+  step_fn = make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), config.compute_dtype,
+                            config.train_step, pair_settings(config))
   try:
     state = run_loop(config, state, step_fn, stream(), mesh, save=save, log=log, where=where)
   finally:

@@ -10,12 +10,16 @@ from neurodiff_jax.crosscoder import load, sharding
 from neurodiff_jax.crosscoder import train as train_lib
 from neurodiff_jax.crosscoder.model import CrosscoderConfig
 from neurodiff_jax.crosscoder.objective import LossConfig
-from neurodiff_jax.crosscoder.sparsity import kth_largest
+from neurodiff_jax.crosscoder.sparsity import kth_largest, topk_mask
 from tests.crosscoder.conftest import train_config
 
 
+def _logged(workdir, key):
+  return np.array([json.loads(l)[key] for l in (workdir / "tensorboard" / "metrics.jsonl").open()])
+
+
 def _losses(workdir):
-  return np.array([json.loads(l)["loss/total"] for l in (workdir / "tensorboard" / "metrics.jsonl").open()])
+  return _logged(workdir, "loss/total")
 
 
 def test_meshes_match_one_device_after_20_steps(planted, tmp_path, sparsity="batchtopk"):
@@ -24,10 +28,16 @@ def test_meshes_match_one_device_after_20_steps(planted, tmp_path, sparsity="bat
   runs = {}
   for mesh in [(1, 1), (8, 1), (1, 8), (2, 4)]:
     work = tmp_path / f"{sparsity}-{mesh[0]}x{mesh[1]}"
+    # 8 shards of 32 tokens split a fresh BatchTopK's k·B very unevenly: room for 2x k·32 pairs each.
     c = train_config(store, work, steps=20, log_every=1, checkpoint_every=20, sparsity=sparsity, mesh=mesh,
-                     l1_lambda=0.05 if sparsity == "l1" else 0.0, dead_tokens=1024)
+                     l1_lambda=0.05 if sparsity == "l1" else 0.0, dead_tokens=1024, pair_capacity=2.0,
+                     pair_heavy_fraction=0.25)
     train_lib.train(c)
     runs[mesh] = (_losses(work), load(work))
+    # Meshes without a latent split take the pairs step (pairs.py), the others the dense one: this
+    # also compares the two. A batch the pairs cannot hold exactly takes the dense step.
+    dense_steps = _logged(work, "dense_steps")[-1]
+    assert dense_steps < 10 if mesh[1] == 1 else dense_steps == 0, (mesh, dense_steps)
   ref_losses, ref = runs[(1, 1)]
   assert len(ref_losses) == 20 and ref_losses[-1] < ref_losses[0]
   for mesh, (losses, cc) in runs.items():
@@ -66,6 +76,10 @@ def test_kth_largest_is_exact_with_ties_and_zeros():
     assert float(kth_largest(s, k)) == np.sort(s.ravel())[::-1][k - 1]
   rows = np.asarray(kth_largest(s, 7, axis=-1))
   np.testing.assert_array_equal(rows[:, 0], np.sort(s, axis=1)[:, ::-1][:, 6])
+  s[4, :12] = s[4].max() + 1  # 12 tied largest: the 7th largest of token 4 is tied 12 times
+  mask = np.asarray(topk_mask(s, 7))
+  assert mask[4].sum() > 7 and (mask.sum(1) >= np.minimum(7, (s > 0).sum(1))).all()
+  np.testing.assert_array_equal(np.asarray(topk_mask(s, 7, "top_k")), mask)
 
 
 def test_bf16_compute_tracks_float32_and_keeps_float32_masters():
