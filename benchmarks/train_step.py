@@ -49,12 +49,13 @@ so our dense step 5 U (8 U with AuxK) and theirs 6 U (9 U): at the default size 
 85.9 and 103.1 GFLOP per step without AuxK (137.4 and 154.6 with), and ≈ 7.0 / 8.4 TFLOP (11.1 / 12.5)
 at Gemma 2 2B size. Our pairs step does 1 U (the pre-activations) plus 4 · 2·k·B·D for the decode,
 ∂f, ∂W_dec and ∂W_enc on the k·B pairs (+ 0.13 G at the default size); with AuxK add 5 U (AuxK
-recomputes the pre-activations to differentiate them, decodes densely, and backpropagates 3 U). Each engine's FLOP/s uses its own count (the work it actually does); the details
-line shows XLA's cost analysis of our step and torch's `FlopCounterMode` over one of their steps
-as a check. The matmul peak is the best float32 N × N matmul (`--peak-size`, default 4096 on CPU
-and 8192 on GPU) of numpy, torch and jax in the same pinned children; "% of peak" divides by the
-best of them. MFU divides by `--peak-tflops` (the datasheet float32 peak: both engines run true
-float32 matmuls, ours at `Precision.HIGHEST`, torch with TF32 off, its default).
+recomputes the pre-activations to differentiate them, decodes densely, and backpropagates 3 U).
+Each engine's FLOP/s uses its own count (the work it actually does); the details line shows XLA's
+cost analysis of our step and torch's `FlopCounterMode` over one of their steps as a check. The
+matmul peak is the best float32 N × N matmul (`--peak-size`, default 4096 on CPU and 8192 on GPU) of
+numpy, torch and jax in the same pinned children; "% of peak" divides by the best of them. MFU
+divides by `--peak-tflops` (the datasheet float32 peak: both engines run true float32 matmuls, ours
+at `Precision.HIGHEST`, torch with TF32 off, its default).
 
 Other differences in the work done (none is a matmul; all are left as each library does them):
 theirs computes the geometric median of the first batch to initialise b_dec at step 0 (excluded

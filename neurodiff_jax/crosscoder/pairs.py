@@ -107,8 +107,8 @@ def _pack(a: Float[Array, "T m"], counts: Int[Array, "T"], latent_at: Any, capac
   return tokens, latents, pre, count
 
 
-def _batchtopk_candidates(s: Float[Array, "T m"], k_total: int, per_token: int, heavy_tokens: int, heavy_candidates: int,
-                          axis_name: str) -> tuple[Array, Array, Any, Array]:
+def _batchtopk_candidates(s: Float[Array, "T m"], k_total: int, per_token: int, heavy_tokens: int,
+                          heavy_candidates: int, axis_name: str) -> tuple[Array, Array, Any, Array]:
   """(cut-off, selected per token, latent_at, short) of BatchTopK from two tiers of per-token candidates.
 
   Tier 1: every token's `per_token` best scores. Tier 2: the `heavy_tokens` tokens whose last tier-1

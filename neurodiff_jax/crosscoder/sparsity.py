@@ -59,8 +59,10 @@ def topk_mask(s: Float[Array, "B m"], k: int, method: str = "bisect") -> Bool[Ar
   """
   if method == "top_k":
     cut = jnp.min(jax.lax.top_k(jnp.maximum(s, 0.0), k)[0], axis=-1, keepdims=True)
-  else:
+  elif method == "bisect":
     cut = kth_largest(s, k, axis=-1)
+  else:
+    raise ValueError(f"unknown TopK method {method!r}; choose 'bisect' or 'top_k'.")
   return (s >= cut) & (s > 0)
 
 

@@ -82,13 +82,14 @@ def init_state(key: jax.Array, cfg: CrosscoderConfig, tx: optax.GradientTransfor
 
 def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     state_like: State, theta_momentum: float = 0.999, compute_dtype: str = "float32",
-                    train_step: str = "auto", pairs: pairs_lib.PairSpec | dict | None = None) -> Callable:
+                    train_step: str = "auto", pairs: dict | None = None) -> Callable:
   """The jitted `(state, x [B, M, d] raw units) -> (state, metrics)`, sharded on `mesh`, state donated.
 
   `train_step`: "pairs" decodes and backpropagates through the selected (token, latent) pairs only
   (`pairs.py`; BatchTopK/TopK on a mesh without a latent split), falling back to the dense step for
   a batch the pairs cannot hold exactly; "dense" always multiplies the full [B, m] codes; "auto"
-  takes pairs where they apply. `pairs`: the PairSpec settings (`pair_settings(config)`), if not defaults.
+  takes pairs where they apply. `pairs`: PairSpec fields other than the mesh (`pair_settings(config)`),
+  if not the defaults.
   """
   precision = jax.lax.Precision.HIGHEST if compute_dtype == "float32" else None
   cdtype = jnp.dtype(compute_dtype)
