@@ -167,7 +167,7 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   import jax.numpy as jnp
 
   from configs._crosscoder import base_config
-  from neurodiff_jax.crosscoder import sharding, train
+  from neurodiff_jax.crosscoder import sharding, step as train
   from neurodiff_jax.crosscoder.model import CrosscoderConfig
   from neurodiff_jax.crosscoder.objective import LossConfig
 

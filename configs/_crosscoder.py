@@ -6,6 +6,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """Every field `neurodiff_jax.crosscoder.train.train` reads, with the Minder et al. 2025 defaults."""
   c = ml_collections.ConfigDict()
+  c.name = ""  # the run's name: workdir "" means $NEURODIFF_HOME/runs/<name>
   # Data.
   c.store = ""  # an activation store directory (python -m launch.harvest)
   c.harvest = ""  # a harvest config NAME[:arg] that makes the store when it is missing ("" = none)
@@ -21,17 +22,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.dec_init_norm = 0.1
   # Loss.
   c.reconstruction = "squared"  # squared | l2
-  c.l1_lambda = 0.0
+  c.l1_lambda = 1.0  # L1 only: penalty weight on Σ_j f_j Σ_i ‖W_dec[j, i]‖ (normalised units; docs/crosscoder.md)
   c.l1_warmup_frac = 0.05
   c.k_aux = 0  # 0 = d / 2
   c.aux_coef = 1 / 32
-  c.dead_tokens = 10_000_000
+  # A latent is dead (AuxK revives it; dead_fraction counts it) after this many tokens without firing:
+  # 0 = dead_frac of the run's tokens, at most dead_max_tokens (10M is reached by 200M-token runs).
+  c.dead_tokens = 0
+  c.dead_frac = 0.05
+  c.dead_max_tokens = 10_000_000
   c.theta_momentum = 0.999
   # Optimisation.
   c.steps = 100_000
   c.batch_size = 2048  # global (split over processes and the mesh's data axis)
   c.lr = 1e-4
-  c.warmup_steps = 1000
+  c.warmup_frac = 0.01  # linear lr warm-up over this fraction of the steps ...
+  c.warmup_max_steps = 1000  # ... but never longer than this
   c.decay_frac = 0.2
   c.clip_norm = 1.0
   c.compute_dtype = "float32"  # float32 | bfloat16 (master parameters stay float32)
@@ -65,8 +71,6 @@ _TINY_D = {"small": 64, "default": 128}  # the organisms' widths (configs/organi
 
 def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
   """A crosscoder on the tiny organisms (`arg`: small | default): 8 × d latents, batch 256, 600 steps; locked."""
-  from neurodiff_jax.utils.paths import neurodiff_home
-
   scale = arg or "small"
   if scale not in _TINY_D:
     raise ValueError(f"unknown organism scale {scale!r}; known: {', '.join(_TINY_D)}.")
@@ -76,18 +80,17 @@ def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
   c.dict_size = 8 * _TINY_D[scale]
   c.sparsity = sparsity
   c.k = 16
-  c.l1_lambda = 0.5 if sparsity == "l1" else 0.0
+  if sparsity == "l1":
+    c.l1_lambda = 0.5
   c.dec_init_norm = 0.05 if sparsity == "l1" else 0.1
   c.steps = 600
   c.batch_size = 256
   c.lr = 1e-3
-  c.warmup_steps = 50
-  c.dead_tokens = 20_000
   c.theta_momentum = 0.99
   c.window_mib = 64
   c.log_every = 50
   c.checkpoint_every = 200
-  c.workdir = str(neurodiff_home() / "runs" / f"tiny_{sparsity}-{scale}")
+  c.name = f"tiny_{sparsity}-{scale}"
   c.lock()
   return c
 

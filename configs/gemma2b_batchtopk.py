@@ -14,6 +14,6 @@ def get_config(arg: str | None = None):
   c = gemma2b_config()
   c.sparsity = "batchtopk"
   c.k = 100
-  c.workdir = "runs/gemma2b_batchtopk"
+  c.name = "gemma2b_batchtopk"
   c.lock()
   return c

@@ -13,6 +13,6 @@ def get_config(arg: str | None = None):
   c.sparsity = "l1"
   c.l1_lambda = 0.041
   c.dec_init_norm = 0.005
-  c.workdir = "runs/gemma2b_l1"
+  c.name = "gemma2b_l1"
   c.lock()
   return c

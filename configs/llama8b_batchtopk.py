@@ -15,6 +15,6 @@ def get_config(arg: str | None = None):
   c.dict_size = 131_072
   c.sparsity = "batchtopk"
   c.k = 100
-  c.workdir = "runs/llama8b_batchtopk"
+  c.name = "llama8b_batchtopk"
   c.lock()
   return c

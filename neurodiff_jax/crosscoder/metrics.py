@@ -21,6 +21,11 @@ def delta_norm_classes(dn: np.ndarray) -> dict[str, int]:
           "other": int((~(base | chat | shared)).sum())}
 
 
+def live_delta_norm_classes(dn: np.ndarray, live: np.ndarray) -> dict[str, int]:
+  """`delta_norm_classes` of the live latents only, with the count of dead ones beside them (`dead`)."""
+  return delta_norm_classes(dn[live]) | {"dead": int((~live).sum())}
+
+
 class MetricWriter:
   """Scalars and histograms to TensorBoard event files and `metrics.jsonl` in the run directory (process 0)."""
 
@@ -54,4 +59,4 @@ class MetricWriter:
       self._tb.close()
 
 
-__all__ = ["MetricWriter", "delta_norm", "delta_norm_classes"]
+__all__ = ["MetricWriter", "delta_norm", "delta_norm_classes", "live_delta_norm_classes"]

@@ -1,32 +1,30 @@
-"""Training a crosscoder: the train state, the sharded jitted step, and the loop over a store.
+"""Training a crosscoder: the loop over a store, checkpoints, logging, and the run-config checks.
 
-The state is a plain pytree, split in what analysis needs (`model`: params, θ, normalisation) and
-what only training needs (`train`: Adam state, step, tokens since each latent fired, skipped
-batches). The step is one `jax.jit` with explicit in/out shardings on a ('data', 'latent') mesh
-and the state donated; there is no Python graph traversal per step.
+The step itself (state, optimiser, the sharded jitted step) is `step.py`; this module feeds it
+batches from the store, checks them, logs, checkpoints and resumes. `check_config` validates a run
+config before any work starts; `train(config)` is what `python -m launch.train` calls.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
-from neurodiff_jax.crosscoder import pairs as pairs_lib
 from neurodiff_jax.crosscoder import sharding
-from neurodiff_jax.crosscoder.model import CrosscoderConfig, init_params
-from neurodiff_jax.crosscoder.objective import LossConfig, compute_params, loss_fn
+from neurodiff_jax.crosscoder.model import SPARSITY
+from neurodiff_jax.crosscoder.step import (State, crosscoder_config, global_batch, loss_config, make_optimizer,
+                                           make_train_step, pair_settings, init_state, sharded_init)
+from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
-
-State = dict[str, Any]
+from neurodiff_jax.utils.paths import neurodiff_home
 
 
 class NonFiniteBatchError(ValueError):
@@ -35,114 +33,6 @@ class NonFiniteBatchError(ValueError):
 
 class DivergedError(FloatingPointError):
   """The loss became NaN/Inf: training diverged (the last good checkpoint is kept)."""
-
-
-def crosscoder_config(config: ml_collections.ConfigDict, num_models: int, d_model: int) -> CrosscoderConfig:
-  """The architecture from a run config and the data's shape."""
-  return CrosscoderConfig(num_models=num_models, d_model=d_model, dict_size=int(config.dict_size),
-                          sparsity=config.sparsity, k=int(config.k), dec_init_norm=float(config.dec_init_norm))
-
-
-def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
-  """Loss settings from a run config."""
-  return LossConfig(reconstruction=config.reconstruction, l1_lambda=float(config.l1_lambda),
-                    l1_warmup_steps=int(config.l1_warmup_frac * config.steps), k_aux=int(config.k_aux),
-                    aux_coef=float(config.aux_coef), dead_tokens=int(config.dead_tokens))
-
-
-def pair_settings(config: ml_collections.ConfigDict) -> dict:
-  """The pairs step's settings from a run config (`pairs.PairSpec` fields)."""
-  return {"candidates": int(config.pair_candidates), "heavy_fraction": float(config.pair_heavy_fraction),
-          "heavy_candidates": int(config.pair_heavy_candidates), "capacity_factor": float(config.pair_capacity)}
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with linear warm-up, constant, then linear decay to 0 over the last `decay_frac`; global-norm clipping."""
-  steps, warm = int(config.steps), int(config.warmup_steps)
-  decay = max(int(config.decay_frac * steps), 1)
-  flat = max(steps - warm - decay, 0)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.lr, max(warm, 1)), optax.constant_schedule(config.lr),
-       optax.linear_schedule(config.lr, 0.0, decay)], [max(warm, 1), max(warm, 1) + flat])
-  return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(schedule, b1=0.9, b2=0.999))
-
-
-def init_state(key: jax.Array, cfg: CrosscoderConfig, tx: optax.GradientTransformation, norm_scale: np.ndarray,
-               mean: np.ndarray | None) -> State:
-  """A fresh train state (`mean`: the normalised data mean, the decoder bias's start)."""
-  params = init_params(key, cfg, None if mean is None else jnp.asarray(mean))
-  return {
-      "model": {"params": params, "theta": jnp.zeros((), jnp.float32),
-                "norm_scale": jnp.asarray(norm_scale, jnp.float32)},
-      "train": {"opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "since_fired": jnp.zeros((cfg.dict_size,), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
-                "dense_steps": jnp.zeros((), jnp.int32)},
-  }
-
-
-def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    state_like: State, theta_momentum: float = 0.999, compute_dtype: str = "float32",
-                    train_step: str = "auto", pairs: dict | None = None) -> Callable:
-  """The jitted `(state, x [B, M, d] raw units) -> (state, metrics)`, sharded on `mesh`, state donated.
-
-  `train_step`: "pairs" decodes and backpropagates through the selected (token, latent) pairs only
-  (`pairs.py`; BatchTopK/TopK on a mesh without a latent split), falling back to the dense step for
-  a batch the pairs cannot hold exactly; "dense" always multiplies the full [B, m] codes; "auto"
-  takes pairs where they apply. `pairs`: PairSpec fields other than the mesh (`pair_settings(config)`),
-  if not the defaults.
-  """
-  precision = jax.lax.Precision.HIGHEST if compute_dtype == "float32" else None
-  cdtype = jnp.dtype(compute_dtype)
-  cap = np.int32(min(2 * lcfg.dead_tokens, 2**30))
-  spec = pairs_lib.PairSpec(mesh, **(pairs or {})) if pairs_lib.use_pairs(train_step, cfg, mesh) else None
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: State, x: jax.Array) -> tuple[State, dict]:
-    model, train = state["model"], state["train"]
-    x = x.astype(jnp.float32) * model["norm_scale"][None, :, None]
-    dead = train["since_fired"] >= lcfg.dead_tokens
-    args = (model["params"], x, train["step"], dead, cfg, lcfg, precision, cdtype)
-    dense_steps = train["dense_steps"]
-    if spec is None:
-      (_, metrics), grads = grad_fn(*args)
-    else:
-      pairs = pairs_lib.select(compute_params(model["params"], cdtype), x.astype(cdtype), cfg, spec, precision)
-      # Both branches are whole gradient computations, so the dense one's [B, m] residuals never
-      # exist on the pairs path.
-      (_, metrics), grads = jax.lax.cond(pairs.overflow, lambda: grad_fn(*args), lambda: grad_fn(*args, pairs, spec))
-      dense_steps = dense_steps + pairs.overflow.astype(jnp.int32)
-    updates, opt = tx.update(grads, train["opt"], model["params"])
-    params = optax.apply_updates(model["params"], updates)
-    fired = metrics.pop("fired")
-    since = jnp.where(fired, 0, jnp.minimum(train["since_fired"] + x.shape[0], cap))
-    theta = model["theta"]
-    if cfg.sparsity == "batchtopk":
-      cut = metrics["cut"]
-      # A batch with fewer than k·B positive scores has cut 0: it says nothing about θ.
-      theta = jnp.where(cut <= 0, theta,
-                        jnp.where(theta <= 0, cut, theta_momentum * theta + (1 - theta_momentum) * cut))
-    metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "theta": theta,
-                "grad_norm": optax.global_norm(grads), "dense_steps": dense_steps}
-    new = {"model": {**model, "params": params, "theta": theta},
-           "train": {**train, "opt": opt, "step": train["step"] + 1, "since_fired": since, "dense_steps": dense_steps}}
-    return new, metrics
-
-  shardings = sharding.state_shardings(state_like, mesh)
-  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
-                 donate_argnums=0)
-
-
-def sharded_init(key: jax.Array, cfg: CrosscoderConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                 norm_scale: np.ndarray, mean: np.ndarray | None) -> State:
-  """`init_state` created directly in its shardings (a large dictionary is never whole on one device)."""
-  fn = lambda k: init_state(k, cfg, tx, norm_scale, mean)  # noqa: E731
-  shapes = jax.eval_shape(fn, key)
-  return jax.jit(fn, out_shardings=sharding.state_shardings(shapes, mesh))(key)
-
-
-def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """This process's rows of a batch as one global array split over `data`."""
-  return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
 
 
 def check_batch(x: np.ndarray, step: int, where: Callable[[np.ndarray], str]) -> bool:
@@ -198,8 +88,6 @@ def run_loop(config: ml_collections.ConfigDict, state: State, step_fn: Callable,
   return state
 
 
-__all__ = ["DivergedError", "NonFiniteBatchError", "State", "check_batch", "crosscoder_config", "global_batch",
-           "init_state", "loss_config", "make_optimizer", "make_train_step", "pair_settings", "run_loop", "sharded_init"]
 
 
 def _jsonable(x: Any) -> Any:
@@ -212,8 +100,63 @@ def config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 def workdir_of(config: ml_collections.ConfigDict) -> Path:
-  """The run directory: checkpoints, TensorBoard events, metrics.json."""
-  return Path(config.workdir).expanduser()
+  """The run directory (checkpoints, TensorBoard events, metrics.json): `workdir`, else `$NEURODIFF_HOME/runs/<name>`."""
+  if config.workdir:
+    return Path(config.workdir).expanduser()
+  if not config.get("name"):
+    raise ConfigError("config.workdir is empty and the config has no name to derive it from; set "
+                      "--config.workdir=DIR.")
+  return neurodiff_home() / "runs" / str(config.name)
+
+
+_CHOICES = {"sparsity": SPARSITY, "reconstruction": ("squared", "l2"), "nan_policy": ("stop", "skip"),
+            "train_step": ("auto", "pairs", "dense"), "compute_dtype": ("float32", "bfloat16")}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` (one line naming the field and the fix) for a run config that cannot work, before any work."""
+  for field, choices in _CHOICES.items():
+    if config[field] not in choices:
+      close = difflib.get_close_matches(str(config[field]), choices, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"config.{field}={config[field]!r} is not one of {', '.join(choices)}{hint}.")
+  positive = ("dict_size", "steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+  for field in positive:
+    if int(config[field]) < 1:
+      raise ConfigError(f"config.{field}={config[field]} must be at least 1.")
+  if config.sparsity != "l1" and not 0 < int(config.k) <= int(config.dict_size):
+    raise ConfigError(f"config.k={config.k} must be in [1, dict_size={config.dict_size}]: a token cannot use more "
+                      "latents than the dictionary has; lower k or raise dict_size.")
+  if config.sparsity == "l1" and float(config.l1_lambda) <= 0:
+    raise ConfigError(f"config.l1_lambda={config.l1_lambda} with sparsity='l1' trains without a sparsity penalty; "
+                      "set a positive l1_lambda (the default is documented in configs/_crosscoder.py).")
+  if 0 < int(config.pair_candidates) < int(config.k):
+    raise ConfigError(f"config.pair_candidates={config.pair_candidates} is below k={config.k}: every token may need "
+                      "k candidates; set it to at least k, or 0 for 3·k.")
+  if 0 < int(config.pair_heavy_candidates) < int(config.k):
+    raise ConfigError(f"config.pair_heavy_candidates={config.pair_heavy_candidates} is below k={config.k}; set it to "
+                      "at least k, or 0 for 16·k.")
+  for field in ("warmup_frac", "decay_frac", "dead_frac", "l1_warmup_frac"):
+    if not 0.0 <= float(config[field]) <= 1.0:
+      raise ConfigError(f"config.{field}={config[field]} must be a fraction of the run, in [0, 1].")
+  if float(config.warmup_frac) + float(config.decay_frac) > 1.0:
+    raise ConfigError(f"config.warmup_frac + decay_frac = {config.warmup_frac} + {config.decay_frac} exceeds the "
+                      "whole run; lower one of them.")
+  if float(config.lr) <= 0 or not np.isfinite(float(config.lr)):
+    raise ConfigError(f"config.lr={config.lr} must be a positive number.")
+  if len(tuple(config.mesh)) != 2 or min(config.mesh) < 1:
+    raise ConfigError(f"config.mesh={tuple(config.mesh)} must be (data, latent) device counts, e.g. (8, 1).")
+  data, latent = (int(v) for v in config.mesh)
+  if int(config.batch_size) % data:
+    raise ConfigError(f"config.batch_size={config.batch_size} does not split over {data} data shards; use a multiple "
+                      f"of {data}.")
+  if int(config.dict_size) % latent:
+    raise ConfigError(f"config.dict_size={config.dict_size} does not split over {latent} latent shards; use a "
+                      f"multiple of {latent}.")
+  if not config.store:
+    raise ConfigError("config.store is empty: name an activation store directory (python -m launch.harvest makes "
+                      "one), e.g. --config.store=/path/to/store.")
+  workdir_of(config)
 
 
 def train(config: ml_collections.ConfigDict) -> dict:
@@ -221,9 +164,10 @@ def train(config: ml_collections.ConfigDict) -> dict:
   from neurodiff_jax.activations.reader import batch_iterator, dataset_of, windowed_batches
   from neurodiff_jax.activations.store import ActivationStore, atomic_write_json
   from neurodiff_jax.crosscoder.checkpoint import Checkpointer, check_same_run
-  from neurodiff_jax.crosscoder.metrics import MetricWriter, delta_norm, delta_norm_classes
+  from neurodiff_jax.crosscoder.metrics import MetricWriter, delta_norm, live_delta_norm_classes
   from neurodiff_jax.crosscoder.model import decoder_norms
 
+  check_config(config)
   initialize_from_config(config)
   proc, nproc = jax.process_index(), jax.process_count()
   store = ActivationStore.open(config.store)
@@ -238,7 +182,6 @@ def train(config: ml_collections.ConfigDict) -> dict:
   if config.batch_size % nproc:
     raise ValueError(f"batch_size={config.batch_size} does not split over {nproc} processes.")
   mesh = sharding.make_mesh(*config.mesh)
-  sharding.check_divisible(mesh, config.batch_size, cfg.dict_size)
 
   if config.normalize:
     scale = store.norm_scale(config.layer)
@@ -297,8 +240,10 @@ def train(config: ml_collections.ConfigDict) -> dict:
     if cfg.num_models == 2:
       norms = np.asarray(jax.device_get(decoder_norms(st["model"]["params"]))) / scale[None, :]
       dn = delta_norm(norms)  # in the models' original units, like Crosscoder.decoder_norms
-      writer.histogram(step, "delta_norm", dn)
-      last["delta_norm_classes"] = delta_norm_classes(dn)
+      live = np.asarray(jax.device_get(st["train"]["since_fired"])) < lcfg.dead_tokens
+      writer.histogram(step, "delta_norm", dn[live])
+      # Dead rows sit near their initialisation (Δnorm ≈ 0.5) and would inflate "shared".
+      last["delta_norm_classes"] = live_delta_norm_classes(dn, live)
 
   def save(st: State, step: int) -> None:
     ckpt.save(step, st, {"next_index": counter["next"]}, saved_config)
@@ -319,4 +264,5 @@ def train(config: ml_collections.ConfigDict) -> dict:
   return last
 
 
-__all__ += ["train"]
+__all__ = ["DivergedError", "NonFiniteBatchError", "check_batch", "check_config", "config_json", "run_loop",
+           "train", "workdir_of"]

@@ -13,7 +13,8 @@ def train_config(store, workdir, **overrides):
 
   c = base_config()
   c.store, c.layer, c.workdir = str(store.root if hasattr(store, "root") else store), 0, str(workdir)
-  c.dict_size, c.k, c.batch_size, c.steps, c.lr, c.warmup_steps = 256, 8, 256, 40, 3e-3, 5
+  c.dict_size, c.k, c.batch_size, c.steps, c.lr = 256, 8, 256, 40, 3e-3
+  c.warmup_frac, c.warmup_max_steps = 0.5, 5  # 5 warm-up steps for runs of 10 steps or more
   c.dead_tokens, c.theta_momentum, c.window_mib, c.log_every, c.checkpoint_every = 5_000, 0.9, 4, 10, 20
   for k, v in overrides.items():
     setattr(c, k, v)

@@ -37,7 +37,7 @@ N_HELD_OUT = 8_192
 CHAT_ONLY, BASE_ONLY = 0.9, 0.1  # Δnorm class thresholds (METHODS.md §3)
 SHARED = (0.4, 0.6)
 
-COMMON = {"dict_size": 256, "k": 8, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20, "log_every": 200}
+COMMON = {"dict_size": 256, "k": 8, "batch_size": 256, "lr": 3e-3, "warmup_frac": 20 / 1200, "log_every": 200}
 BATCHTOPK = {"sparsity": "batchtopk", "steps": 1200, "checkpoint_every": 1200}
 # The shrinkage grows with λ (median weak-base ratio at seed 0: 0.30 at λ = 0.5, 0.23 at 1, 0.13 at 2,
 # 0.07 at 2.5; planted 0.35, docs/results.md); 2.5 puts it well past half the planted ratio while the

@@ -109,21 +109,21 @@ def test_topk_tie_at_the_kth_score_overflows():
 
 def test_overflowing_batches_take_the_dense_step_and_are_counted():
   from configs._crosscoder import base_config
-  from neurodiff_jax.crosscoder import train as train_lib
+  from neurodiff_jax.crosscoder import step as step_lib
 
   cfg, _, _ = _problem("batchtopk", k=4)
   c = base_config()
-  c.steps, c.warmup_steps, c.lr = 6, 1, 1e-3
-  tx = train_lib.make_optimizer(c)
+  c.steps, c.warmup_frac, c.lr = 6, 1 / 6, 1e-3
+  tx = step_lib.make_optimizer(c)
   rng = np.random.default_rng(3)
   xs = rng.standard_normal((6, 96, 2, 16)).astype(np.float32) * rng.uniform(1, 4, (6, 96, 1, 1)).astype(np.float32)
   finals = {}
   # (The pairs themselves, taken by a training run, are compared with the dense step in test_sharding.)
   for name, impl, settings in [("dense", "dense", None), ("narrow", "pairs", {"candidates": 4, "heavy_fraction": 0.0})]:
-    state = train_lib.sharded_init(jax.random.key(0), cfg, tx, MESH, np.ones(2), None)
-    step = train_lib.make_train_step(cfg, LossConfig(), tx, MESH, state, train_step=impl, pairs=settings)
+    state = step_lib.sharded_init(jax.random.key(0), cfg, tx, MESH, np.ones(2), None)
+    step = step_lib.make_train_step(cfg, LossConfig(), tx, MESH, state, train_step=impl, pairs=settings)
     for xb in xs:
-      state, metrics = step(state, train_lib.global_batch(xb, MESH))
+      state, metrics = step(state, step_lib.global_batch(xb, MESH))
     finals[name] = (jax.device_get(state["model"]["params"]), int(metrics["dense_steps"]))
   assert finals["dense"][1] == 0 and finals["narrow"][1] == 6
   for key, ref in finals["dense"][0].items():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neurodiff_jax.crosscoder import load, sharding
+from neurodiff_jax.crosscoder import step as step_lib
 from neurodiff_jax.crosscoder import train as train_lib
 from neurodiff_jax.crosscoder.model import CrosscoderConfig
 from neurodiff_jax.crosscoder.objective import LossConfig
@@ -51,16 +52,16 @@ def test_meshes_match_one_device_after_20_steps(planted, tmp_path, sparsity="bat
 
 def _fresh(cfg, mesh, compute_dtype="float32"):
   """A new sharded train state and its jitted step (10-step schedule, latents dead after 100 tokens)."""
-  tx = train_lib.make_optimizer(train_config("unused", "unused", steps=10))
-  state = train_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
-  step = train_lib.make_train_step(cfg, LossConfig(dead_tokens=100), tx, mesh, state, compute_dtype=compute_dtype)
+  tx = step_lib.make_optimizer(train_config("unused", "unused", steps=10))
+  state = step_lib.sharded_init(jax.random.key(0), cfg, tx, mesh, np.ones(2), None)
+  step = step_lib.make_train_step(cfg, LossConfig(dead_tokens=100), tx, mesh, state, compute_dtype=compute_dtype)
   return state, step
 
 
 def test_global_batch_topk_never_gathers_the_score_matrix():
   mesh = sharding.make_mesh(2, 4)
   state, step = _fresh(CrosscoderConfig(2, 16, 512, "batchtopk", k=4), mesh)
-  x = train_lib.global_batch(np.random.default_rng(0).standard_normal((64, 2, 16), np.float32), mesh)
+  x = step_lib.global_batch(np.random.default_rng(0).standard_normal((64, 2, 16), np.float32), mesh)
   hlo = step.lower(state, x).compile().as_text()
   gathers = [l for l in hlo.splitlines() if "all-gather" in l and " = " in l]
   big = [l for l in gathers if "[64,512]" in l or "[32,512]" in l or "[64,128]" in l]
@@ -90,7 +91,7 @@ def test_bf16_compute_tracks_float32_and_keeps_float32_masters():
     state, step = _fresh(CrosscoderConfig(2, 32, 256, "batchtopk", k=8), mesh, dtype)
     out = []
     for xb in x:
-      state, m = step(state, train_lib.global_batch(xb, mesh))
+      state, m = step(state, step_lib.global_batch(xb, mesh))
       out.append(float(m["loss/reconstruction"]))
     losses[dtype] = np.array(out)
     assert state["model"]["params"]["w_dec"].dtype == np.float32
