@@ -21,10 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from neurodiff_jax.crosscoder.model import Crosscoder, CrosscoderConfig
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that is missing, empty, or from another run config."""
+from neurodiff_jax.utils.errors import CheckpointError
 
 
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.

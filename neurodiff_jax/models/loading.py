@@ -33,6 +33,7 @@ from neurodiff_jax.models.qwen3 import Qwen3Config
 from neurodiff_jax.models.safetensors_io import SafetensorsFile, save_file
 from neurodiff_jax.models.sharding import ShardingRules, param_sharding
 from neurodiff_jax.models.transformer import Transformer
+from neurodiff_jax.utils.errors import CheckpointError
 
 # HF model_type → our family config. `gemma3` (multimodal) is read through its text_config.
 FAMILIES: dict[str, type[TransformerConfig]] = {
@@ -52,10 +53,6 @@ _PREFIX_REWRITES = (
 )
 _IGNORED = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.|rotary_emb\.inv_freq$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint whose tensors do not match the architecture its config describes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +186,7 @@ def load_model(
 
   table = {m.hf_name: m for m in param_table(cfg)}
   files = [SafetensorsFile(p) for p in _weight_files(directory)]
-  tied_head = None
+  tied_head = embed = None
   seen: set[str] = set()
   for file in files:
     for raw_name in file.keys():
@@ -197,8 +194,10 @@ def load_model(
       if _IGNORED.search(raw_name):
         continue
       if name == "lm_head.weight" and cfg.tie_embeddings:
-        tied_head = (file, raw_name)  # Some tied checkpoints store a copy; it must equal the embedding.
+        tied_head = (file, raw_name)  # Some tied checkpoints store a copy: checked against the embedding below.
         continue
+      if name == "model.embed_tokens.weight":
+        embed = (file, raw_name)
       if name not in table:
         raise CheckpointError(
             f"unexpected tensor {raw_name!r} in {file.path}: not part of a {cfg.family} model with this config."
@@ -214,10 +213,28 @@ def load_model(
   missing = [n for n in table if n not in seen]
   if missing:
     raise CheckpointError(f"checkpoint {directory} is missing tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-  if tied_head is not None and tied_head[0].shape(tied_head[1]) != table["model.embed_tokens.weight"].hf_shape:
-    raise CheckpointError(f"lm_head.weight in {tied_head[0].path} has the wrong shape for tied embeddings.")
+  if tied_head is not None:
+    _check_tied_head(tied_head, embed, table["model.embed_tokens.weight"].hf_shape)
   model.checkpoint = CheckpointInfo(directory, hf_config.model_type, _fingerprint(directory, files))
   return model
+
+
+def _check_tied_head(head: tuple[SafetensorsFile, str], embed: tuple[SafetensorsFile, str],
+                     shape: tuple[int, ...], rows: int = 4096) -> None:
+  """A stored lm_head of a tied model must equal the embedding, which the model uses as its head.
+
+  transformers keeps a stored head that differs (and unties it), so loading such a checkpoint as
+  tied would not match the reference model. Compared in blocks of rows of the memory maps.
+  """
+  file, name = head
+  if file.shape(name) != shape:
+    raise CheckpointError(f"{name} in {file.path} has shape {file.shape(name)}, but tied embeddings need {shape}.")
+  h, e = file.get(name), embed[0].get(embed[1])
+  for lo in range(0, shape[0], rows):
+    if not np.array_equal(h[lo:lo + rows].astype(np.float32), e[lo:lo + rows].astype(np.float32)):
+      raise CheckpointError(
+          f"{name} in {file.path} differs from the embedding, but config.json ties them (tie_word_embeddings=true): "
+          "set tie_word_embeddings to false in config.json to load the stored head, as transformers does.")
 
 
 def _place(model, spec: ParamMap, hf_array: np.ndarray, dtype, mesh: Mesh | None, rules: ShardingRules) -> None:
@@ -256,3 +273,7 @@ def save_hf_checkpoint(
   save_file(tensors, os.path.join(directory, "model.safetensors"))
   hf_config.save_pretrained(directory)
   return directory
+
+
+__all__ = ["FAMILIES", "CheckpointError", "CheckpointInfo", "checkpoint_info", "config_from_hf", "load_model",
+           "load_tokenizer", "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint"]

@@ -8,12 +8,11 @@ axis, say) is replicated rather than failing.
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neurodiff_jax.models.hf_mapping import ParamPath
+from neurodiff_jax.utils import mesh as mesh_lib
 
 # Logical axes of every parameter, by leaf name.
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -70,10 +69,8 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules = ShardingRules()) -> NamedS
 
 
 def make_mesh(shape: tuple[int, ...], axis_names: tuple[str, ...] = ("data", "model")) -> Mesh:
-  """A device mesh of `shape` over the first prod(shape) devices, with compiler-chosen (Auto) axes."""
-  if math.prod(shape) > jax.device_count():
-    raise ValueError(f"mesh {shape} needs {math.prod(shape)} devices; only {jax.device_count()} are visible.")
-  # Auto axes: XLA propagates the parameter shardings; Explicit axes would make every gather ambiguous.
-  return jax.make_mesh(
-      shape, axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
-      devices=jax.devices()[: math.prod(shape)])
+  """A device mesh of `shape` over the first prod(shape) devices, with compiler-chosen (Auto) axes (`utils.mesh`)."""
+  return mesh_lib.make_mesh(shape, axis_names)
+
+
+__all__ = ["PARAM_AXES", "ShardingRules", "batch_sharding", "make_mesh", "param_sharding"]

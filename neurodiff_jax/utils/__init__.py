@@ -1,1 +1,1 @@
-"""Small helpers shared by every package (paths, progress)."""
+"""Small helpers shared by every package: paths, device meshes, durable files, shared errors, run configs."""

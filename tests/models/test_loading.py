@@ -155,3 +155,37 @@ def test_loading_onto_a_2d_mesh_gives_the_same_logits(name, hf_checkpoint):
   out = jit_forward(sharded)(ids_s, mask_s)
   ref = load_model(path)(jnp.asarray(ids), jnp.asarray(mask))
   np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+
+
+def test_tied_head_stored_as_a_copy_loads_as_the_embedding(hf_checkpoint):
+  config = CONFIGS["llama32_tied"]()
+  hf_model, path = hf_checkpoint(config)
+  _rewrite_tensors(path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+  model = load_model(path)
+  embed = hf_model.model.embed_tokens.weight.detach().numpy()
+  np.testing.assert_array_equal(np.asarray(model.embed[...]), embed)
+  assert not hasattr(model, "lm_head")  # the embedding is the head
+  x = np.random.default_rng(0).normal(size=(1, 3, config.hidden_size)).astype(np.float32)
+  normed = np.asarray(model.final_norm(jnp.asarray(x)))
+  np.testing.assert_allclose(np.asarray(model.unembed(jnp.asarray(x))), normed @ embed.T, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_head_that_differs_from_the_embedding_is_an_error(hf_checkpoint):
+  config = CONFIGS["llama32_tied"]()
+  _, path = hf_checkpoint(config)
+  other = lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1.0})  # noqa: E731
+  _rewrite_tensors(path, other)
+  # transformers keeps such a stored head (and unties it), so loading it as tied would not match.
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+  assert not np.array_equal(hf.lm_head.weight.detach().numpy(), hf.model.embed_tokens.weight.detach().numpy())
+  with pytest.raises(CheckpointError, match="differs from the embedding.*tie_word_embeddings"):
+    load_model(path)
+
+
+def test_untied_head_loads_its_own_weights(hf_checkpoint):
+  config = CONFIGS["llama3_scaled_untied"]()
+  hf_model, path = hf_checkpoint(config)
+  model = load_model(path)
+  head = hf_model.lm_head.weight.detach().numpy()  # [V, D]
+  np.testing.assert_array_equal(np.asarray(model.lm_head[...]), head.T)
+  assert not np.allclose(head, hf_model.model.embed_tokens.weight.detach().numpy())
