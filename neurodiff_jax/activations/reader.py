@@ -119,6 +119,8 @@ class WindowedBatches:
     if self.runs_per_window * self.run_rows < batch_size:
       raise ValueError(f"window of {self.runs_per_window * self.run_rows} tokens is smaller than "
                        f"batch_size={batch_size}; raise window_tokens.")
+    # Normalised batches are in the crosscoder's training units: `Crosscoder.encode(x, normalized=True)`.
+    self.normalized = normalize
     self.scale = source.store.norm_scale(source.layer)[None, :, None] if normalize else None
     arr = source._array
     self.files = ChunkFiles.open(source.store.root / layer_name(source.layer)) if direct else None
@@ -311,7 +313,9 @@ def windowed_batches(store: ActivationStore | str | os.PathLike, layer: int, bat
   memory), made of runs of consecutive chunks of about `run_bytes`, each read with one request on one of
   `io_threads` threads (`direct=False` reads through TensorStore instead of straight from the shard
   files, see `chunks.py`). `normalize` multiplies each model's activations by the scalar that
-  brings its mean norm to √d (from the manifest).
+  brings its mean norm to √d (`ActivationStore.norm_scale`, the crosscoder's `norm_scale` when it
+  was trained with `normalize=True`): such batches go to `Crosscoder.encode(x, normalized=True)`;
+  plain `Crosscoder.encode(x)` takes original units and normalises them itself.
   """
   source = ActivationSource(store, layer, dtype)
   if window_tokens is None:

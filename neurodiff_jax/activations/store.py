@@ -23,17 +23,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import tensorstore as ts
 
+from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
+from neurodiff_jax.utils.files import atomic_write_json
+
 FORMAT = "neurodiff-activations"
 VERSION = 1
 METADATA = {"token_id": "int32", "doc_index": "int32", "position": "int32", "token_kind": "uint8"}
-TOKEN_KINDS = {0: "text", 1: "special", 2: "chat_template"}
+# The names of the `token_kind` codes (the codes are defined where tokens are labelled, `datasets.py`).
+TOKEN_KINDS = {KIND_TEXT: "text", KIND_SPECIAL: "special", KIND_TEMPLATE: "chat_template"}
 
 
 class StoreError(ValueError):
@@ -109,22 +112,6 @@ _CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}, "file_io_concurre
 def layer_name(layer: int) -> str:
   """The array name of one layer's activations."""
   return f"layer_{layer:02d}"
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-  """Writes JSON durably: temp file, fsync, rename, fsync of the directory."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  with os.fdopen(fd, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  dirfd = os.open(path.parent, os.O_RDONLY)
-  try:
-    os.fsync(dirfd)
-  finally:
-    os.close(dirfd)
 
 
 class ActivationStore:
@@ -274,11 +261,44 @@ class ActivationStore:
           f"{' ...' if len(units) > 4 else ''} and the 'complete' flag in manifest.json, and run the harvest command "
           "again to rewrite it.") from e
 
+  # ---- statistics (dataset-wide, merged from the units when the store completes) ----
+
+  @property
+  def layers(self) -> tuple[int, ...]:
+    """The harvested layers."""
+    return self.layout.layers
+
+  @property
+  def roles(self) -> tuple[str, ...]:
+    """The models' roles, in the order of the M axis (e.g. base, finetuned)."""
+    return tuple(m["role"] for m in self.manifest["models"])
+
+  def _stats(self, layer: int) -> list[dict]:
+    """Each model's statistics of one layer, in the order of the M axis."""
+    if layer not in self.layout.layers:
+      raise StoreError(f"layer {layer} was not harvested into {self.root}; harvested layers: {list(self.layout.layers)}. "
+                       "Choose one of them, or harvest that layer into a new store.")
+    stats = self.manifest.get("stats")
+    if stats is None:
+      raise StoreError(f"store {self.root} has no statistics yet: it is incomplete. Run the same harvest command "
+                       "again to finish it.")
+    return [stats[str(layer)][role] for role in self.roles]
+
+  def mean(self, layer: int) -> np.ndarray:
+    """The mean activation of each model at `layer`, [M, d] float32, in the store's (original) units."""
+    return np.stack([np.asarray(s["mean"], np.float32) for s in self._stats(layer)])
+
+  def mean_norm(self, layer: int) -> np.ndarray:
+    """E‖x_i‖ of each model at `layer`, [M] float64."""
+    return np.array([s["mean_norm"] for s in self._stats(layer)], np.float64)
+
+  def rms_norm(self, layer: int) -> np.ndarray:
+    """√E‖x_i‖² of each model at `layer`, [M] float64."""
+    return np.array([s["rms_norm"] for s in self._stats(layer)], np.float64)
+
   def norm_scale(self, layer: int) -> np.ndarray:
-    """Per model, the scalar that brings the mean activation norm to √d (METHODS.md §2)."""
-    s = self.manifest["stats"][str(layer)]
-    return np.array([np.sqrt(self.layout.d_model) / s[m["role"]]["mean_norm"] for m in self.manifest["models"]],
-                    np.float32)
+    """Per model, the scalar that brings the mean activation norm to √d (docs/methods.md), [M] float32."""
+    return (np.sqrt(self.layout.d_model) / self.mean_norm(layer)).astype(np.float32)
 
 
 # Manifest fields that define a store's contents: a store reopened with any of them changed is an error.
@@ -355,3 +375,7 @@ def write_arrays(root: str | os.PathLike, layers: dict[int, np.ndarray], *, dtyp
     store.commit_unit(u, unit_stats(part, roles))
   store.try_finalize()
   return store
+
+
+__all__ = ["FORMAT", "METADATA", "TOKEN_KINDS", "VERSION", "ActivationStore", "StoreError", "StoreLayout",
+           "atomic_write_json", "choose_sizes", "config_key", "layer_name", "merge_stats", "unit_stats", "write_arrays"]

@@ -1,10 +1,12 @@
-"""The crosscoder (METHODS.md §2): one shared dictionary of m latents read from and written to M models.
+"""The crosscoder (docs/methods.md): one shared dictionary of m latents read from and written to M models.
 
 Parameters are a plain pytree (`Params`): `w_enc [M, d, m]`, `b_enc [m]`, `w_dec [m, M, d]`,
 `b_dec [M, d]`. Pre-activations `a = Σ_i x_i W_enc[i] + b_enc`, codes `f` (sparse, see
 `sparsity.py`), reconstruction `x̂_i = f W_dec[:, i] + b_dec[i]`. Decoder norms are free: they are
-what Δnorm reads. The model works on normalised inputs (`x · norm_scale[i]`, one scalar per model
-so that E‖x_i‖ = √d); `Crosscoder` takes and returns activations in their original units.
+what Δnorm reads. The selection score of latent j is `s_j = relu(a_j) · Σ_i ‖W_dec[j, i]‖`
+(`scores`, the one place it is computed). The model works on normalised inputs
+(`x · norm_scale[i]`, one scalar per model so that E‖x_i‖ = √d); `Crosscoder` takes and returns
+activations in their original units unless told they are normalised already.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 from jaxtyping import Array, Float
 
 from neurodiff_jax.crosscoder import sparsity
@@ -74,9 +77,14 @@ def decoder_norms(params: Params) -> Float[Array, "m M"]:
   return jnp.linalg.norm(params["w_dec"].astype(jnp.float32), axis=-1)
 
 
+def latent_norms(params: Params) -> Float[Array, "m"]:
+  """Σ_i ‖W_dec[j, i]‖: latent j's decoder norm summed over the models (weights its score and its L1 penalty)."""
+  return decoder_norms(params).sum(-1)
+
+
 def scores(params: Params, a: Float[Array, "B m"]) -> Float[Array, "B m"]:
-  """The selection score s_j = relu(a_j) · Σ_i ‖W_dec[j, i]‖."""
-  return jax.nn.relu(a) * decoder_norms(params).sum(-1)
+  """The selection score s_j = relu(a_j) · Σ_i ‖W_dec[j, i]‖ (float32)."""
+  return jax.nn.relu(a.astype(jnp.float32)) * latent_norms(params)
 
 
 def decode(params: Params, f: Float[Array, "B m"], precision: Any = None) -> Float[Array, "B M d"]:
@@ -115,7 +123,12 @@ def encode_inference(params: Params, x: Float[Array, "B M d"], cfg: CrosscoderCo
 
 @dataclasses.dataclass
 class Crosscoder:
-  """A trained crosscoder for analysis: parameters, θ and the input normalisation, in original units."""
+  """A trained crosscoder for analysis: parameters, θ and the input normalisation.
+
+  Inputs and outputs are in the models' original units by default. Batches that are normalised
+  already (the store reader's `normalize=True`, which multiplies by the same `norm_scale`) go in
+  with `normalized=True`, so that nothing is normalised twice.
+  """
 
   cfg: CrosscoderConfig
   params: Params
@@ -123,26 +136,67 @@ class Crosscoder:
   norm_scale: np.ndarray | None = None  # [M]; x_normalised = x · norm_scale
 
   @property
-  def _scale(self) -> Array:
+  def scale(self) -> np.ndarray:
+    """The per-model normalisation scalars, [M] float32 (x_normalised = x · scale; ones when trained unnormalised)."""
     s = np.ones(self.cfg.num_models, np.float32) if self.norm_scale is None else self.norm_scale
-    return jnp.asarray(s, jnp.float32)[:, None]
+    return np.asarray(s, np.float32).reshape(self.cfg.num_models)
 
-  def encode(self, x: Float[Array, "B M d"]) -> Float[Array, "B m"]:
-    """Sparse codes of activations `x` (original units), each token on its own."""
-    return encode_inference(self.params, jnp.asarray(x, jnp.float32) * self._scale, self.cfg, jnp.float32(self.theta))
+  def _check(self, x: Any, what: str, want: tuple[str, ...], sizes: dict[str, int]) -> Array:
+    """`x` as float32 if its shape is [n, *want]; else an error naming the expected shape and the fix."""
+    x = jnp.asarray(x, jnp.float32)
+    expect = "[n, " + ", ".join(f"{k}={sizes[k]}" for k in want) + "]"
+    if x.ndim == len(want) + 1 and all(x.shape[i + 1] == sizes[k] for i, k in enumerate(want)):
+      return x
+    fix = ""
+    if want == ("M", "d") and x.ndim == 2 and x.shape[-1] == sizes["d"]:
+      fix = (f" It got one model's activations [n, d]: stack the {sizes['M']} models' activations on axis 1, "
+             "e.g. np.stack([x_base, x_chat], axis=1).")
+    elif x.ndim == len(want) + 1:
+      wrong = [f"{k}={x.shape[i + 1]} (this crosscoder has {k}={sizes[k]})" for i, k in enumerate(want)
+               if x.shape[i + 1] != sizes[k]]
+      fix = f" Got {', '.join(wrong)}: check the models, layer and dictionary it was trained on."
+    raise ValueError(f"{what} needs {expect} ({'tokens, ' + ', '.join(want)}); got shape {tuple(x.shape)}.{fix}")
 
-  def decode(self, f: Float[Array, "B m"]) -> Float[Array, "B M d"]:
-    """Reconstructed activations (original units) from codes."""
-    return decode(self.params, jnp.asarray(f)) / self._scale
+  def encode(self, x: ArrayLike, *, normalized: bool = False) -> Float[Array, "n m"]:
+    """Sparse codes [n, m] of activations `x` [n, M, d], each token on its own.
 
-  def __call__(self, x: Float[Array, "B M d"]) -> Float[Array, "B M d"]:
-    """Reconstruction of `x` (original units)."""
-    return self.decode(self.encode(x))
+    `x` in original units, or `normalized=True` for inputs already multiplied by `norm_scale`.
+    """
+    x = self._check(x, "Crosscoder.encode", ("M", "d"), {"M": self.cfg.num_models, "d": self.cfg.d_model})
+    if not normalized:
+      x = x * jnp.asarray(self.scale)[:, None]
+    return encode_inference(self.params, x, self.cfg, jnp.float32(self.theta))
+
+  def decode(self, f: ArrayLike, *, normalized: bool = False) -> Float[Array, "n M d"]:
+    """Reconstructed activations [n, M, d] from codes [n, m]: original units, or normalised with `normalized=True`."""
+    f = self._check(f, "Crosscoder.decode", ("m",), {"m": self.cfg.dict_size})
+    x = decode(self.params, f)
+    return x if normalized else x / jnp.asarray(self.scale)[:, None]
+
+  def __call__(self, x: ArrayLike, *, normalized: bool = False) -> Float[Array, "n M d"]:
+    """Reconstruction of `x` [n, M, d], in the units `x` is in (`normalized` as in `encode`)."""
+    return self.decode(self.encode(x, normalized=normalized), normalized=normalized)
+
+  def encoder(self) -> np.ndarray:
+    """W_enc in original units, [M, d, m]: a = Σ_i x_i encoder()[i] + b_enc for x in original units."""
+    return np.asarray(self.params["w_enc"], np.float32) * self.scale[:, None, None]
+
+  def encoder_bias(self) -> np.ndarray:
+    """b_enc, [m] (unit-free: it adds to the pre-activations)."""
+    return np.asarray(self.params["b_enc"], np.float32)
+
+  def decoder(self) -> np.ndarray:
+    """W_dec in original units, [m, M, d]: x̂_i = f decoder()[:, i] + decoder_bias()[i] in original units."""
+    return np.asarray(self.params["w_dec"], np.float32) / self.scale[None, :, None]
+
+  def decoder_bias(self) -> np.ndarray:
+    """b_dec in original units, [M, d]."""
+    return np.asarray(self.params["b_dec"], np.float32) / self.scale[:, None]
 
   def decoder_norms(self) -> np.ndarray:
     """‖W_dec[j, i]‖ in model i's original units (what Δnorm reads), [m, M]."""
-    return np.asarray(decoder_norms(self.params)) / np.asarray(self._scale)[:, 0]
+    return np.asarray(decoder_norms(self.params)) / self.scale[None, :]
 
 
 __all__ = ["Crosscoder", "CrosscoderConfig", "Params", "decode", "decoder_norms", "encode_inference", "encode_train",
-           "init_params", "pre_activations", "scores"]
+           "init_params", "latent_norms", "pre_activations", "scores"]

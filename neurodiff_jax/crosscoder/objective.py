@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 
 from neurodiff_jax.crosscoder import pairs as pairs_lib
 from neurodiff_jax.crosscoder import sparsity
-from neurodiff_jax.crosscoder.model import (CrosscoderConfig, Params, decode, decoder_norms, encode_train,
+from neurodiff_jax.crosscoder.model import (CrosscoderConfig, Params, decode, encode_train, latent_norms,
                                             pre_activations)
 
 
@@ -84,7 +84,7 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, 
   metrics = {"loss/reconstruction": recon}
   if cfg.sparsity == "l1":
     warm = jnp.minimum(1.0, (step + 1) / max(lcfg.l1_warmup_steps, 1))
-    penalty = jnp.mean(jnp.sum(f * decoder_norms(params).sum(-1), axis=-1))
+    penalty = jnp.mean(jnp.sum(f * latent_norms(params), axis=-1))
     lam = lcfg.l1_lambda * warm
     total = total + lam * penalty
     metrics |= {"loss/l1": penalty, "l1_lambda": lam}

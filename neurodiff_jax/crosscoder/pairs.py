@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from neurodiff_jax.crosscoder import sparsity
-from neurodiff_jax.crosscoder.model import CrosscoderConfig, Params, decoder_norms, pre_activations
+from neurodiff_jax.crosscoder.model import CrosscoderConfig, Params, pre_activations, scores
 
 STEPS = ("auto", "dense", "pairs")
 
@@ -146,10 +146,9 @@ def _batchtopk_candidates(s: Float[Array, "T m"], k_total: int, per_token: int, 
   return cut, counts, latent_at, short
 
 
-def _select_local(a: Float[Array, "T m"], norms: Float[Array, "m"], cfg: CrosscoderConfig, spec: PairSpec,
+def _select_local(a: Float[Array, "T m"], s: Float[Array, "T m"], cfg: CrosscoderConfig, spec: PairSpec,
                   capacity: int, total_tokens: int, axis_name: str) -> Pairs:
-  """One data shard's pairs (inside `shard_map`): BatchTopK over all shards, or TopK per token."""
-  s = jax.nn.relu(a.astype(jnp.float32)) * norms
+  """One data shard's pairs (inside `shard_map`) from its pre-activations and scores: BatchTopK over all shards, or TopK."""
   T, m = s.shape
   if cfg.sparsity == "batchtopk":
     per_token, heavy, heavy_candidates = spec.tiers(cfg, T)
@@ -175,12 +174,11 @@ def select(params: Params, x: Float[Array, "B M d"], cfg: CrosscoderConfig, spec
   """The batch's selected pairs (no gradient), each data shard's packed in its own `capacity` block."""
   params = jax.lax.stop_gradient(params)
   a = pre_activations(params, x, precision)
-  norms = decoder_norms(params).sum(-1)
   shards = spec.mesh.shape["data"]
   fn = functools.partial(_select_local, cfg=cfg, spec=spec, capacity=spec.capacity(cfg, x.shape[0] // shards),
                          total_tokens=x.shape[0], axis_name="data")
   out_specs = Pairs(P("data"), P("data"), P("data"), P(), P(), P())
-  return jax.shard_map(fn, mesh=spec.mesh, in_specs=(P("data"), P()), out_specs=out_specs)(a, norms)
+  return jax.shard_map(fn, mesh=spec.mesh, in_specs=(P("data"), P("data")), out_specs=out_specs)(a, scores(params, a))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -1,12 +1,20 @@
-"""Sparsity of crosscoder codes: BatchTopK (global), TopK (per token), and the L1 penalty.
+"""Which latents are on: BatchTopK (over the batch), TopK (per token), and BatchTopK's inference threshold θ.
 
-The k·B-th largest of the scores `s [B, m]` is found by bisection on the float bits instead of
-`lax.top_k` or a sort: for s ≥ 0 the uint32 bit patterns order like the floats, so 31 rounds of
-"how many scores are ≥ t" pin the exact value. Each round is an elementwise compare and a sum,
-which XLA partitions like any reduction: with `s` sharded over ('data', 'latent') every device
-counts its own block and only a scalar (TopK: one count per token) is all-reduced, so the
-`[B, m]` matrix is never gathered (METHODS.md §2), and every mesh selects exactly the same
-latents. Ties at the cut-off are all kept (as `s >= cut` would).
+`kth_largest` finds the k-th largest of non-negative scores exactly, by bisection on their float
+bits: for s ≥ 0 the uint32 bit patterns order like the floats, so 31 rounds of "how many scores
+are ≥ t" pin the value. Each round is an elementwise compare and a sum, which XLA partitions like
+any reduction: in the dense train step, with `s [B, m]` sharded over ('data', 'latent'), every
+device counts its own block and only a scalar (TopK: one count per token) is all-reduced, so the
+score matrix is never gathered (docs/crosscoder.md, "Sharding") and every mesh selects exactly the same
+latents. Inside `shard_map` (the pairs step, `pairs.py`), `axis_name` sums the counts over a mesh
+axis instead. Ties at the cut-off are all kept (as `s >= cut` would).
+
+`lax.top_k` serves where the latent axis is whole on each device: `topk_mask(method="top_k")`
+(AuxK in the pairs step) and the pairs step's per-token candidates, whose k·B-th largest is again
+found by `kth_largest`. L1 codes need no mask (a ReLU; the penalty is in `objective.py`).
+
+During training θ tracks the BatchTopK cut-off (`update_threshold`); at inference a latent is on
+when its score exceeds θ (`threshold_mask`), so a token's codes do not depend on its batch.
 """
 
 from __future__ import annotations
@@ -71,4 +79,14 @@ def threshold_mask(s: Float[Array, "B m"], theta: Float[Array, ""]) -> Bool[Arra
   return s > theta
 
 
-__all__ = ["batch_topk_mask", "kth_largest", "threshold_mask", "topk_mask"]
+def update_threshold(theta: Float[Array, ""], cut: Float[Array, ""], momentum: float) -> Float[Array, ""]:
+  """θ ← momentum·θ + (1 − momentum)·cut: the running average of BatchTopK's cut-off score.
+
+  A batch whose cut is ≤ 0 (fewer than k·B positive scores) says nothing about θ and leaves it as
+  it is; θ starts (from 0) at the first positive cut rather than averaging up from 0.
+  """
+  avg = momentum * theta + (1 - momentum) * cut
+  return jnp.where(cut <= 0, theta, jnp.where(theta <= 0, cut, avg))
+
+
+__all__ = ["batch_topk_mask", "kth_largest", "threshold_mask", "topk_mask", "update_threshold"]

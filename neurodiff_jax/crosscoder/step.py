@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from neurodiff_jax.crosscoder import pairs as pairs_lib
-from neurodiff_jax.crosscoder import sharding
+from neurodiff_jax.crosscoder import sharding, sparsity
 from neurodiff_jax.crosscoder.model import CrosscoderConfig, init_params
 from neurodiff_jax.crosscoder.objective import LossConfig, compute_params, loss_fn
 
@@ -138,10 +138,7 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
     ever = train["ever_fired"] | fired
     theta = model["theta"]
     if cfg.sparsity == "batchtopk":
-      cut = metrics["cut"]
-      # A batch with fewer than k·B positive scores has cut 0: it says nothing about θ.
-      theta = jnp.where(cut <= 0, theta,
-                        jnp.where(theta <= 0, cut, theta_momentum * theta + (1 - theta_momentum) * cut))
+      theta = sparsity.update_threshold(theta, metrics["cut"], theta_momentum)
     metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "never_fired_fraction": jnp.mean(~ever),
                 "theta": theta, "grad_norm": optax.global_norm(grads), "dense_steps": dense_steps}
     new = {"model": {**model, "params": params, "theta": theta},

@@ -24,6 +24,7 @@ from neurodiff_jax.crosscoder.step import (State, crosscoder_config, global_batc
                                            make_train_step, pair_settings, init_state, sharded_init)
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
+from neurodiff_jax.utils.files import atomic_write_json
 from neurodiff_jax.utils.paths import neurodiff_home
 
 
@@ -162,7 +163,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def train(config: ml_collections.ConfigDict) -> dict:
   """Trains (or resumes training) the crosscoder of `config` on its store; returns the final metrics."""
   from neurodiff_jax.activations.reader import batch_iterator, dataset_of, windowed_batches
-  from neurodiff_jax.activations.store import ActivationStore, atomic_write_json
+  from neurodiff_jax.activations.store import ActivationStore
   from neurodiff_jax.crosscoder.checkpoint import Checkpointer, check_same_run
   from neurodiff_jax.crosscoder.metrics import MetricWriter, delta_norm, live_delta_norm_classes
   from neurodiff_jax.crosscoder.model import decoder_norms
@@ -187,8 +188,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     scale = store.norm_scale(config.layer)
   else:
     scale = np.ones(lay.num_models, np.float32)
-  stats = store.manifest["stats"][str(config.layer)]
-  mean = np.stack([np.asarray(stats[m["role"]]["mean"], np.float32) for m in store.manifest["models"]]) * scale[:, None]
+  mean = store.mean(config.layer) * scale[:, None]  # [M, d], normalised
   if not (np.isfinite(scale).all() and np.isfinite(mean).all()):
     raise ValueError(f"the statistics of layer {config.layer} in {store.root}/manifest.json are not finite (NaN/Inf "
                      "activations were stored); re-harvest the store, or set normalize=False to train without them.")
