@@ -146,11 +146,13 @@ class ActivationStore:
     root.mkdir(parents=True, exist_ok=True)
     lay = store.layout
     specs = {layer_name(l): ([lay.num_tokens, lay.num_models, lay.d_model], lay.dtype,
-                             [lay.shard_tokens, lay.num_models, lay.d_model], [lay.chunk_tokens, lay.num_models, lay.d_model])
+                             [lay.shard_tokens, lay.num_models, lay.d_model],
+                             [lay.chunk_tokens, lay.num_models, lay.d_model])
              for l in lay.layers}
     meta_chunk = min(lay.shard_tokens, 1 << 16)
     specs.update({n: ([lay.num_tokens], dt, [lay.shard_tokens], [meta_chunk]) for n, dt in METADATA.items()})
-    futures = {n: ts.open(_zarr3_spec(root / n, *s), create=True, open=True, context=_CONTEXT) for n, s in specs.items()}
+    futures = {n: ts.open(_zarr3_spec(root / n, *s), create=True, open=True, context=_CONTEXT)
+               for n, s in specs.items()}
     for n, f in futures.items():
       try:
         store._arrays[n] = f.result()
@@ -194,9 +196,13 @@ class ActivationStore:
 
   def layer(self, layer: int) -> ts.TensorStore:
     """The [n_tokens, M, d] array of one harvested layer."""
-    if layer not in self.layout.layers:
-      raise StoreError(f"layer {layer} was not harvested into {self.root}; harvested layers: {list(self.layout.layers)}.")
+    self._check_layer(layer)
     return self.array(layer_name(layer))
+
+  def _check_layer(self, layer: int) -> None:
+    if layer not in self.layout.layers:
+      raise StoreError(f"layer {layer} was not harvested into {self.root}; harvested layers: "
+                       f"{list(self.layout.layers)}. Choose one of them, or harvest that layer into a new store.")
 
   def metadata(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
     """Per-token metadata (`token_id`, `doc_index`, `position`, `token_kind`) for tokens [lo, hi)."""
@@ -227,7 +233,8 @@ class ActivationStore:
 
   def commit_unit(self, unit: int, stats: dict) -> None:
     """Records a unit as written; call only after its writes have completed."""
-    atomic_write_json(self.unit_marker(unit), {"unit": unit, "range": list(self.layout.unit_range(unit)), "stats": stats})
+    marker = {"unit": unit, "range": list(self.layout.unit_range(unit)), "stats": stats}
+    atomic_write_json(self.unit_marker(unit), marker)
 
   def try_finalize(self) -> bool:
     """When every unit is written, merges the unit statistics into the manifest (idempotent)."""
@@ -275,9 +282,7 @@ class ActivationStore:
 
   def _stats(self, layer: int) -> list[dict]:
     """Each model's statistics of one layer, in the order of the M axis."""
-    if layer not in self.layout.layers:
-      raise StoreError(f"layer {layer} was not harvested into {self.root}; harvested layers: {list(self.layout.layers)}. "
-                       "Choose one of them, or harvest that layer into a new store.")
+    self._check_layer(layer)
     stats = self.manifest.get("stats")
     if stats is None:
       raise StoreError(f"store {self.root} has no statistics yet: it is incomplete. Run the same harvest command "
@@ -339,7 +344,8 @@ def merge_stats(per_unit: list[dict], models: list[dict]) -> dict:
     final[l] = {}
     for r, a in by_role.items():
       n = max(a["count"], 1)
-      final[l][r] = {"count": a["count"], "mean_norm": a["sum_norm"] / n, "rms_norm": float(np.sqrt(a["sum_sq_norm"] / n)),
+      final[l][r] = {"count": a["count"], "mean_norm": a["sum_norm"] / n,
+                     "rms_norm": float(np.sqrt(a["sum_sq_norm"] / n)),
                      "mean": (np.asarray(a["sum"]) / n).tolist()}
   return final
 

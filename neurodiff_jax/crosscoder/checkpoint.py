@@ -58,7 +58,8 @@ class Checkpointer:
     """(state placed like `abstract_state`, data iterator state) of a checkpoint."""
     step = self._step(step)
     out = self.manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(abstract_state["model"]), train=ocp.args.StandardRestore(abstract_state["train"]),
+        model=ocp.args.StandardRestore(abstract_state["model"]),
+        train=ocp.args.StandardRestore(abstract_state["train"]),
         data=ocp.args.JsonRestore()))
     return {"model": out["model"], "train": out["train"]}, out["data"]
 
@@ -94,7 +95,13 @@ def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
     path = path / "checkpoints"
   if not path.is_dir():
     raise CheckpointError(f"no checkpoint directory at {path}.")
-  manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True),
+  # Options that write nothing: no directory creation, tmp-directory cleanup or root metadata, and
+  # `load` never saves or deletes. (`read_only=True` would do the same but logs three warnings,
+  # one of them unconditionally.)
+  options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0, max_to_keep=None,
+                                         cleanup_tmp_directories=False, save_root_metadata=False,
+                                         enable_async_checkpointing=False)
+  manager = ocp.CheckpointManager(path, options=options,
                                   item_handlers={"model": ocp.StandardCheckpointHandler(),
                                                  "train": ocp.StandardCheckpointHandler(),
                                                  "data": ocp.JsonCheckpointHandler(),
@@ -109,9 +116,9 @@ def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
   out = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
                                                       config=ocp.args.JsonRestore()))
   manager.close()
-  model = jax.tree.map(np.asarray, out["model"])
+  model = out["model"]  # jax Arrays on one device: the Crosscoder computes with them there
   cfg = CrosscoderConfig(**out["config"]["crosscoder"])
-  return Crosscoder(cfg=cfg, params=model["params"], theta=float(model["theta"]),
+  return Crosscoder(cfg=cfg, params=dict(model["params"]), theta=float(model["theta"]),
                     norm_scale=np.asarray(model["norm_scale"], np.float32))
 
 

@@ -12,7 +12,7 @@ activations in their original units unless told they are normalised already.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ class CrosscoderConfig:
   num_models: int
   d_model: int
   dict_size: int
-  sparsity: Literal["batchtopk", "topk", "l1"] = "batchtopk"
+  sparsity: str = "batchtopk"  # one of SPARSITY (checked in __post_init__ with a message naming them)
   k: int = 32  # active latents per token (BatchTopK: on average over the batch)
   dec_init_norm: float = 0.1
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jax.typing import ArrayLike
+from jaxtyping import Array, Bool, Float, Int
 
 from neurodiff_jax.crosscoder import pairs as pairs_lib
 from neurodiff_jax.crosscoder import sparsity
@@ -38,7 +39,7 @@ def reconstruction_error(x: Float[Array, "B M d"], x_hat: Float[Array, "B M d"],
 
 
 def aux_loss(params: Params, x: Float[Array, "B M d"], a: Float[Array, "B m"] | None, residual: Float[Array, "B M d"],
-             dead: Array, k_aux: int, precision: Any, method: str = "bisect") -> Float[Array, ""]:
+             dead: Bool[Array, "m"], k_aux: int, precision: Any, method: str = "bisect") -> Float[Array, ""]:
   """AuxK: the top `k_aux` dead latents of each token reconstruct the (detached) residual; ‖e − ê‖² / ‖e − ē‖².
 
   Zero, and not computed (a `lax.cond`), while no latent is dead. `a`: the step's differentiable
@@ -64,8 +65,8 @@ def compute_params(params: Params, compute_dtype: Any) -> Params:
   return jax.tree.map(lambda w: w.astype(compute_dtype), params) if compute_dtype != jnp.float32 else params
 
 
-def loss_fn(params: Params, x: Float[Array, "B M d"], step: Array, dead: Array, cfg: CrosscoderConfig,
-            lcfg: LossConfig, precision: Any = None, compute_dtype: Any = jnp.float32,
+def loss_fn(params: Params, x: Float[Array, "B M d"], step: Int[ArrayLike, ""], dead: Bool[Array, "m"],
+            cfg: CrosscoderConfig, lcfg: LossConfig, precision: Any = None, compute_dtype: Any = jnp.float32,
             pairs: pairs_lib.Pairs | None = None, spec: pairs_lib.PairSpec | None = None) -> tuple[Array, dict]:
   """Total loss and metrics of one batch (normalised inputs); with `pairs` (from `pairs.select`), the pairs step."""
   p = compute_params(params, compute_dtype)

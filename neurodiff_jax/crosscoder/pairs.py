@@ -148,7 +148,7 @@ def _batchtopk_candidates(s: Float[Array, "T m"], k_total: int, per_token: int, 
 
 def _select_local(a: Float[Array, "T m"], s: Float[Array, "T m"], cfg: CrosscoderConfig, spec: PairSpec,
                   capacity: int, total_tokens: int, axis_name: str) -> Pairs:
-  """One data shard's pairs (inside `shard_map`) from its pre-activations and scores: BatchTopK over all shards, or TopK."""
+  """One data shard's pairs (inside `shard_map`) from its pre-activations and scores: BatchTopK or TopK."""
   T, m = s.shape
   if cfg.sparsity == "batchtopk":
     per_token, heavy, heavy_candidates = spec.tiers(cfg, T)

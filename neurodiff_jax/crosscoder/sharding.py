@@ -62,7 +62,7 @@ def _spec(path: tuple, leaf: Any, specs: Specs) -> P:
 
 
 def state_shardings(state: Any, mesh: Mesh, specs: Specs = SPECS) -> Any:
-  """NamedShardings for a train state (params, Adam moments, counters): by leaf name (`Specs.by_leaf`), else replicated."""
+  """NamedShardings of a train state (params, Adam moments, counters) by leaf name (`Specs.by_leaf`)."""
   return jax.tree_util.tree_map_with_path(lambda p, l: NamedSharding(mesh, _spec(p, l, specs)), state)
 
 

@@ -161,7 +161,8 @@ def _fingerprint(directory: str, files: list[SafetensorsFile]) -> str:
   return digest.hexdigest()[:16]
 
 
-def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None, allow_download: bool = False) -> CheckpointInfo:
+def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None,
+                    allow_download: bool = False) -> CheckpointInfo:
   """Where a checkpoint is, its model type and fingerprint, without loading its weights."""
   directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
   files = [SafetensorsFile(p) for p in _weight_files(directory)]
@@ -212,7 +213,9 @@ def load_model(
       seen.add(name)
   missing = [n for n in table if n not in seen]
   if missing:
-    raise CheckpointError(f"checkpoint {directory} is missing tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    more = " ..." if len(missing) > 5 else ""
+    raise CheckpointError(f"checkpoint {directory} is missing tensor(s) {missing[:5]}{more}; it does not hold the "
+                          "architecture its config.json describes: re-download or re-convert it.")
   if tied_head is not None:
     _check_tied_head(tied_head, embed, table["model.embed_tokens.weight"].hf_shape)
   model.checkpoint = CheckpointInfo(directory, hf_config.model_type, _fingerprint(directory, files))
