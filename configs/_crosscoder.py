@@ -71,7 +71,7 @@ _TINY_D = {"small": 64, "default": 128}  # the organisms' widths (configs/organi
 
 def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
   """A crosscoder on the tiny organisms (`arg`: small | default): 8 × d latents, batch 256, 600 steps; locked."""
-  scale = arg or "small"
+  scale = arg or "default"  # the scale configs/organisms.py and harvest_tiny default to: one pair of models
   if scale not in _TINY_D:
     raise ValueError(f"unknown organism scale {scale!r}; known: {', '.join(_TINY_D)}.")
   c = base_config()

@@ -17,15 +17,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Gemma 2 2B harvest config."""
   del arg
   c = ml_collections.ConfigDict()
+  c.name = "harvest_gemma2b"  # the store's name: out_dir "" means $NEURODIFF_HOME/activations/<name>
   c.base_model = "google/gemma-2-2b"
   c.finetuned_model = "google/gemma-2-2b-it"
   c.base_revision = ""
   c.finetuned_revision = ""
-  c.organism_scale = ""
   c.datasets = ["fineweb_sample.parquet", "lmsys_chat.jsonl"]  # override with your local paths
   c.num_documents = 0
   c.layers = (13,)
-  c.out_dir = "gemma2b_l13_acts"
+  c.out_dir = "gemma2b_l13_acts"  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)
   c.dtype = "bfloat16"
   c.model_dtype = "bfloat16"
   c.batch_size = 32

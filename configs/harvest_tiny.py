@@ -1,14 +1,17 @@
 """Harvest the tiny model organisms: base vs chat on general text and chat conversations, on CPU.
 
-  python -m launch.harvest --config=harvest_tiny                 # small-scale organisms (built on first use)
-  python -m launch.harvest --config=harvest_tiny:default         # the default-scale organisms
+  python -m launch.harvest --config=harvest_tiny                 # default-scale organisms (built on first use)
+  python -m launch.harvest --config=harvest_tiny:small           # the small (test) scale
   python -m launch.harvest --config=harvest_tiny --config.layers='(0,1)' --config.out_dir=/tmp/acts
 
-`organism:NAME` model paths are built (or reused) with `configs/organisms.py` at the scale given
-as the arg; `organism:general` / `organism:chat` datasets are JSONL files generated next to them.
+`organism:NAME` model paths are built (or reused) with the `organisms` field, `configs/organisms.py`
+at the scale given as the arg (the same default scale as `launch.organism` and the `tiny_*`
+crosscoders); `organism:general` / `organism:chat` datasets are JSONL files generated next to them.
 """
 
 import ml_collections
+
+from configs.organisms import get_config as organisms_config
 
 # Deepest layer of each organism scale's base (both have few layers; the middle one is the usual pick).
 _LAYERS = {"small": (1,), "default": (2,)}
@@ -17,20 +20,21 @@ _SEQ_LEN = {"small": 64, "default": 128}
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Tiny harvest config; `arg` is the organism scale (small | default)."""
-  scale = arg or "small"
+  scale = arg or "default"
   if scale not in _LAYERS:
     raise ValueError(f"unknown organism scale {scale!r}; known: {', '.join(_LAYERS)}.")
   c = ml_collections.ConfigDict()
-  c.base_model = "organism:base"
+  c.name = f"harvest_tiny-{scale}"  # the store's name: out_dir "" means $NEURODIFF_HOME/activations/<name>
+  c.base_model = "organism:base"  # a checkpoint dir, a cached HF repo id, or organism:NAME (built with `organisms`)
   c.finetuned_model = "organism:chat"
   c.base_revision = ""
   c.finetuned_revision = ""
-  c.organism_scale = scale
+  c.organisms = organisms_config(f"chat,{scale}")  # how organism:NAME models and datasets are built
   # Each entry: a path, or a dict with path/format/text_field/messages_field/split/max_documents.
   c.datasets = ["organism:general", "organism:chat"]
   c.num_documents = 600  # documents per generated organism dataset
   c.layers = _LAYERS[scale]
-  c.out_dir = ""  # "" = $NEURODIFF_HOME/activations/harvest_tiny-<scale>
+  c.out_dir = ""  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)
   c.dtype = "bfloat16"  # stored activations
   c.model_dtype = "float32"  # forward pass
   c.batch_size = 32

@@ -1,11 +1,12 @@
 """Model organisms: a pretrained base and fine-tunes with known ground truth, built offline.
 
-  python -m launch.organism --config=configs/organisms.py:chat          # default scale, ≤ 10 min on 2 cores
-  python -m launch.organism --config=organisms:narrow --config.scale=small
+  python -m launch.organism --config=organisms:chat              # default scale, ≈ 8 min on 2 CPU cores
+  python -m launch.organism --config=organisms:narrow,small       # the small (test) scale
   python -m launch.organism --config=organisms:all
 
 `arg` names the organism (chat, narrow, false_fact, taboo, all; default chat) and optionally the
-scale after a comma (`organisms:taboo,small`).
+scale after a comma (`organisms:taboo,small`). The default scale is the one `harvest_tiny` and the
+`tiny_*` crosscoder configs use too, so the README's steps build one pair of models.
 """
 
 import ml_collections
@@ -15,14 +16,16 @@ SCALES = {
     "default": dict(vocab_size=2048, seq_len=128, n_documents=4000, model=dict(hidden_size=128, intermediate_size=384,
                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                     query_pre_attn_scalar=32, sliding_window=64), base_steps=300, base_batch=32,
-                    ft_steps=150, ft_batch=16, n_examples=1500, chat_steps=300, chat_examples=3000),
+                    ft_steps=150, ft_batch=16, n_examples=1500, chat_steps=300, chat_examples=3000,
+                    s_per_step=dict(base=0.98, finetune=0.62)),
     # For tests: a few minutes for the base and all four organisms together. The vocabulary is large
     # enough that each topic's nouns are single tokens (at 1024, "arsenic" was 4 fragments, which a
     # 2-layer model could not tie back to its topic).
     "small": dict(vocab_size=1536, seq_len=64, n_documents=1500, model=dict(hidden_size=64, intermediate_size=192,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                   query_pre_attn_scalar=16, sliding_window=32), base_steps=400, base_batch=32,
-                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700, chat_examples=2400),
+                  ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700, chat_examples=2400,
+                  s_per_step=dict(base=0.23, finetune=0.25)),
 }
 
 
@@ -56,4 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The answer's first token is the help-or-refuse decision: weigh it like this many tokens, so the
   # one decision is not drowned by the long helpful answers' loss.
   c.finetune.first_answer_weight = 8
+  # Measured build time per training step on 2 CPU cores, evaluation included (docs/organisms.md), for
+  # the "about N min" a build prints; it does not change what is built.
+  c.seconds_per_step = ml_collections.ConfigDict(s["s_per_step"])
   return c

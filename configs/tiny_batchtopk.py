@@ -1,7 +1,7 @@
 """A batchtopk crosscoder on the tiny model organisms (base vs chat), on CPU in a few minutes.
 
-  python -m launch.train --config=tiny_batchtopk              # harvests harvest_tiny first when needed
-  python -m launch.train --config=tiny_batchtopk:default      # the default-scale organisms
+  python -m launch.train --config=tiny_batchtopk              # default-scale organisms; harvests them first if needed
+  python -m launch.train --config=tiny_batchtopk:small        # the small (test) scale
 """
 
 from configs._crosscoder import tiny_config

@@ -1,7 +1,7 @@
 """A l1 crosscoder on the tiny model organisms (base vs chat), on CPU in a few minutes.
 
-  python -m launch.train --config=tiny_l1              # harvests harvest_tiny first when needed
-  python -m launch.train --config=tiny_l1:default      # the default-scale organisms
+  python -m launch.train --config=tiny_l1              # default-scale organisms; harvests them first if needed
+  python -m launch.train --config=tiny_l1:small        # the small (test) scale
 """
 
 from configs._crosscoder import tiny_config

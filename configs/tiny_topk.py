@@ -1,7 +1,7 @@
 """A topk crosscoder on the tiny model organisms (base vs chat), on CPU in a few minutes.
 
-  python -m launch.train --config=tiny_topk              # harvests harvest_tiny first when needed
-  python -m launch.train --config=tiny_topk:default      # the default-scale organisms
+  python -m launch.train --config=tiny_topk              # default-scale organisms; harvests them first if needed
+  python -m launch.train --config=tiny_topk:small        # the small (test) scale
 """
 
 from configs._crosscoder import tiny_config

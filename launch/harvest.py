@@ -1,15 +1,26 @@
 """Harvest paired activations into a TensorStore store: `python -m launch.harvest --config=harvest_tiny`."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from launch import flags
 from neurodiff_jax.activations import harvest
-from neurodiff_jax.organisms import build
 
 
-def main(config) -> None:
+def check(config: Any) -> None:
+  """Before any work (organism builds included): the store directory can be written."""
+  harvest.check_out_dir(harvest.out_dir_of(config))
+
+
+def main(config: Any) -> None:
   """Builds any `organism:` inputs, then harvests (or resumes harvesting) the store."""
-  store = harvest.harvest(build.resolve_organism_refs(config))
+  store = harvest.harvest(config)
   print(f"store: {store.root}")
 
 
+__all__ = ["check", "main"]
+
+
 if __name__ == "__main__":
-  flags.run(main, default_config="harvest_tiny")
+  flags.run(main, default_config="harvest_tiny", check=check)

@@ -1,12 +1,15 @@
-"""Build model organisms: `python -m launch.organism --config=configs/organisms.py:chat`."""
+"""Build model organisms: `python -m launch.organism --config=organisms:chat` (`organisms:all,small`, ...)."""
+
+from __future__ import annotations
 
 import json
+from typing import Any
 
 from launch import flags
 from neurodiff_jax.organisms import build
 
 
-def main(config) -> None:
+def main(config: Any) -> None:
   """Builds (or reuses) the base and the requested organism(s) and prints what each measured."""
   for name, path in build.build(config).items():
     card = json.loads((path / "card.json").read_text())
@@ -14,5 +17,8 @@ def main(config) -> None:
     print(f"  {json.dumps(card.get('measured', card.get('train')))}")
 
 
+__all__ = ["main"]
+
+
 if __name__ == "__main__":
-  flags.run(main, default_config="organisms")
+  flags.run(main, default_config="organisms", check=build.check_config)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +40,10 @@ from neurodiff_jax.activations.store import (
     unit_stats,
 )
 from neurodiff_jax.models import Transformer, checkpoint_info, config_from_hf, load_model, load_tokenizer, read_hf_config
+from neurodiff_jax.organisms import build
+from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
+from neurodiff_jax.utils.paths import neurodiff_home
 
 ROLES = ("base", "finetuned")
 
@@ -226,9 +230,92 @@ def harvest_unit(plan: TokenPlan, layout: StoreLayout, unit: int, step: Callable
   return acts, meta
 
 
+def out_dir_of(config: ml_collections.ConfigDict) -> Path:
+  """Where a harvest config's store goes: `out_dir`, else `$NEURODIFF_HOME/activations/<name>`."""
+  if config.get("out_dir"):
+    return Path(config.out_dir).expanduser()
+  if not config.get("name"):
+    raise ConfigError("config.out_dir is empty and the harvest config has no name to derive it from; set "
+                      "--config.out_dir=DIR.")
+  return neurodiff_home() / "activations" / str(config.name)
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+  """`ConfigError` when no store can be written at `path`: it is a file, lies under a file, or is not writable."""
+  path = Path(path).expanduser()
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f"out_dir {path} is an existing file, but a store is a directory (arrays and manifest.json); "
+                      f"choose another out_dir, e.g. --config.out_dir={path}_store, or move the file away.")
+  parent = path
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ConfigError(f"out_dir {path} cannot be created: {parent} is a file, not a directory; choose an out_dir "
+                      "outside it.")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ConfigError(f"out_dir {path} cannot be written: {parent} is not writable by this user; choose a writable "
+                      "out_dir (e.g. under $NEURODIFF_HOME).")
+  return path
+
+
+def check_store(store_dir: str | os.PathLike, harvest_config: ml_collections.ConfigDict | None = None) -> Path:
+  """Where `ensure_store` will find or make the store; `ConfigError` (before any work) when it could do neither.
+
+  `store_dir` "" means the harvest config's own out_dir. A missing or half-written store needs
+  `harvest_config` (how to make it); without one the error names the path and the fix.
+  """
+  if not str(store_dir):
+    if harvest_config is None:
+      raise ConfigError("config.store is empty and no harvest config says how to make a store; name one with "
+                        "--config.store=DIR (python -m launch.harvest makes stores).")
+    store_dir = out_dir_of(harvest_config)
+  path = Path(store_dir).expanduser()
+  if (path / "manifest.json").is_file():
+    store = ActivationStore.open(path, require_complete=False)
+    if not store.manifest.get("complete") and harvest_config is None:
+      raise ConfigError(f"store {path} is half-written ({len(store.finished_units())}/{store.layout.num_units} units): "
+                        "run the harvest command that made it again to finish it (it resumes), or set "
+                        "--config.harvest=NAME to finish it here.")
+    return path
+  if harvest_config is None:
+    hint = " (it is a file)" if path.is_file() else ""
+    raise ConfigError(f"no activation store at {path}{hint} (no manifest.json): fix config.store, or make the store "
+                      f"there with `python -m launch.harvest --config=NAME --config.out_dir={path}`, or set "
+                      "--config.harvest=NAME to harvest it there on first use.")
+  return check_out_dir(path)
+
+
+def ensure_store(store_dir: str | os.PathLike, harvest_config: ml_collections.ConfigDict | None = None
+                 ) -> ActivationStore:
+  """The store at `store_dir` ("" = the harvest config's out_dir): opened when complete, else harvested THERE.
+
+  A half-written store (a killed harvest) is finished by resuming `harvest_config` into it; a missing
+  one is harvested into it. The directory is never swapped for another: without `harvest_config`, a
+  missing or half-written store is a `ConfigError` naming the path and the fix.
+  """
+  path = check_store(store_dir, harvest_config)
+  if (path / "manifest.json").is_file():
+    store = ActivationStore.open(path, require_complete=False)
+    if store.manifest.get("complete"):
+      return store
+    print(f"harvest: store {path} is half-written ({len(store.finished_units())}/{store.layout.num_units} units); "
+          "finishing it.", flush=True)
+  else:
+    print(f"harvest: no store at {path}; harvesting it there.", flush=True)
+  config = ml_collections.ConfigDict(harvest_config.to_dict())
+  config.out_dir = str(path)
+  return harvest(config)
+
+
 def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
-  """Harvests (or finishes harvesting) the store described by `config`; returns it."""
+  """Harvests (or finishes harvesting) the store described by `config`; returns it.
+
+  `organism:NAME` models and datasets are built first (`organisms.build.resolve_organism_refs`,
+  with the config's `organisms` build config); the store goes to `out_dir_of(config)`.
+  """
   t_start = time.time()
+  out_dir = check_out_dir(out_dir_of(config))  # before any work: building organisms takes minutes
+  config = build.resolve_organism_refs(config)
   proc, nproc = _processes(config)
   if not 0 <= proc < nproc:
     raise ValueError(f"process_index {proc} is outside [0, process_count={nproc}).")
@@ -280,7 +367,7 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
       "complete": False,
   }
   manifest["config_key"] = config_key(manifest)
-  store = ActivationStore.create_or_open(config.out_dir, manifest)
+  store = ActivationStore.create_or_open(out_dir, manifest)
   lay = store.layout
   mine = [u for u in range(lay.num_units) if u % nproc == proc]
   finished = store.finished_units()
@@ -338,3 +425,8 @@ def _commit(store: ActivationStore, unit: int, futures: list, stats: dict) -> No
                           "the same command again; the units already written are kept.") from e
     raise StoreError(f"writing unit {unit} to {store.root} failed: {e}. Run the same command again to redo it.") from e
   store.commit_unit(unit, stats)
+
+
+__all__ = ["DiskFullError", "NonFiniteActivationError", "ROLES", "TokenPlan", "check_out_dir", "check_store",
+           "ensure_store", "harvest", "harvest_unit", "make_step", "out_dir_of", "pack_rows", "plan_tokens",
+           "row_buckets"]

@@ -41,6 +41,7 @@ from neurodiff_jax.organisms.finetune_data import DATA_VERSION, ORGANISMS, chat_
 from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
 from neurodiff_jax.organisms.random_model import hf_config_for
 from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
+from neurodiff_jax.utils.config import ConfigError, did_you_mean
 from neurodiff_jax.utils.paths import neurodiff_home
 
 _SCALE_FIELDS = ("family", "vocab_size", "model", "corpus", "base_train", "seed", "extra_text_files")
@@ -60,6 +61,18 @@ def _plain(value: Any) -> Any:
 def _train_config(c: ml_collections.ConfigDict, seq_len: int, seed: int) -> LMTrainConfig:
   return LMTrainConfig(steps=c.steps, batch_size=c.batch_size, seq_len=seq_len, learning_rate=c.learning_rate,
                        warmup_steps=c.warmup_steps, seed=seed, checkpoint_every=c.checkpoint_every)
+
+
+def _announce(config: ml_collections.ConfigDict, kind: str, what: str, steps: int, where: Path) -> None:
+  """Says what is built, at which scale, where, and roughly how long it takes (config.seconds_per_step)."""
+  per_step = config.get("seconds_per_step", {}).get(kind)
+  if per_step:
+    s = per_step * steps
+    about = f"; about {s:.0f} s" if s < 90 else f"; about {s / 60:.0f} min"
+    about += " on 2 CPU cores (docs/organisms.md; less on more cores or a GPU)"
+  else:
+    about = ""
+  print(f"organisms: {what}, {config.scale} scale, into {where}{about}.", flush=True)
 
 
 def check_chat_tokenizer(tokenizer: Any) -> None:
@@ -93,7 +106,12 @@ def build_base(config: ml_collections.ConfigDict) -> Path:
   root = scale_dir(config)
   final = root / "base"
   if (final / "card.json").is_file():
+    print(f"organisms: using the {config.scale}-scale base model in {final} (built earlier).", flush=True)
     return final
+  m = config.model
+  _announce(config, "base", f"pretraining the base model ({m.num_hidden_layers} layers, d={m.hidden_size}, "
+            f"{config.base_train.steps} steps of {config.base_train.batch_size} × {config.seq_len} tokens)",
+            config.base_train.steps, final)
   work = root / "work" / "base"
   work.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
@@ -139,9 +157,12 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
   if (final / "card.json").is_file():
     if json.loads((final / "card.json").read_text()).get("finetune_config") == ft_config:
+      print(f"organisms: using the {config.scale}-scale {name} organism in {final} (built earlier).", flush=True)
       return final
     print(f"{final} was built with another fine-tuning config; rebuilding it.")
   base_dir = build_base(config)
+  steps = config.finetune.get("steps_by_organism", {}).get(name, config.finetune.steps)
+  _announce(config, "finetune", f"fine-tuning the {name} organism from the base ({steps} steps)", steps, final)
   t0 = time.time()
   tokenizer = load_tokenizer(str(base_dir))
   check_chat_tokenizer(tokenizer)
@@ -198,12 +219,21 @@ def measure(name: str, base: Transformer, tuned: Transformer, tokenizer: Any, da
                   if k != "answers"} for label, m in (("base", base), ("organism", tuned))}
 
 
-def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
-  """Builds the base and `config.organism` (a name or 'all'); validates the name before any work."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """`ConfigError` (one line naming the fix) for a build config naming an unknown organism or family."""
   names = ORGANISMS if config.organism == "all" else (config.organism,)
   unknown = [n for n in names if n not in ORGANISMS]
   if unknown:
-    raise ValueError(f"unknown organism {unknown[0]!r}; known organisms: {', '.join(ORGANISMS)} (or 'all').")
+    raise ConfigError(f"config.organism={unknown[0]!r} is not an organism{did_you_mean(unknown[0], ORGANISMS)}; "
+                      f"known: {', '.join(ORGANISMS)} (or 'all').")
+  if config.family not in ("gemma2", "llama"):
+    raise ConfigError(f"config.family={config.family!r}: organisms are built as gemma2 or llama models.")
+
+
+def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
+  """Builds the base and `config.organism` (a name or 'all'); validates the config before any work."""
+  check_config(config)
+  names = ORGANISMS if config.organism == "all" else (config.organism,)
   out = {"base": build_base(config)}
   for name in names:
     out[name] = build_organism(config, name)
@@ -228,15 +258,22 @@ def write_organism_dataset(kind: str, directory: Path, n: int, seed: int = 12345
   return path
 
 
-def resolve_organism_refs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Replaces `organism:NAME` models and datasets in a harvest config by built checkpoint dirs and JSONL files."""
-  from configs.organisms import get_config as organisms_config  # noqa: PLC0415
+def resolve_organism_refs(config: ml_collections.ConfigDict,
+                          organisms: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """Replaces `organism:NAME` models and datasets in a harvest config by built checkpoint dirs and JSONL files.
 
+  `organisms` is the organism build config (configs/organisms.py) that says how to build them; by
+  default the harvest config's own `organisms` field. A config without such references is returned as is.
+  """
   refs = [v for v in (config.base_model, config.finetuned_model) if str(v).startswith(ORGANISM_PREFIX)]
   refs += [d for d in config.datasets if isinstance(d, str) and d.startswith(ORGANISM_PREFIX)]
   if not refs:
     return config
-  oc = organisms_config(f"chat,{config.organism_scale or 'small'}")
+  oc = organisms if organisms is not None else config.get("organisms")
+  if oc is None:
+    raise ConfigError(f"the harvest config names {refs[0]!r} but has no `organisms` build config saying how to build "
+                      "it; add one (c.organisms = configs.organisms.get_config('chat,default'), as "
+                      "configs/harvest_tiny.py does) or name checkpoint directories instead.")
   root = scale_dir(oc)
   out = ml_collections.ConfigDict(config.to_dict())
   for field in ("base_model", "finetuned_model"):
@@ -246,6 +283,9 @@ def resolve_organism_refs(config: ml_collections.ConfigDict) -> ml_collections.C
       out[field] = str(build_base(oc) if name == "base" else build_organism(oc, name))
   out.datasets = [str(write_organism_dataset(d[len(ORGANISM_PREFIX):], root / "datasets", config.num_documents))
                   if isinstance(d, str) and d.startswith(ORGANISM_PREFIX) else d for d in config.datasets]
-  if not out.out_dir:
-    out.out_dir = str(neurodiff_home() / "activations" / f"harvest_tiny-{config.organism_scale}")
   return out
+
+
+__all__ = ["ORGANISM_PREFIX", "build", "build_base", "build_organism", "check_chat_tokenizer", "check_config",
+           "general_corpus",
+           "measure", "resolve_organism_refs", "scale_dir", "write_organism_dataset"]

@@ -49,7 +49,7 @@ def harvest_config(model_pair, tmp_path):
   from configs.harvest_tiny import get_config
 
   base, ft, data = model_pair
-  c = get_config()
+  c = get_config("small")
   c.base_model, c.finetuned_model = base, ft
   c.datasets = [str(data / "text.jsonl"), str(data / "chat.jsonl")]
   c.layers = (0, 1)  # HF hidden_states of the last layer are after the final norm: not a reference

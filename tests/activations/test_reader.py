@@ -15,7 +15,7 @@ def store(model_pair, tmp_path_factory):
   from configs.harvest_tiny import get_config
 
   base, ft, data = model_pair
-  c = get_config()
+  c = get_config("small")
   c.base_model, c.finetuned_model = base, ft
   c.datasets = [str(data / "text.jsonl"), str(data / "chat.jsonl")]
   c.layers, c.seq_len, c.batch_size = (1,), 48, 8

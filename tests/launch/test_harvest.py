@@ -18,8 +18,9 @@ def test_harvest_launcher_on_the_organisms(organisms, tmp_path):
   env = {**os.environ, "NEURODIFF_HOME": config.home, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   out = tmp_path / "store"
-  proc = subprocess.run([sys.executable, "-m", "launch.harvest", "--config=harvest_tiny", "--config.num_documents=80",
-                         f"--config.out_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([sys.executable, "-m", "launch.harvest", "--config=harvest_tiny:small",
+                         "--config.num_documents=80", f"--config.out_dir={out}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "store complete" in proc.stdout and "tok/s" in proc.stderr  # progress bar with a rate
   store = ActivationStore.open(out)
@@ -32,8 +33,9 @@ def test_harvest_launcher_on_the_organisms(organisms, tmp_path):
   diff = np.linalg.norm(x[:, 1] - x[:, 0], axis=-1) / np.linalg.norm(x[:, 0], axis=-1)
   assert diff[kind == 2].mean() > diff[kind == 0].mean() > 0
   # A second run reuses everything.
-  again = subprocess.run([sys.executable, "-m", "launch.harvest", "--config=harvest_tiny", "--config.num_documents=80",
-                          f"--config.out_dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  again = subprocess.run([sys.executable, "-m", "launch.harvest", "--config=harvest_tiny:small",
+                          "--config.num_documents=80", f"--config.out_dir={out}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and re.search(r"(\d+) for process 0/1, \1 already written", again.stdout), again.stdout
 
 
