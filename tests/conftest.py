@@ -1,4 +1,4 @@
-"""Test setup: 8 forced host devices (set before JAX starts) and tiny HF checkpoint builders."""
+"""Test setup: 8 forced host devices (set before JAX starts), checked jaxtyping annotations, tiny HF checkpoints."""
 
 import os
 
@@ -6,7 +6,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
+
+# Every jaxtyping annotation (dtype and shape) in these packages is checked at call time in the
+# tests, by beartype. The hook must be in place before any test imports them.
+jaxtyping.install_import_hook(["neurodiff_jax.crosscoder", "neurodiff_jax.activations"], "beartype.beartype")
 
 
 @pytest.fixture

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 from jaxtyping import Array, Bool, Float
 
 _BITS = 31  # non-negative float32s use the low 31 bits
 
 
-def kth_largest(s: Float[Array, "... n"], k: int | Array, axis: tuple[int, ...] | int | None = None,
+def kth_largest(s: Float[ArrayLike, "... n"], k: int | Array, axis: tuple[int, ...] | int | None = None,
                 axis_name: str | None = None) -> Float[Array, "..."]:
   """The k-th largest value of non-negative `s` over `axis` (None: all), exactly, by bisection on its bits.
 
@@ -52,13 +53,13 @@ def kth_largest(s: Float[Array, "... n"], k: int | Array, axis: tuple[int, ...] 
   return jax.lax.bitcast_convert_type(lo, jnp.float32)
 
 
-def batch_topk_mask(s: Float[Array, "B m"], k: int) -> tuple[Bool[Array, "B m"], Float[Array, ""]]:
+def batch_topk_mask(s: Float[ArrayLike, "B m"], k: int) -> tuple[Bool[Array, "B m"], Float[Array, ""]]:
   """BatchTopK: keep the k·B largest scores of the whole batch; returns the mask and the cut-off score."""
   cut = kth_largest(s, k * s.shape[0])
   return (s >= cut) & (s > 0), cut
 
 
-def topk_mask(s: Float[Array, "B m"], k: int, method: str = "bisect") -> Bool[Array, "B m"]:
+def topk_mask(s: Float[ArrayLike, "B m"], k: int, method: str = "bisect") -> Bool[Array, "B m"]:
   """TopK: keep the k largest scores of each token (ties at the k-th all kept).
 
   `method="top_k"` finds each token's k-th largest as the min of `lax.top_k` (the same value,
@@ -74,7 +75,7 @@ def topk_mask(s: Float[Array, "B m"], k: int, method: str = "bisect") -> Bool[Ar
   return (s >= cut) & (s > 0)
 
 
-def threshold_mask(s: Float[Array, "B m"], theta: Float[Array, ""]) -> Bool[Array, "B m"]:
+def threshold_mask(s: Float[ArrayLike, "B m"], theta: Float[ArrayLike, ""]) -> Bool[Array, "B m"]:
   """Inference-time BatchTopK: a latent is on when its score exceeds the tracked threshold θ."""
   return s > theta
 
