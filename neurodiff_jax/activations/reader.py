@@ -30,6 +30,7 @@ import grain.python as grain
 import jax
 import numpy as np
 import tensorstore as ts
+from numpy.typing import DTypeLike
 
 from neurodiff_jax.activations.chunks import ChunkError, ChunkFiles, read_runs
 from neurodiff_jax.activations.store import ActivationStore, StoreError, layer_name
@@ -278,7 +279,7 @@ class _Failed:
     raise ValueError(str(self.error)) from self.error
 
 
-def gather(window: np.ndarray, rows: np.ndarray, dtype: np.dtype, scale: np.ndarray | None = None,
+def gather(window: np.ndarray, rows: np.ndarray, dtype: DTypeLike, scale: np.ndarray | None = None,
            block: int = 256) -> np.ndarray:
   """`window[rows]` as `dtype` (times `scale`), in blocks of rows so that each block's cast runs in cache."""
   out = np.empty((len(rows),) + window.shape[1:], dtype)
@@ -289,7 +290,7 @@ def gather(window: np.ndarray, rows: np.ndarray, dtype: np.dtype, scale: np.ndar
   return out
 
 
-def to_dtype(x: np.ndarray, dtype: np.dtype, out: np.ndarray | None = None) -> np.ndarray:
+def to_dtype(x: np.ndarray, dtype: DTypeLike, out: np.ndarray | None = None) -> np.ndarray:
   """`x.astype(dtype)` (into `out` if given); bfloat16 -> float32 by an exact bit shift (ml_dtypes' is ~10x slower)."""
   dtype = np.dtype(dtype)
   out = np.empty(x.shape, dtype) if out is None else out

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import tensorstore as ts
@@ -37,6 +37,13 @@ VERSION = 1
 METADATA = {"token_id": "int32", "doc_index": "int32", "position": "int32", "token_kind": "uint8"}
 # The names of the `token_kind` codes (the codes are defined where tokens are labelled, `datasets.py`).
 TOKEN_KINDS = {KIND_TEXT: "text", KIND_SPECIAL: "special", KIND_TEMPLATE: "chat_template"}
+
+
+@runtime_checkable
+class Pending(Protocol):
+  """A read whose `.result()` gives its array or raises: a TensorStore future, or a read that already failed."""
+
+  def result(self) -> Any: ...
 
 
 class StoreError(ValueError):
@@ -255,7 +262,7 @@ class ActivationStore:
     """Activations [hi - lo, M, d] of tokens [lo, hi) at `layer`, in the store dtype."""
     return self.check_read(self.layer(layer)[lo:hi].read(), layer_name(layer), lo, hi)
 
-  def check_read(self, future: ts.Future, name: str, lo: int, hi: int) -> np.ndarray:
+  def check_read(self, future: Pending, name: str, lo: int, hi: int) -> np.ndarray:
     """The result of a read of tokens [lo, hi) of array `name`; a failed read is an error naming the units to redo."""
     try:
       return future.result()
@@ -383,5 +390,5 @@ def write_arrays(root: str | os.PathLike, layers: dict[int, np.ndarray], *, dtyp
   return store
 
 
-__all__ = ["FORMAT", "METADATA", "TOKEN_KINDS", "VERSION", "ActivationStore", "StoreError", "StoreLayout",
+__all__ = ["FORMAT", "METADATA", "TOKEN_KINDS", "VERSION", "ActivationStore", "Pending", "StoreError", "StoreLayout",
            "atomic_write_json", "choose_sizes", "config_key", "layer_name", "merge_stats", "unit_stats", "write_arrays"]

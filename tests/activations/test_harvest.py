@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from neurodiff_jax.activations.datasets import DatasetSpec, tokenize_corpus
+from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, DatasetSpec, tokenize_corpus
 from neurodiff_jax.activations.harvest import harvest, pack_rows, row_buckets
 from neurodiff_jax.activations.store import ActivationStore, StoreError
 from neurodiff_jax.models import load_tokenizer
@@ -37,11 +37,13 @@ def test_harvest_matches_transformers(harvest_config):
   token_id, doc_index = store.metadata("token_id"), store.metadata("doc_index")
   position, kind = store.metadata("position"), store.metadata("token_kind")
   np.testing.assert_array_equal(token_id, np.concatenate([ids[1:] for ids in corpus.ids]))
-  np.testing.assert_array_equal(doc_index, np.concatenate([np.full(len(ids) - 1, i) for i, ids in enumerate(corpus.ids)]))
+  np.testing.assert_array_equal(doc_index,
+                                np.concatenate([np.full(len(ids) - 1, i) for i, ids in enumerate(corpus.ids)]))
   np.testing.assert_array_equal(position, np.concatenate([np.arange(1, len(ids)) for ids in corpus.ids]))
   np.testing.assert_array_equal(kind, np.concatenate([k[1:] for k in corpus.kinds]))
   n_text = corpus.datasets[0]["documents"]
-  assert (kind[doc_index < n_text] == 2).sum() == 0 and (kind[doc_index >= n_text] == 2).sum() > 0
+  template = kind == KIND_TEMPLATE
+  assert template[doc_index < n_text].sum() == 0 and template[doc_index >= n_text].sum() > 0
 
   # Activations of documents across the store (including ones that straddle unit boundaries).
   bounds = [store.layout.unit_range(u)[0] for u in range(store.layout.num_units)]
@@ -57,18 +59,14 @@ def test_harvest_matches_transformers(harvest_config):
         got = store.read(l, lo, lo + len(corpus.ids[d]) - 1)[:, i]
         np.testing.assert_allclose(got, ref[l][1:], rtol=1e-5, atol=1e-5, err_msg=f"model {i} doc {d} layer {l}")
 
-  # Manifest statistics equal numpy over the stored arrays.
+  # The store's statistics (merged from the units) equal numpy over the stored arrays.
   for l in c.layers:
     x = store.read(l, 0, store.layout.num_tokens).astype(np.float64)
-    for i, role in enumerate(("base", "finetuned")):
-      s = m["stats"][str(l)][role]
-      norms = np.linalg.norm(x[:, i], axis=-1)
-      assert s["count"] == len(norms)
-      np.testing.assert_allclose(s["mean_norm"], norms.mean(), rtol=1e-6)
-      np.testing.assert_allclose(s["rms_norm"], np.sqrt((norms ** 2).mean()), rtol=1e-6)
-      np.testing.assert_allclose(s["mean"], x[:, i].mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(store.norm_scale(l), [np.sqrt(64) / m["stats"][str(l)][r]["mean_norm"]
-                                                     for r in ("base", "finetuned")], rtol=1e-6)
+    norms = np.linalg.norm(x, axis=-1)  # [n, M]
+    np.testing.assert_allclose(store.mean_norm(l), norms.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(store.rms_norm(l), np.sqrt((norms ** 2).mean(0)), rtol=1e-6)
+    np.testing.assert_allclose(store.mean(l), x.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(store.norm_scale(l), np.sqrt(64) / norms.mean(0), rtol=1e-6)
 
 
 def test_bf16_store_and_keep_bos(harvest_config, tmp_path):
@@ -84,7 +82,7 @@ def test_bf16_store_and_keep_bos(harvest_config, tmp_path):
   bos = harvest(c)
   assert bos.layout.num_tokens == ref.layout.num_tokens + ref.manifest["num_documents"]
   assert (bos.metadata("position") == 0).sum() == ref.manifest["num_documents"]
-  assert (bos.metadata("token_kind")[bos.metadata("position") == 0] == 1).all()  # BOS is a special token
+  assert (bos.metadata("token_kind")[bos.metadata("position") == 0] == KIND_SPECIAL).all()  # BOS is special
 
 
 def test_rerun_of_a_complete_store_is_a_no_op_and_other_config_is_an_error(harvest_config):
@@ -101,7 +99,7 @@ def test_rerun_of_a_complete_store_is_a_no_op_and_other_config_is_an_error(harve
 
 
 def test_packing_places_every_document_once_within_its_row():
-  lengths = list(np.random.default_rng(0).integers(2, 65, 300))
+  lengths = np.random.default_rng(0).integers(2, 65, 300).tolist()
   rows = pack_rows(lengths, 64)
   assert sorted(i for r in rows for i in r) == list(range(300))
   assert all(sum(lengths[i] for i in r) <= 64 for r in rows)
