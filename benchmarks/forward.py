@@ -20,12 +20,10 @@ Run from the repository root:
   PYTHONPATH=. .venv/bin/python benchmarks/forward.py --small --reps 2      # smoke test, ~1 min
   PYTHONPATH=. .venv/bin/python benchmarks/forward.py --models llama --engines jax,eager --threads 1
 
-Threads: every child is pinned with `sched_setaffinity` to the first `--threads` CPUs. Torch also
-gets `torch.set_num_threads(N)` (and OMP/MKL_NUM_THREADS=N). XLA:CPU has no intra-op thread-count
-flag (`intra_op_parallelism_threads` is a TensorFlow option; XLA_FLAGS ignores it); it sizes its
-Eigen pool from the CPUs in the process's affinity mask, so pinning is what bounds it. `XLA_FLAGS`
-from the environment is passed through untouched. On a shared machine, `--quiet-wait S` waits up
-to S seconds before each timed forward for other processes to go idle.
+Threads: every child is pinned to the first `--threads` CPUs, torch also told N threads
+(`benchmarks/harness.py` says why pinning is what bounds XLA:CPU). `XLA_FLAGS` from the
+environment is passed through untouched. On a shared machine, `--quiet-wait S` waits up to S
+seconds before each timed forward for other processes to go idle.
 """
 
 from __future__ import annotations
@@ -33,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,38 +38,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import harness
+from harness import hf_config
+
 ENGINES = ("jax", "eager", "sdpa")
 ENGINE_NAMES = {"jax": "jax jit", "eager": "torch eager", "sdpa": "torch sdpa"}
-# Trace, lower and compile durations JAX reports through jax.monitoring; their sum is "compile s".
-_COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-
-
-def hf_config(family: str, small: bool) -> Any:
-  """The `transformers` config of the benchmarked model (~100M parameters, or tiny with `small`)."""
-  import transformers
-
-  if small:
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-  else:
-    # GQA 12:4 and tied embeddings (Llama 3.2 / Gemma 2 style) put both models at ~100M.
-    common = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4, head_dim=64)
-  common["tie_word_embeddings"] = True
-  if family == "gemma2":
-    # A window shorter than the sequence, so the sliding layers' mask is exercised.
-    return transformers.Gemma2Config(**common, query_pre_attn_scalar=common["head_dim"],
-                                     sliding_window=16 if small else 128)
-  if family == "llama":
-    return transformers.LlamaConfig(**common)
-  raise ValueError(f"unknown model {family!r}; choose from gemma2, llama.")
-
-
 def build_checkpoint(family: str, small: bool, directory: str, seed: int) -> tuple[int, int]:
   """Saves a random-weight HF model to `directory`; returns (parameter count, vocab size)."""
   import torch
@@ -88,78 +57,21 @@ def build_checkpoint(family: str, small: bool, directory: str, seed: int) -> tup
   return num_params, config.vocab_size
 
 
-def _rss_mib(field: str = "VmHWM") -> float:
-  """Peak (`VmHWM`) or current (`VmRSS`) resident set size of this process, in MiB.
-
-  On Linux a child started by fork/vfork + exec inherits the parent's peak in `ru_maxrss` (the
-  kernel folds the pre-exec address space's high-water mark into it), so a parent that built a
-  100M model would add ~1 GiB to every child's number. `VmHWM` is the high-water mark of the
-  current address space only; `ru_maxrss` is the fallback where /proc is missing.
-  """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) / 1024  # kB
-  except OSError:
-    pass
-  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
-
-
-def _pin(threads: int) -> list[int]:
-  cpus = sorted(os.sched_getaffinity(0))[:threads]
-  os.sched_setaffinity(0, cpus)
-  return cpus
-
-
-def _busy_cpu_s() -> float:
-  """CPU seconds all processes on the machine have used (busy and stolen), from /proc/stat."""
-  try:
-    with open("/proc/stat") as f:
-      fields = [int(v) for v in f.readline().split()[1:]]
-  except OSError:
-    return float("nan")
-  idle, iowait = fields[3], fields[4]
-  return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
-
-
-def _others_cpu_s(busy_before: float, own_before: float) -> float:
-  """CPU seconds other processes used since the two readings."""
-  return max((_busy_cpu_s() - busy_before) - (sum(os.times()[:2]) - own_before), 0.0)
-
-
-def _wait_quiet(max_wait_s: float) -> None:
-  """Waits (up to `max_wait_s`) for a 2 s window in which other processes use < 0.1 CPU-s."""
-  deadline = time.monotonic() + max_wait_s
-  while time.monotonic() < deadline:
-    busy, own = _busy_cpu_s(), sum(os.times()[:2])
-    time.sleep(2.0)
-    if _others_cpu_s(busy, own) < 0.1:
-      return
-
-
 def _time_reps(forward: Callable[[], Any], spec: dict[str, Any]) -> tuple[list[float], list[float]]:
   """Wall seconds of each timed forward, and the CPU seconds other processes used during each."""
   for _ in range(spec["warmup"]):
     forward()
-  times, others = [], []
-  for _ in range(spec["reps"]):
-    if spec["quiet_wait"] > 0:
-      _wait_quiet(spec["quiet_wait"])
-    busy, own = _busy_cpu_s(), sum(os.times()[:2])
-    start = time.perf_counter()
+
+  def call(_: int) -> None:
     out = forward()
-    times.append(time.perf_counter() - start)
-    # On a small shared machine other processes are the main source of noise; report it.
-    others.append(_others_cpu_s(busy, own))
     del out  # One logits array alive at a time, on both engines.
-  return times, others
+
+  return harness.time_calls(call, spec["reps"], spec["quiet_wait"])
 
 
 def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   """Child: loads our model, times `jit_forward` and reports compile time and peak RSS."""
-  cpus = _pin(spec["threads"])  # Before XLA starts: it sizes its thread pool from the affinity.
+  cpus = harness.pin(spec["threads"])  # Before XLA starts: it sizes its thread pool from the affinity.
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -167,13 +79,10 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
 
   from neurodiff_jax.models import jit_forward, load_model
 
-  rss_imports = _rss_mib()
-  compile_s = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **_: compile_s.append(duration) if event in _COMPILE_EVENTS else None
-  )
+  rss_imports = harness.rss_mib()
+  compile_s = harness.compile_seconds()
   model = load_model(spec["checkpoint"], dtype=jnp.float32)
-  rss_loaded = _rss_mib("VmRSS")
+  rss_loaded = harness.rss_mib("VmRSS")
   fwd = jit_forward(model)
   ids = jnp.asarray(np.load(spec["ids"]))
   mask = jnp.ones(ids.shape, jnp.bool_)
@@ -186,26 +95,26 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   del logits
   times, others = _time_reps(lambda: jax.block_until_ready(fwd(ids, mask).logits), spec)
   return dict(times=times, others_cpu_s=others, first_s=first_s, compile_s=sum(compile_s),
-              rss_imports=rss_imports, rss_loaded=rss_loaded, peak_rss=_rss_mib(), cpus=cpus, threads=len(cpus))
+              rss_imports=rss_imports, rss_loaded=rss_loaded, peak_rss=harness.rss_mib(), cpus=cpus, threads=len(cpus))
 
 
 def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
   """Child: loads the HF model with one attention implementation and times its forward."""
-  cpus = _pin(spec["threads"])
+  cpus = harness.pin(spec["threads"])
   import numpy as np
   import torch
   import transformers
 
   torch.set_num_threads(spec["threads"])
   transformers.utils.logging.disable_progress_bar()
-  rss_imports = _rss_mib()
+  rss_imports = harness.rss_mib()
   try:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         spec["checkpoint"], attn_implementation=spec["engine"], dtype=torch.float32
     ).eval()
   except ValueError as e:  # transformers refuses e.g. sdpa for Gemma 2 (it cannot soft-cap).
     return dict(unsupported=str(e).split(". ")[0] + ".")
-  rss_loaded = _rss_mib("VmRSS")
+  rss_loaded = harness.rss_mib("VmRSS")
   ids = torch.from_numpy(np.load(spec["ids"]))
   mask = torch.ones_like(ids)
 
@@ -221,17 +130,12 @@ def run_torch(spec: dict[str, Any]) -> dict[str, Any]:
     del logits
     times, others = _time_reps(forward, spec)
   return dict(times=times, others_cpu_s=others, first_s=first_s, rss_imports=rss_imports, rss_loaded=rss_loaded,
-              peak_rss=_rss_mib(), cpus=cpus, threads=torch.get_num_threads())
+              peak_rss=harness.rss_mib(), cpus=cpus, threads=torch.get_num_threads())
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs one (model, engine) measurement in a fresh interpreter so its peak RSS is its own."""
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
-  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    env[var] = str(spec["threads"])
-  env.setdefault("HF_HUB_OFFLINE", "1")
-  env.setdefault("TOKENIZERS_PARALLELISM", "false")
+  env = harness.child_env(spec["threads"])
   result_path = spec["logits"] + ".json"
   cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec), "--_result", result_path]
   proc = subprocess.run(cmd, env=env)
@@ -251,29 +155,25 @@ def max_abs_diff(path_a: str, path_b: str) -> float:
   return max(float(np.max(np.abs(np.asarray(x, np.float64) - y))) for x, y in zip(a, b))
 
 
-def _ms(seconds: float) -> str:
-  return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.2f}"
-
-
 def markdown_table(rows: list[dict[str, Any]], tokens: int) -> str:
   """The results as a Markdown table, one row per (model, engine)."""
   head = ["model", "params (M)", "engine", "tokens/s (median)", "ms/forward (median)", "jax speed-up",
           "peak RSS (MiB)", "compile s", "max abs Δlogits vs jax"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-  jax_rate = {r["model"]: tokens / statistics.median(r["times"]) for r in rows if r["engine"] == "jax" and "times" in r}
+  jax_rate = {r["model"]: tokens / harness.median(r["times"]) for r in rows if r["engine"] == "jax" and "times" in r}
+  table = []
   for r in rows:
     cells = [r["model"], f"{r['params'] / 1e6:.1f}", ENGINE_NAMES[r["engine"]]]
     if "unsupported" in r:
       cells += ["n/a (unsupported)"] + ["—"] * 5
     else:
-      median = statistics.median(r["times"])
+      median = harness.median(r["times"])
       rate = tokens / median
       speedup = "—" if r["engine"] == "jax" or r["model"] not in jax_rate else f"{jax_rate[r['model']] / rate:.2f}×"
       compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "—"
       max_diff = f"{r['max_diff']:.2e}" if "max_diff" in r else "—"
-      cells += [f"{rate:,.0f}", _ms(median), speedup, f"{r['peak_rss']:,.0f}", compile_s, max_diff]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+      cells += [f"{rate:,.0f}", harness.ms(median), speedup, f"{r['peak_rss']:,.0f}", compile_s, max_diff]
+    table.append(cells)
+  return harness.markdown_table(head, table)
 
 
 def details(rows: list[dict[str, Any]]) -> str:
@@ -284,14 +184,12 @@ def details(rows: list[dict[str, Any]]) -> str:
     if "unsupported" in r:
       lines.append(f"{name}: {r['unsupported']}")
       continue
-    t = sorted(r["times"])
-    # /proc/stat counts 10 ms ticks, so under ~2 ticks "contention" is rounding.
-    contended = sum(o > max(0.05 * w, 0.02) for o, w in zip(r["others_cpu_s"], r["times"]))
+    t = r["times"]
     lines.append(
-        f"{name}: min/median/max {_ms(t[0])}/{_ms(statistics.median(t))}/{_ms(t[-1])} ms over {len(t)} reps; "
-        f"first call {r['first_s']:.1f} s; other processes used {sum(r['others_cpu_s']):.1f} CPU-s in "
-        f"{sum(t):.1f} s timed ({contended} reps above 5% of a core); RSS {r['rss_imports']:,.0f} MiB after "
-        f"imports, {r['rss_loaded']:,.0f} MiB after loading; {r['threads']} threads on CPUs {r['cpus']}"
+        f"{name}: {harness.spread(t)}; first call {r['first_s']:.1f} s; other processes used "
+        f"{sum(r['others_cpu_s']):.1f} CPU-s in {sum(t):.1f} s timed ({harness.contended(t, r['others_cpu_s'])} reps "
+        f"above 5% of a core); RSS {r['rss_imports']:,.0f} MiB after imports, {r['rss_loaded']:,.0f} MiB after "
+        f"loading; {r['threads']} threads on CPUs {r['cpus']}"
     )
   return "\n".join(lines)
 
@@ -350,14 +248,14 @@ def main(argv: list[str] | None = None) -> None:
           print(f"[{family}] {ENGINE_NAMES[engine]}: unsupported ({result['unsupported']})", flush=True)
           continue
         logits[engine] = spec["logits"]
-        print(f"[{family}] {ENGINE_NAMES[engine]}: median {_ms(statistics.median(result['times']))} ms, "
+        print(f"[{family}] {ENGINE_NAMES[engine]}: median {harness.ms(harness.median(result['times']))} ms, "
               f"peak RSS {result['peak_rss']:,.0f} MiB", flush=True)
       for r in rows:
         if r["model"] == family and r["engine"] != "jax" and "jax" in logits and r["engine"] in logits:
           r["max_diff"] = max_abs_diff(logits["jax"], logits[r["engine"]])
 
   print(f"\nBatch {batch} × {seq} tokens, float32, {args.threads} thread(s), {args.reps} timed reps after "
-        f"{args.warmup} warm-up forward(s).\n")
+        f"{args.warmup} warm-up forward(s). {harness.machine()}\n")
   print(markdown_table(rows, batch * seq))
   print()
   print(details(rows))

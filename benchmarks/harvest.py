@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,11 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from forward import _COMPILE_EVENTS, _pin, _rss_mib, hf_config  # noqa: E402
+import harness
+from harness import hf_config
 
 
 def prepare(work: Path, small: bool, n_docs: int) -> dict:
@@ -74,9 +70,7 @@ def run_jax(spec: dict) -> dict:
   from configs.harvest_tiny import get_config
   from neurodiff_jax.activations.harvest import harvest
 
-  compile_s = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **_: compile_s.append(duration) if event in _COMPILE_EVENTS else None)
+  compile_s = harness.compile_seconds()
   c = get_config()
   c.base_model, c.finetuned_model, c.datasets = spec["base"], spec["finetuned"], [spec["data"]]
   c.layers, c.seq_len, c.batch_size = (spec["layer"],), spec["seq_len"], spec["batch_size"]
@@ -130,9 +124,9 @@ def run_torch(spec: dict, sort: bool) -> dict:
 
 def child(spec: dict) -> None:
   """Runs one engine in this (fresh) process and prints a JSON result."""
-  cpus = _pin(spec["threads"])
+  cpus = harness.pin(spec["threads"])
   res = run_jax(spec) if spec["engine"] == "jax" else run_torch(spec, sort=spec["engine"] == "torch-sort")
-  res.update(engine=spec["engine"], cpus=cpus, peak_rss_mib=_rss_mib())
+  res.update(engine=spec["engine"], cpus=cpus, peak_rss_mib=harness.rss_mib())
   print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -172,7 +166,7 @@ def main() -> None:
     for engine in args.engines.split(","):
       spec = dict(paths, engine=engine, threads=args.threads, layer=layer, seq_len=args.seq_len,
                   batch_size=args.batch_size, out=str(work / f"out-{engine}"))
-      env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": str(args.threads)}
+      env = harness.child_env(args.threads, "cpu")
       proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                             text=True)
       line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -182,15 +176,17 @@ def main() -> None:
     jax_rate = next((r["tokens"] / r["harvest_s"] for r in results if r["engine"] == "jax"), None)
     jax_steady = next((r["tokens"] / (r["harvest_s"] - r["compile_s"]) for r in results if r["engine"] == "jax"), None)
     print(f"\nharvest: 2 × Gemma 2 ({'tiny' if args.small else '~100M'}), layer {layer}, {args.docs} documents, "
-          f"seq_len {args.seq_len}, batch {args.batch_size}, bf16 output, {args.threads} threads\n")
-    print("| engine | tokens | harvest s | of which compile s | tokens/s | tokens/s w/o compile | jax speed-up "
-          "(w/o compile) | load s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"seq_len {args.seq_len}, batch {args.batch_size}, bf16 output, {args.threads} threads; "
+          f"{harness.machine()}\n")
+    head = ["engine", "tokens", "harvest s", "of which compile s", "tokens/s", "tokens/s w/o compile",
+            "jax speed-up (w/o compile)", "load s", "peak RSS MiB"]
+    rows = []
     for r in results:
       rate, steady = r["tokens"] / r["harvest_s"], r["tokens"] / (r["harvest_s"] - r["compile_s"])
       speed = f"{jax_rate / rate:.2f}× ({jax_steady / steady:.2f}×)" if jax_rate else "n/a"
-      print(f"| {r['engine']} | {r['tokens']:,} | {r['harvest_s']:.1f} | {r['compile_s']:.1f} | {rate:,.0f} | "
-            f"{steady:,.0f} | {speed} | {r['load_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+      rows.append([r["engine"], f"{r['tokens']:,}", f"{r['harvest_s']:.1f}", f"{r['compile_s']:.1f}", f"{rate:,.0f}",
+                   f"{steady:,.0f}", speed, f"{r['load_s']:.1f}", f"{r['peak_rss_mib']:.0f}"])
+    print(harness.markdown_table(head, rows))
     if {"jax", "torch"} <= {r["engine"] for r in results}:
       worst, median = compare(str(work / "out-jax"), str(work / "out-torch"), layer)
       print(f"\nper-token ‖jax − torch‖ / ‖torch‖ over all stored activations: max {worst:.2e}, median {median:.2e} "

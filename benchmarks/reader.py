@@ -12,9 +12,10 @@ page cache (`posix_fadvise(DONTNEED)` on every file first) and again warm:
 each over three consecutive epochs of one iterator (the first from a cold cache, including the
 buffers and the first window; a steady epoch after dropping the cache again; a steady epoch
 warm), interleaved `--reps` times (this VM's disk speed drifts); it prints the medians of MB/s
-(bytes of bf16 activations delivered), batches/s and the share of the raw speed. Then it shows whether a crosscoder step would wait: a BatchTopK crosscoder training
-step at `--cc-d` per model (encode, top-k, decode, Adam update; jitted) is timed alone and then
-fed by the reader at that width; the table gives the fraction of wall time spent waiting on data.
+(bytes of bf16 activations delivered), batches/s and the share of the raw speed. Then it shows
+whether a crosscoder step would wait: the library's BatchTopK training step
+(`crosscoder.step.make_train_step`, default train step and loss, Adam) at `--cc-d` per model is
+timed alone and then fed by the reader at that width: the fraction of wall time spent waiting on data.
 
   PYTHONPATH=. .venv/bin/python benchmarks/reader.py             # ~4 min, ~3 GB of disk
   PYTHONPATH=. .venv/bin/python benchmarks/reader.py --tokens 20000 --reps 1
@@ -24,19 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from neurodiff_jax.activations.reader import batch_dataset, batch_iterator  # noqa: E402
-from neurodiff_jax.activations.store import (  # noqa: E402
-    FORMAT, METADATA, VERSION, ActivationStore, choose_sizes, config_key, layer_name)
+import harness
+from neurodiff_jax.activations.reader import batch_dataset, batch_iterator
+from neurodiff_jax.activations.store import (FORMAT, METADATA, VERSION, ActivationStore, choose_sizes, config_key,
+                                             layer_name)
 
 
 def write_store(root: Path, tokens: int, d: int, seed: int = 0) -> ActivationStore:
@@ -111,46 +109,41 @@ def reader_epochs(store: ActivationStore, batch: int, window: int | None, files:
   return out
 
 
-def crosscoder_step(d: int, m: int, k: int, batch: int):
-  """A jitted BatchTopK crosscoder training step (2 models) and its state, as issue 5 will train."""
+def crosscoder_step(d: int, m: int, k: int):
+  """The library's jitted BatchTopK training step (2 models, default train step and loss) and its state."""
   import jax
-  import jax.numpy as jnp
   import optax
 
-  key = jax.random.key(0)
-  w_dec = jax.random.normal(key, (m, 2, d)) * 0.01
-  params = {"w_enc": jnp.transpose(w_dec, (1, 2, 0)), "b_enc": jnp.zeros(m), "w_dec": w_dec, "b_dec": jnp.zeros((2, d))}
-  opt = optax.adam(1e-4)
+  from neurodiff_jax.crosscoder import sharding
+  from neurodiff_jax.crosscoder import step as step_lib
+  from neurodiff_jax.crosscoder.model import CrosscoderConfig
+  from neurodiff_jax.crosscoder.objective import LossConfig
 
-  def loss(p, x):
-    a = jax.nn.relu(jnp.einsum("bmd,mdl->bl", x, p["w_enc"]) + p["b_enc"])
-    score = a * jnp.linalg.norm(p["w_dec"], axis=-1).sum(-1)
-    cut = jax.lax.top_k(score.reshape(-1), k * x.shape[0])[0][-1]
-    f = jnp.where(score >= cut, a, 0.0)
-    xh = jnp.einsum("bl,lmd->bmd", f, p["w_dec"]) + p["b_dec"]
-    return jnp.mean(jnp.sum((x - xh) ** 2, axis=(1, 2)))
+  cfg, tx = CrosscoderConfig(num_models=2, d_model=d, dict_size=m, k=k), optax.adam(1e-4)
+  mesh = sharding.make_mesh(1, 1)
+  norm, key = np.ones(2, np.float32), jax.random.key(0)
+  state = step_lib.sharded_init(key, cfg, tx, mesh, norm, None)
+  abstract = jax.eval_shape(lambda key: step_lib.init_state(key, cfg, tx, norm, None), key)
+  step = step_lib.make_train_step(cfg, LossConfig(), tx, mesh, abstract)
 
-  @jax.jit
-  def step(p, s, x):
-    l, g = jax.value_and_grad(loss)(p, x)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, l
+  def run(state, x):
+    return step(state, step_lib.global_batch(x, mesh))
 
-  return step, params, opt.init(params)
+  return run, state
 
 
 def training_wait(store: ActivationStore, args) -> dict:
   """Steps/s of the crosscoder step alone and fed by the reader, and the fraction of time waiting on data."""
   import jax
 
-  step, p, s = crosscoder_step(store.layout.d_model, args.cc_m, args.cc_k, args.batch)
-  x = np.zeros((args.batch, 2, store.layout.d_model), np.float32)
-  p, s, l = step(p, s, x)
-  jax.block_until_ready(l)
+  step, state = crosscoder_step(store.layout.d_model, args.cc_m, args.cc_k)
+  x = np.random.default_rng(0).standard_normal((args.batch, 2, store.layout.d_model), np.float32)
+  state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
   t0 = time.perf_counter()
   for _ in range(args.steps):
-    p, s, l = step(p, s, x)
-  jax.block_until_ready(l)
+    state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
   alone = (time.perf_counter() - t0) / args.steps
   it = batch_iterator(batch_dataset(store, 0, args.batch, seed=1, window_tokens=args.window), prefetch=4, num_threads=2)
   next(it)
@@ -160,8 +153,8 @@ def training_wait(store: ActivationStore, args) -> dict:
     tw = time.perf_counter()
     x = next(it)
     wait += time.perf_counter() - tw
-    p, s, l = step(p, s, x)
-  jax.block_until_ready(l)
+    state, metrics = step(state, x)
+  jax.block_until_ready(metrics)
   fed = (time.perf_counter() - t0) / args.steps
   return {"alone_s": alone, "fed_s": fed, "wait_frac": wait / (fed * args.steps)}
 
@@ -197,15 +190,13 @@ def main() -> None:
         name = "reader" if direct else "reader via TensorStore"
         for k, v in r.items():
           runs.setdefault(f"{name} {k}", []).append(v)
-    med = {k: float(np.median(v)) for k, v in runs.items()}
+    med = {k: harness.median(v) for k, v in runs.items()}
     batch_bytes = args.batch * store.layout.token_bytes
     print(f"\nreader: {args.tokens:,} tokens × 2 × {args.d} bf16 ({size / 1e9:.2f} GB on disk, shard "
           f"{store.layout.shard_tokens} / chunk {store.layout.chunk_tokens} tokens), batch {args.batch}, "
           f"window {args.window or 'default (512 MiB)'} tokens, {args.dtype} output, epochs of "
           f"{len(batch_dataset(store, 0, args.batch, window_tokens=args.window, num_epochs=1))} batches, "
-          f"median of {args.reps}\n")
-    print("| page cache | method | MB/s | batches/s | share of raw |")
-    print("|---|---|---|---|---|")
+          f"median of {args.reps}; {harness.machine()}\n")
     rows = [("cold", "raw sequential read", "raw cold"),
             ("cold", "reader, first epoch (incl. buffers and first window)", "reader first"),
             ("cold", "reader, steady epoch", "reader cold"),
@@ -213,9 +204,9 @@ def main() -> None:
             ("warm", "raw sequential read", "raw warm"),
             ("warm", "reader, steady epoch", "reader warm"),
             ("warm", "reader via TensorStore, steady epoch", "reader via TensorStore warm")]
-    for cache, label, key in rows:
-      bps = "" if key.startswith("raw") else f"{med[key] / batch_bytes:.1f}"
-      print(f"| {cache} | {label} | {med[key] / 1e6:,.0f} | {bps} | {med[key] / med['raw ' + cache]:.0%} |")
+    table = [[cache, label, f"{med[key] / 1e6:,.0f}", "" if key.startswith("raw") else f"{med[key] / batch_bytes:.1f}",
+              f"{med[key] / med['raw ' + cache]:.0%}"] for cache, label, key in rows]
+    print(harness.markdown_table(["page cache", "method", "MB/s", "batches/s", "share of raw"], table))
     print(f"\nfirst batch after {med['reader first_batch_s']:.2f} s (TensorStore: "
           f"{med['reader via TensorStore first_batch_s']:.2f} s)")
     small = write_store(Path(tmp) / "small", max(args.tokens, 8 * args.batch), args.cc_d, seed=1)

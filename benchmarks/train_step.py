@@ -4,7 +4,7 @@ Both engines train a BatchTopK dictionary on the same paired activations (plante
 from `neurodiff_jax.crosscoder.synthetic`, x [B, 2, d]), each in a fresh subprocess pinned to the
 same `--threads` cores, and are timed one step at a time after `--warmup` untimed steps:
 
-  * neurodiff-jax        `train.make_train_step` (one jit: loss, grads, Adam, θ EMA, dead-latent
+  * neurodiff-jax        `step.make_train_step` (one jit: loss, grads, Adam, θ EMA, dead-latent
                          counters; state donated) on a 1 × 1 mesh, float32, batch [B, 2, d], in its two
                          implementations (`config.train_step`): `jax` = "pairs" (decode and backward on
                          the k·B selected pairs, crosscoder/pairs.py; the default), `jax-dense` = "dense"
@@ -23,16 +23,17 @@ Run from the repository root:
   PYTHONPATH=. .venv/bin/python benchmarks/train_step.py --steps 3 --warmup 1 --auxk off   # smoke test
   PYTHONPATH=. .venv/bin/python benchmarks/train_step.py --gemma2b --platform gpu --peak-tflops 67
 
-AuxK scenarios (`--auxk`, default both). dictionary-learning runs AuxK in a Python branch only when
-some latent is dead; ours is one branch-free jit that computes the masked AuxK decode whenever
-`aux_coef > 0`, dead latents or not. So that both do the same work in each row:
+AuxK scenarios (`--auxk`, default both). Both engines run AuxK only when some latent is dead:
+dictionary-learning in a Python branch, ours in a `lax.cond` inside the jitted step
+(`objective.aux_loss`), so a step with no dead latent pays only the `any(dead)` test. Each row:
 
-  * off  no latent is dead (a fresh run): theirs skips AuxK; ours runs with `aux_coef = 0`. (With
-         the default `aux_coef` ours would pay the AuxK matmuls here too; see `on`.)
+  * off  no latent is dead (a fresh run): both skip AuxK. Ours runs with `aux_coef = 0`, which
+         also leaves the cond out; with the default `aux_coef` the cond would take the skip branch.
   * on   every latent counts as dead (`dead_tokens = 0`; theirs `dead_feature_threshold = 0`), so
          both run AuxK every step: what any step of a long run with dead latents costs. k_aux is
-         theirs, (2d) / 2 = d, on both (ours defaults to d / 2; our bisection's cost does not
-         depend on k_aux, their `topk`'s does).
+         theirs, (2d) / 2 = d, on both (ours defaults to d / 2). Each token's k_aux-th largest is
+         found by bisection in our dense step (cost independent of k_aux) and by `lax.top_k` in
+         our pairs step, as by their `topk` (costs that grow with k_aux).
 
 FLOPs per step, matmuls only (elementwise work, BatchTopK selection and Adam are O(B·m) or O(m·D)
 and are not counted). With D = 2d the input width and U = 2·B·D·m one [B, D] × [D, m] product:
@@ -62,9 +63,11 @@ theirs computes the geometric median of the first batch to initialise b_dec at s
 by the warm-up), tracks the inference threshold only after `threshold_start_step` (set to 0 here,
 so it does so every step as in a long run; ours always updates θ), renormalises decoder columns
 to unit norm and projects the parallel gradient out every step, selects by `topk` over the B·m
-flattened activations then scatters (ours bisects on the float bits and masks) and syncs the host
-every step through `loss.item()`. Ours scores latents by relu(a) · Σ_i‖W_dec[j, i]‖ (theirs by
-relu(a), decoder columns having unit norm). Batches are on the device before timing on both.
+flattened activations then scatters, and syncs the host every step through `loss.item()`. Ours
+selects in the dense step by bisecting on the float bits and masking, in the pairs step by
+`lax.top_k` candidates per token and a bisection over those; it scores latents by
+relu(a) · Σ_i‖W_dec[j, i]‖ (theirs by relu(a), decoder columns having unit norm). Batches are on
+the device before timing on both.
 
 Installing the reference (benchmark only; not a runtime dependency, like torch). Its metadata
 requires `nnsight<0.4`, which requires torch (and accelerate/torchvision/diffusers), so a plain
@@ -78,9 +81,8 @@ What imports `dictionary_learning.trainers.BatchTopKTrainer` and keeps torch 2.1
 (`dictionary_learning/__init__.py` imports its activation buffer, hence nnsight, hence those.) For
 `--platform gpu` the machine needs jax with CUDA and a CUDA torch; the reference itself is the same.
 
-Threads follow `benchmarks/forward.py`: each child is pinned with `sched_setaffinity` to the first
-`--threads` CPUs before importing XLA or torch (XLA:CPU sizes its Eigen pool from the affinity
-mask); torch also gets `torch.set_num_threads(N)` and OMP/MKL/OPENBLAS_NUM_THREADS = N.
+Threads: each child is pinned to the first `--threads` CPUs before importing XLA or torch, torch
+also told N threads (`benchmarks/harness.py`).
 """
 
 from __future__ import annotations
@@ -88,7 +90,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,11 +99,7 @@ from typing import Any
 
 import numpy as np
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO_ROOT)
-sys.path.insert(0, os.path.join(_REPO_ROOT, "benchmarks"))
-
-from forward import _COMPILE_EVENTS, _busy_cpu_s, _others_cpu_s, _pin, _rss_mib, _wait_quiet  # noqa: E402
+import harness
 
 ENGINES = ("jax", "jax-dense", "dl")
 ENGINE_NAMES = {"jax": "neurodiff-jax (pairs)", "jax-dense": "neurodiff-jax (dense)", "dl": "dictionary-learning"}
@@ -137,32 +134,13 @@ def make_data(path: str, d_model: int, tokens: int, seed: int) -> None:
 
 def _time_steps(step: Callable[[int], Any], spec: dict[str, Any]) -> tuple[list[float], list[float]]:
   """Wall seconds of each timed step (each ends synchronised), and other processes' CPU seconds during each."""
-  times, others = [], []
-  for i in range(spec["steps"]):
-    if spec["quiet_wait"] > 0:
-      _wait_quiet(spec["quiet_wait"])
-    busy, own = _busy_cpu_s(), sum(os.times()[:2])
-    start = time.perf_counter()
-    step(spec["warmup"] + 1 + i)  # Past the warm-up (and theirs FlopCounterMode) steps' indices.
-    times.append(time.perf_counter() - start)
-    others.append(_others_cpu_s(busy, own))
-  return times, others
-
-
-def _best_rate(fn: Callable[[], Any], flops: float, reps: int = 3) -> float:
-  """FLOP/s of the fastest of `reps` synchronised calls of `fn`, after one untimed call."""
-  fn()
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return flops / best
+  # Indices past the warm-up (and theirs FlopCounterMode) steps'.
+  return harness.time_calls(step, spec["steps"], spec["quiet_wait"], first_index=spec["warmup"] + 1)
 
 
 def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   """Child: builds our train state and jitted step and times it."""
-  cpus = _pin(spec["threads"])  # Before XLA starts: it sizes its thread pool from the affinity.
+  cpus = harness.pin(spec["threads"])  # Before XLA starts: it sizes its thread pool from the affinity.
   import jax
   import jax.numpy as jnp
 
@@ -174,10 +152,8 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   platform = jax.default_backend()
   if platform != spec["platform"]:
     raise RuntimeError(f"jax runs on {platform!r}, not the requested {spec['platform']!r}.")
-  rss_imports = _rss_mib()
-  compile_s = []
-  jax.monitoring.register_event_duration_secs_listener(
-      lambda event, duration, **_: compile_s.append(duration) if event in _COMPILE_EVENTS else None)
+  rss_imports = harness.rss_mib()
+  compile_s = harness.compile_seconds()
 
   d, B = spec["d_model"], spec["batch"]
   config = base_config()
@@ -219,19 +195,19 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   n = spec["peak_size"]
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   mm = jax.jit(lambda x: jnp.dot(x, x, precision=jax.lax.Precision.HIGHEST))
-  peaks = {"jax": _best_rate(lambda: mm(a).block_until_ready(), 2.0 * n**3)}
+  peaks = {"jax": harness.best_rate(lambda: mm(a).block_until_ready(), 2.0 * n**3)}
   device_peak = None
   if platform != "cpu":
     device_peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   return dict(times=times, others_cpu_s=others, first_s=first_s, compile_s=sum(compile_s), counted_flops=xla_flops,
               counted_by="XLA cost analysis", peaks=peaks, losses=[float(v) for v in jax.device_get(losses)],
-              rss_imports=rss_imports, peak_rss=_rss_mib(), device_peak_bytes=device_peak, cpus=cpus,
+              rss_imports=rss_imports, peak_rss=harness.rss_mib(), device_peak_bytes=device_peak, cpus=cpus,
               threads=len(cpus), platform=platform, dense_steps=dense_steps)
 
 
 def run_dl(spec: dict[str, Any]) -> dict[str, Any]:
   """Child: builds dictionary-learning's BatchTopKTrainer on [x_base; x_chat] and times `update`."""
-  cpus = _pin(spec["threads"])
+  cpus = harness.pin(spec["threads"])
   import torch
   from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
   from torch.utils.flop_counter import FlopCounterMode
@@ -240,7 +216,7 @@ def run_dl(spec: dict[str, Any]) -> dict[str, Any]:
   device = "cuda" if spec["platform"] == "gpu" else "cpu"
   if device == "cuda" and not torch.cuda.is_available():
     raise RuntimeError(f"torch {torch.__version__} sees no CUDA device; install a CUDA build for --platform gpu.")
-  rss_imports = _rss_mib()
+  rss_imports = harness.rss_mib()
   d, B = spec["d_model"], spec["batch"]
   # threshold_start_step=0: θ is tracked every step, as in a long run (the default waits 1000 steps).
   # steps / warmup_steps only shape the lr schedule, which costs the same whatever it says.
@@ -270,39 +246,26 @@ def run_dl(spec: dict[str, Any]) -> dict[str, Any]:
 
   n = spec["peak_size"]
   a = torch.randn(n, n, device=device)
-  peaks = {"torch": _best_rate(lambda: (a @ a, sync()), 2.0 * n**3)}
+  peaks = {"torch": harness.best_rate(lambda: (a @ a, sync()), 2.0 * n**3)}
   if device == "cpu":
     an = a.numpy()
-    peaks["numpy"] = _best_rate(lambda: an @ an, 2.0 * n**3)
+    peaks["numpy"] = harness.best_rate(lambda: an @ an, 2.0 * n**3)
   device_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
   return dict(times=times, others_cpu_s=others, first_s=first_s, counted_flops=float(counter.get_total_flops()),
               counted_by="torch FlopCounterMode", peaks=peaks, losses=losses, rss_imports=rss_imports,
-              peak_rss=_rss_mib(), device_peak_bytes=device_peak, cpus=cpus, threads=torch.get_num_threads(),
+              peak_rss=harness.rss_mib(), device_peak_bytes=device_peak, cpus=cpus, threads=torch.get_num_threads(),
               platform=spec["platform"])
 
 
 def measure(spec: dict[str, Any], result_path: str) -> dict[str, Any]:
   """Runs one (scenario, engine) measurement in a fresh, pinned interpreter."""
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (_REPO_ROOT, env.get("PYTHONPATH")) if p)
-  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    env[var] = str(spec["threads"])
-  if spec["platform"] == "cpu":
-    env["JAX_PLATFORMS"] = "cpu"  # A GPU jax install would otherwise take the GPU.
+  env = harness.child_env(spec["threads"], spec["platform"])
   cmd = [sys.executable, os.path.abspath(__file__), "--_child", json.dumps(spec), "--_result", result_path]
   proc = subprocess.run(cmd, env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"{spec['engine']}/auxk={spec['auxk']} child failed with exit code {proc.returncode}.")
   with open(result_path) as f:
     return json.load(f)
-
-
-def _ms(seconds: float) -> str:
-  return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.2f}"
-
-
-def _rate(flops_per_s: float) -> str:
-  return f"{flops_per_s / 1e12:,.2f} T" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:,.1f} G"
 
 
 def markdown_table(rows: list[dict[str, Any]], batch: int, peak: float, peak_tflops: float | None) -> str:
@@ -312,40 +275,38 @@ def markdown_table(rows: list[dict[str, Any]], batch: int, peak: float, peak_tfl
   if peak_tflops:
     head.append("MFU")
   head += ["peak RSS (MiB)", "first step s"]
-  lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-  median = {(r["auxk"], r["engine"]): statistics.median(r["times"]) for r in rows}
+  median = {(r["auxk"], r["engine"]): harness.median(r["times"]) for r in rows}
+  table = []
   for r in rows:
     t = median[r["auxk"], r["engine"]]
     other = median.get((r["auxk"], "dl"))
     speedup = f"{other / t:.2f}×" if r["engine"] != "dl" and other else "—"
     achieved = r["flops"] / t
-    cells = [r["auxk"], ENGINE_NAMES[r["engine"]], _ms(t), f"{1 / t:.3g}", f"{batch / t:,.0f}", speedup,
-             _rate(r["flops"]), _rate(achieved), f"{100 * achieved / peak:.0f}%"]
+    cells = [r["auxk"], ENGINE_NAMES[r["engine"]], harness.ms(t), f"{1 / t:.3g}", f"{batch / t:,.0f}", speedup,
+             harness.flops(r["flops"]), harness.flops(achieved), f"{100 * achieved / peak:.0f}%"]
     if peak_tflops:
       cells.append(f"{100 * achieved / (peak_tflops * 1e12):.1f}%")
     cells += [f"{r['peak_rss']:,.0f}", f"{r['first_s']:.1f}"]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    table.append(cells)
+  return harness.markdown_table(head, table)
 
 
 def details(rows: list[dict[str, Any]]) -> str:
   """Per-run details that do not fit the table: spread, contention, FLOP check, compile, memory, losses."""
   lines = []
   for r in rows:
-    t = sorted(r["times"])
-    contended = sum(o > max(0.05 * w, 0.02) for o, w in zip(r["others_cpu_s"], r["times"]))
+    t = r["times"]
     extra = f"; compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
     if r["engine"] == "jax":
       extra += f"; {r['dense_steps']} of the timed steps fell back to the dense step"
     if r.get("device_peak_bytes"):
       extra += f"; device peak {r['device_peak_bytes'] / 2**30:.1f} GiB"
     lines.append(
-        f"- auxk={r['auxk']} / {ENGINE_NAMES[r['engine']]}: min/median/max {_ms(t[0])}/{_ms(statistics.median(t))}/"
-        f"{_ms(t[-1])} ms over {len(t)} steps; other processes used {sum(r['others_cpu_s']):.1f} CPU-s in "
-        f"{sum(t):.1f} s timed ({contended} steps above 5% of a core); {r['counted_by']} counts "
-        f"{_rate(r['counted_flops'])}FLOP/step (analytic matmuls {_rate(r['flops'])}){extra}; RSS "
-        f"{r['rss_imports']:,.0f} MiB after imports; loss {r['losses'][0]:.4g} → {r['losses'][-1]:.4g}; "
-        f"{r['threads']} threads on CPUs {r['cpus']}"
+        f"- auxk={r['auxk']} / {ENGINE_NAMES[r['engine']]}: {harness.spread(t, 'steps')}; other processes used "
+        f"{sum(r['others_cpu_s']):.1f} CPU-s in {sum(t):.1f} s timed ({harness.contended(t, r['others_cpu_s'])} steps "
+        f"above 5% of a core); {r['counted_by']} counts {harness.flops(r['counted_flops'])}FLOP/step (analytic "
+        f"matmuls {harness.flops(r['flops'])}){extra}; RSS {r['rss_imports']:,.0f} MiB after imports; loss "
+        f"{r['losses'][0]:.4g} → {r['losses'][-1]:.4g}; {r['threads']} threads on CPUs {r['cpus']}"
     )
   return "\n".join(lines)
 
@@ -407,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
         result.update(engine=engine, auxk=auxk, flops=step_flops(engine, auxk, size["batch"], size["d_model"],
                                                                  size["dict_size"], size["k"]))
         rows.append(result)
-        print(f"auxk={auxk} {ENGINE_NAMES[engine]}: median {_ms(statistics.median(result['times']))} ms/step",
+        print(f"auxk={auxk} {ENGINE_NAMES[engine]}: median {harness.ms(harness.median(result['times']))} ms/step",
               flush=True)
 
   peaks: dict[str, float] = {}
@@ -416,10 +377,11 @@ def main(argv: list[str] | None = None) -> None:
       peaks[lib] = max(peaks.get(lib, 0.0), rate)
   peak = max(peaks.values())
   print(f"\nd={size['d_model']} × {NUM_MODELS} models, m={size['dict_size']}, k={size['k']}, batch {size['batch']}, "
-        f"float32, {args.platform}, {args.threads} thread(s); {args.steps} timed steps after {args.warmup} warm-up.")
+        f"float32, {args.platform}, {args.threads} thread(s); {args.steps} timed steps after {args.warmup} warm-up. "
+        f"{harness.machine()}")
   print(f"Float32 {peak_size}² matmul peak, same pinning: "
-        + ", ".join(f"{lib} {_rate(v)}FLOP/s" for lib, v in sorted(peaks.items()))
-        + f"; % of peak uses {_rate(peak)}FLOP/s.\n")
+        + ", ".join(f"{lib} {harness.flops(v)}FLOP/s" for lib, v in sorted(peaks.items()))
+        + f"; % of peak uses {harness.flops(peak)}FLOP/s.\n")
   print(markdown_table(rows, size["batch"], peak, args.peak_tflops))
   print()
   print(details(rows))
