@@ -309,7 +309,7 @@ class ActivationStore:
     return np.array([s["rms_norm"] for s in self._stats(layer)], np.float64)
 
   def norm_scale(self, layer: int) -> np.ndarray:
-    """Per model, the scalar that brings the mean activation norm to √d (docs/methods.md), [M] float32."""
+    """Per model, the scalar that brings the mean activation norm to √d (docs/methods.md §2), [M] float32."""
     return (np.sqrt(self.layout.d_model) / self.mean_norm(layer)).astype(np.float32)
 
 

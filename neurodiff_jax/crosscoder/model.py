@@ -1,4 +1,4 @@
-"""The crosscoder (docs/methods.md): one shared dictionary of m latents read from and written to M models.
+"""The crosscoder (docs/methods.md §2): one shared dictionary of m latents read from and written to M models.
 
 Parameters are a plain pytree (`Params`): `w_enc [M, d, m]`, `b_enc [m]`, `w_dec [m, M, d]`,
 `b_dec [M, d]`. Pre-activations `a = Σ_i x_i W_enc[i] + b_enc`, codes `f` (sparse, see

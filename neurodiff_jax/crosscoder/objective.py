@@ -1,4 +1,4 @@
-"""The training objective (METHODS.md §2): reconstruction, L1 penalty, AuxK, and the per-batch metrics."""
+"""The training objective (docs/methods.md §2): reconstruction, L1 penalty, AuxK, and the per-batch metrics."""
 
 from __future__ import annotations
 
