@@ -189,3 +189,12 @@ def test_untied_head_loads_its_own_weights(hf_checkpoint):
   head = hf_model.lm_head.weight.detach().numpy()  # [V, D]
   np.testing.assert_array_equal(np.asarray(model.lm_head[...]), head.T)
   assert not np.allclose(head, hf_model.model.embed_tokens.weight.detach().numpy())
+
+
+def test_models_and_crosscoder_raise_one_checkpoint_error(tmp_path):
+  from neurodiff_jax.crosscoder import checkpoint
+  from neurodiff_jax.utils.errors import CheckpointError as shared
+
+  assert CheckpointError is shared and checkpoint.CheckpointError is shared
+  with pytest.raises(shared, match="no checkpoint directory"):
+    checkpoint.load(tmp_path / "nothing")
