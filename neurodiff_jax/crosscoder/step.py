@@ -2,10 +2,19 @@
 
 The state is a plain pytree, split in what analysis needs (`model`: params, θ, normalisation) and
 what only training needs (`train`: Adam state, step, tokens since each latent fired, whether it
-ever fired, skipped batches, dense fallbacks). The step is one `jax.jit` with explicit in/out
-shardings on a ('data', 'latent') mesh and the state donated; there is no Python graph traversal
-per step. Settings that depend on the run's length (warm-up, dead-latent window) are resolved
-here from the run config, so a short planted run and a 200M-token run use the same rules.
+ever fired, skipped batches, dense fallbacks, where training stopped). The step is one `jax.jit`
+with explicit in/out shardings on a ('data', 'latent') mesh and the state donated; there is no
+Python graph traversal per step. Settings that depend on the run's length (warm-up, dead-latent
+window) are resolved here from the run config, so a short planted run and a 200M-token run use
+the same rules.
+
+A step changes the state only when its batch, loss and gradient norm are finite. A batch with
+NaN/Inf is skipped (`skipped` counts it) under `nan_policy="skip"`, and under "stop" sets
+`bad_batch_at`; a non-finite loss or gradient norm on a finite batch sets `diverged_at`. Once
+either is set, no later step changes anything, so the state stays the last good one without a
+host sync per step; `train.run_loop` reads both before every log and every checkpoint and raises
+instead of saving. The batch check runs on the global batch inside the step, so every process of
+a multi-host run makes the same decision on the same step.
 """
 
 from __future__ import annotations
@@ -96,21 +105,25 @@ def init_state(key: jax.Array, cfg: CrosscoderConfig, tx: optax.GradientTransfor
       "train": {"opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "since_fired": jnp.zeros((cfg.dict_size,), jnp.int32),
                 "ever_fired": jnp.zeros((cfg.dict_size,), jnp.bool_), "skipped": jnp.zeros((), jnp.int32),
-                "dense_steps": jnp.zeros((), jnp.int32)},
+                "dense_steps": jnp.zeros((), jnp.int32), "diverged_at": jnp.full((), -1, jnp.int32),
+                "bad_batch_at": jnp.full((), -1, jnp.int32)},
   }
 
 
 def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                     state_like: State, theta_momentum: float = 0.999, compute_dtype: str = "float32",
-                    train_step: str = "auto", pairs: dict | None = None) -> Callable:
+                    train_step: str = "auto", pairs: dict | None = None, nan_policy: str = "stop") -> Callable:
   """The jitted `(state, x [B, M, d] raw units) -> (state, metrics)`, sharded on `mesh`, state donated.
 
   `train_step`: "pairs" decodes and backpropagates through the selected (token, latent) pairs only
   (`pairs.py`; BatchTopK/TopK on a mesh without a latent split), falling back to the dense step for
   a batch the pairs cannot hold exactly; "dense" always multiplies the full [B, m] codes; "auto"
   takes pairs where they apply. `pairs`: PairSpec fields other than the mesh (`pair_settings(config)`),
-  if not the defaults.
+  if not the defaults. `nan_policy`: what a batch with NaN/Inf does, "skip" (counted) or "stop" (sets
+  `bad_batch_at`); see the module docstring.
   """
+  if nan_policy not in ("stop", "skip"):
+    raise ValueError(f"nan_policy={nan_policy!r} is not 'stop' or 'skip'.")
   precision = jax.lax.Precision.HIGHEST if compute_dtype == "float32" else None
   cdtype = jnp.dtype(compute_dtype)
   cap = np.int32(min(2 * lcfg.dead_tokens, 2**30))
@@ -119,6 +132,8 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
 
   def step(state: State, x: jax.Array) -> tuple[State, dict]:
     model, train = state["model"], state["train"]
+    # Over the global batch: every process gets the same answer with no host round trip.
+    batch_ok = jnp.isfinite(x).all()
     x = x.astype(jnp.float32) * model["norm_scale"][None, :, None]
     dead = train["since_fired"] >= lcfg.dead_tokens
     args = (model["params"], x, train["step"], dead, cfg, lcfg, precision, cdtype)
@@ -139,12 +154,23 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
     theta = model["theta"]
     if cfg.sparsity == "batchtopk":
       theta = sparsity.update_threshold(theta, metrics["cut"], theta_momentum)
+    grad_norm = optax.global_norm(grads)  # the same sum of squares as clipping's: XLA computes it once
+    running = (train["diverged_at"] < 0) & (train["bad_batch_at"] < 0)
+    finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
+    apply = running & batch_ok & finite
+    skip = running & ~batch_ok if nan_policy == "skip" else jnp.zeros((), jnp.bool_)
+    here = lambda flag, at: jnp.where(flag & (at < 0), train["step"], at)  # noqa: E731
     metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "never_fired_fraction": jnp.mean(~ever),
-                "theta": theta, "grad_norm": optax.global_norm(grads), "dense_steps": dense_steps}
-    new = {"model": {**model, "params": params, "theta": theta},
-           "train": {**train, "opt": opt, "step": train["step"] + 1, "since_fired": since, "ever_fired": ever,
-                     "dense_steps": dense_steps}}
-    return new, metrics
+                "theta": theta, "grad_norm": grad_norm, "dense_steps": dense_steps}
+    new_model = {**model, "params": params, "theta": theta}
+    new_train = {**train, "opt": opt, "since_fired": since, "ever_fired": ever, "dense_steps": dense_steps}
+    # The elementwise select joins the Adam update's fusion: no extra pass over the parameters.
+    new_model, new_train = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_model, new_train), (model, train))
+    new_train |= {"step": train["step"] + (apply | skip).astype(jnp.int32),
+                  "skipped": train["skipped"] + skip.astype(jnp.int32),
+                  "bad_batch_at": here(running & ~batch_ok & ~skip, train["bad_batch_at"]),
+                  "diverged_at": here(running & batch_ok & ~finite, train["diverged_at"])}
+    return {"model": new_model, "train": new_train}, metrics
 
   shardings = sharding.state_shardings(state_like, mesh)
   return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),

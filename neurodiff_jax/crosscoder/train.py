@@ -1,8 +1,9 @@
 """Training a crosscoder: the loop over a store, checkpoints, logging, and the run-config checks.
 
 The step itself (state, optimiser, the sharded jitted step) is `step.py`; this module feeds it
-batches from the store, checks them, logs, checkpoints and resumes. `check_config` validates a run
-config before any work starts; `train(config)` is what `python -m launch.train` calls.
+batches from the store, stops on its verdict on them (a bad batch or divergence: no checkpoint is
+written after one), logs, checkpoints and resumes. `check_config` validates a run config before
+any work starts; `train(config)` is what `python -m launch.train` calls.
 """
 
 from __future__ import annotations
@@ -33,62 +34,104 @@ class NonFiniteBatchError(ValueError):
 
 
 class DivergedError(FloatingPointError):
-  """The loss became NaN/Inf: training diverged (the last good checkpoint is kept)."""
+  """The loss or gradient norm became NaN/Inf: training diverged (the last good checkpoint is kept)."""
 
 
-def check_batch(x: np.ndarray, step: int, where: Callable[[np.ndarray], str]) -> bool:
-  """Whether the batch is finite; the caller skips or stops. `where(rows)` names the store shards of bad rows."""
-  ok = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))
-  if ok.all():
-    return True
-  bad = np.nonzero(~ok)[0]
-  raise NonFiniteBatchError(f"batch of step {step} has NaN/Inf activations in {len(bad)} of {len(x)} tokens "
-                            f"({where(bad)}); fix or re-harvest that shard, or set nan_policy='skip' to skip such batches.")
+def bad_rows(x: np.ndarray) -> np.ndarray:
+  """Indices of the tokens (rows) of a batch [B, ...] with any NaN/Inf."""
+  return np.nonzero(~np.isfinite(x).all(axis=tuple(range(1, x.ndim))))[0]
+
+
+_TEXT = 1024  # bytes of each process's description of its bad rows in the shared error
+
+
+def _from_every_process(count: int, text: str) -> list[tuple[int, str]]:
+  """(count, text) of every process, the same list on each: one small all-gather, only on an error."""
+  if jax.process_count() == 1:
+    return [(count, text)]
+  from jax.experimental import multihost_utils
+
+  raw = text.encode()[:_TEXT]
+  mine = np.zeros(2 + _TEXT, np.int32)
+  mine[:2] = count, len(raw)
+  mine[2:2 + len(raw)] = np.frombuffer(raw, np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  return [(int(r[0]), bytes(r[2:2 + r[1]].astype(np.uint8)).decode(errors="replace")) for r in every]
+
+
+def _stop_if_bad(state: State, config: ml_collections.ConfigDict, saved: int | None,
+                 where: Callable[[int], tuple[int, str]]) -> None:
+  """Raises when the step recorded a bad batch or divergence (the state then is the last good one, unsaved).
+
+  Every process reads the same replicated flags, so all raise the same error at the same step.
+  """
+  bad_at, diverged_at = (int(v) for v in jax.device_get((state["train"]["bad_batch_at"],
+                                                         state["train"]["diverged_at"])))
+  kept = f"the last checkpoint, step {saved}, is good" if saved is not None else "no checkpoint was written"
+  if bad_at >= 0:
+    try:
+      mine = where(bad_at)
+    except Exception as e:  # every process must reach the all-gather, or the others wait forever
+      mine = (0, f"its rows could not be read again: {e!r}")
+    found = [(p, n, text) for p, (n, text) in enumerate(_from_every_process(*mine)) if n or text]
+    total = sum(n for _, n, _ in found)
+    if not found:
+      at = ""
+    elif jax.process_count() == 1:
+      at = f" ({found[0][2]})"
+    else:
+      at = (f", on process(es) {[p for p, n, _ in found if n]} ("
+            + "; ".join(f"process {p}: {n} tokens, {text}" for p, n, text in found) + ")")
+    raise NonFiniteBatchError(
+        f"batch of step {bad_at} has NaN/Inf activations in {total} of {config.batch_size} tokens{at}; nothing from "
+        f"it on was applied or saved ({kept}). Fix or re-harvest that shard, or set nan_policy='skip' to skip such "
+        "batches.")
+  if diverged_at >= 0:
+    raise DivergedError(
+        f"training diverged at step {diverged_at}: the loss or gradient norm of its (finite) batch is NaN/Inf. "
+        f"Nothing from it on was applied or saved ({kept}). Lower lr or raise warmup_frac / warmup_max_steps (in a "
+        "new workdir), or check the store for huge activations.")
 
 
 def run_loop(config: ml_collections.ConfigDict, state: State, step_fn: Callable, batches: Iterator[np.ndarray],
              mesh: jax.sharding.Mesh, *, save: Callable[[State, int], None] | None = None,
              log: Callable[[int, dict, State], None] | None = None,
-             where: Callable[[np.ndarray], str] = lambda rows: f"rows {rows[:5].tolist()}") -> State:
-  """Steps from the state's step to `config.steps`, checking batches, logging and checkpointing."""
+             where: Callable[[int], tuple[int, str]] = lambda step: (0, "")) -> State:
+  """Steps from the state's step to `config.steps`, logging and checkpointing; raises on a bad batch or divergence.
+
+  The step itself checks the batch, loss and gradient norm (`step.make_train_step`); this loop
+  reads its verdict before every log and every checkpoint, so no checkpoint holds a bad step.
+  `where(step)`: this process's count of NaN/Inf tokens in the batch of `step` and where they are
+  in the store (read again, only for the error).
+  """
   start = int(jax.device_get(state["train"]["step"]))
-  skipped = start_skipped = int(jax.device_get(state["train"]["skipped"]))
+  saved = start if start and save is not None else None
   bar = tqdm(total=int(config.steps), initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
   t0, tokens = time.perf_counter(), 0
   step = start
   while step < config.steps:
-    x = next(batches)
-    try:
-      check_batch(x, step, where)
-    except NonFiniteBatchError:
-      if config.nan_policy != "skip":
-        raise
-      skipped += 1
-      continue
-    state, metrics = step_fn(state, global_batch(x, mesh))
+    state, metrics = step_fn(state, global_batch(next(batches), mesh))
     step += 1
     tokens += int(config.batch_size)
-    if skipped != start_skipped:
-      state["train"]["skipped"] = jax.device_put(np.int32(skipped), state["train"]["skipped"].sharding)
-      start_skipped = skipped
     last = step == config.steps
-    if step % config.log_every == 0 or last:
+    logging = step % config.log_every == 0 or last
+    saving = save is not None and (step % config.checkpoint_every == 0 or last)
+    if logging or saving:
+      _stop_if_bad(state, config, saved, where)  # a sync, as the metrics and the save are anyway
+    if logging:
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not np.isfinite(metrics["loss/total"]):
-        raise DivergedError(f"loss is {metrics['loss/total']} at step {step}: training diverged. The last checkpoint "
-                            "is kept; lower lr or raise warmup_steps and run again.")
-      metrics |= {"tokens_per_s": tokens / (time.perf_counter() - t0), "skipped_batches": skipped}
+      metrics |= {"tokens_per_s": tokens / (time.perf_counter() - t0),
+                  "skipped_batches": int(jax.device_get(state["train"]["skipped"]))}
       bar.set_postfix({"loss": f"{metrics['loss/total']:.4g}", "fve": f"{metrics.get('fve/0', 0):.3f}",
                        "l0": f"{metrics['l0']:.1f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"})
       if log is not None:
         log(step, metrics, state)
-    if save is not None and (step % config.checkpoint_every == 0 or last):
+    if saving:
       save(state, step)
+      saved = step
     bar.update(1)
   bar.close()
   return state
-
-
 
 
 def _jsonable(x: Any) -> Any:
@@ -217,18 +260,25 @@ def train(config: ml_collections.ConfigDict) -> dict:
     it.set_state(data_state)
     first = int(data_state["next_index"])
   counter = {"next": first}
+  first_step = int(jax.device_get(state["train"]["step"]))
 
   def stream():
     while True:
       x = next(it)
-      counter["current"] = counter["next"]
       counter["next"] += 1
       yield x
 
-  def where(rows: np.ndarray) -> str:
-    tokens = batches.tokens(counter["current"])[rows]
+  def where(step: int) -> tuple[int, str]:
+    # Every step takes one batch (a skipped one too), so step s read batch first + s - first_step.
+    index = first + step - first_step
+    rows = bad_rows(batches(index))
+    if not len(rows):
+      return 0, ""
+    tokens = batches.tokens(index)[rows]
     shards = sorted({int(t) // lay.shard_tokens for t in tokens})
-    return f"store tokens {tokens[:4].tolist()}{' ...' if len(tokens) > 4 else ''}, shard(s) {shards} of {config.layer} in {store.root}"
+    more = " ..." if len(tokens) > 4 else ""
+    return len(rows), (f"store tokens {tokens[:4].tolist()}{more}, shard(s) {shards} of layer {config.layer} in "
+                       f"{store.root}")
 
   writer = MetricWriter(workdir / "tensorboard", enabled=proc == 0)
   last: dict = {}
@@ -249,7 +299,7 @@ def train(config: ml_collections.ConfigDict) -> dict:
     ckpt.save(step, st, {"next_index": counter["next"]}, saved_config)
 
   step_fn = make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), config.compute_dtype,
-                            config.train_step, pair_settings(config))
+                            config.train_step, pair_settings(config), config.nan_policy)
   try:
     state = run_loop(config, state, step_fn, stream(), mesh, save=save, log=log, where=where)
   finally:
@@ -264,5 +314,5 @@ def train(config: ml_collections.ConfigDict) -> dict:
   return last
 
 
-__all__ = ["DivergedError", "NonFiniteBatchError", "check_batch", "check_config", "config_json", "run_loop",
+__all__ = ["DivergedError", "NonFiniteBatchError", "bad_rows", "check_config", "config_json", "run_loop",
            "train", "workdir_of"]
