@@ -1,4 +1,4 @@
-"""`python -m launch.train` and `launch.sweep` end to end: organisms' store, planted store, flag errors."""
+"""`python -m launch.train` and `launch.sweep` end to end: a named store harvested in place, a planted store, errors."""
 
 import json
 import os
@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from neurodiff_jax.activations.store import ActivationStore
 from neurodiff_jax.crosscoder import load, synthetic
 from neurodiff_jax.crosscoder.metrics import delta_norm
 
@@ -19,25 +23,35 @@ def _run(module, *args, home):
                         timeout=600)
 
 
-def test_train_launcher_on_the_organisms_store(organisms, tmp_path):
-  config, _ = organisms
-  store = tmp_path / "store"
-  h = _run("launch.harvest", "--config=harvest_tiny:small", "--config.num_documents=80", f"--config.out_dir={store}",
-           home=config.home)
-  assert h.returncode == 0, h.stderr[-3000:]
+@pytest.mark.slow
+def test_train_launcher_harvests_the_named_store_there_and_trains_on_it(organisms, tmp_path):
+  config, paths = organisms
+  store = tmp_path / "named" / "store"  # missing: the config's harvest (harvest_tiny:small) makes it HERE
   work = tmp_path / "run"
-  proc = _run("launch.train", "--config=tiny_batchtopk:small", f"--config.store={store}", "--config.steps=60",
-              "--config.checkpoint_every=30", f"--config.workdir={work}", home=config.home)
+  args = ["--config=tiny_batchtopk:small", f"--config.store={store}", "--config.steps=60",
+          "--config.checkpoint_every=30", f"--config.workdir={work}"]
+  proc = _run("launch.train", *args, home=config.home)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"harvest: no store at {store}; harvesting it there." in proc.stdout
+  assert "using the small-scale chat organism" in proc.stdout and "fine-tuning" not in proc.stdout  # reused
+  assert not (Path(config.home) / "activations" / "harvest_tiny-small").exists()  # the default store is not made
+  m = ActivationStore.open(store).manifest
+  assert [x["path"] for x in m["models"]] == [str(paths["base"]), str(paths["chat"])] and m["layers"] == [1]
   assert "train: done; step 60" in proc.stdout and "step/s" in proc.stderr  # progress bar with a rate
   metrics = json.loads((work / "metrics.json").read_text())
   assert metrics["step"] == 60 and metrics["fve/0"] > 0.2 and metrics["fve/1"] > 0.2
   assert abs(metrics["l0"] - 16) < 1e-6  # BatchTopK: exactly k a token on average over the batch
   cc = load(work)
   assert cc.cfg.d_model == 64 and cc.cfg.dict_size == 512
-  dn = delta_norm(cc.decoder_norms())
-  assert ((dn >= 0) & (dn <= 1)).all() and sorted(json.loads(l)["step"] for l in
-                                                   (work / "tensorboard" / "metrics.jsonl").open())[-1] == 60
+  # Δnorm from the loaded crosscoder equals docs/methods.md §3 computed here from its decoder (original units).
+  norms = np.linalg.norm(cc.decoder(), axis=-1)  # [m, M]
+  expected = 0.5 * ((norms[:, 1] - norms[:, 0]) / norms.max(axis=1) + 1)
+  np.testing.assert_allclose(delta_norm(cc.decoder_norms()), expected, atol=1e-5)
+  assert sum(metrics["delta_norm_classes"].values()) == 512  # every latent counted once, dead ones apart
+  assert sorted(json.loads(l)["step"] for l in (work / "tensorboard" / "metrics.jsonl").open())[-1] == 60
+  # Rerun: the store is complete, so it is used as is (not harvested again), and the finished run is kept.
+  again = _run("launch.train", *args, home=config.home)
+  assert again.returncode == 0 and "harvest:" not in again.stdout and "train: done; step 60" in again.stdout
 
 
 def test_sweep_trains_every_combination(tmp_path):
