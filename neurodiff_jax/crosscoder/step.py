@@ -159,7 +159,6 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
     finite = jnp.isfinite(metrics["loss/total"]) & jnp.isfinite(grad_norm)
     apply = running & batch_ok & finite
     skip = running & ~batch_ok if nan_policy == "skip" else jnp.zeros((), jnp.bool_)
-    here = lambda flag, at: jnp.where(flag & (at < 0), train["step"], at)  # noqa: E731
     metrics |= {"dead_fraction": jnp.mean(since >= lcfg.dead_tokens), "never_fired_fraction": jnp.mean(~ever),
                 "theta": theta, "grad_norm": grad_norm, "dense_steps": dense_steps}
     new_model = {**model, "params": params, "theta": theta}
@@ -168,8 +167,9 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
     new_model, new_train = jax.tree.map(lambda n, o: jnp.where(apply, n, o), (new_model, new_train), (model, train))
     new_train |= {"step": train["step"] + (apply | skip).astype(jnp.int32),
                   "skipped": train["skipped"] + skip.astype(jnp.int32),
-                  "bad_batch_at": here(running & ~batch_ok & ~skip, train["bad_batch_at"]),
-                  "diverged_at": here(running & batch_ok & ~finite, train["diverged_at"])}
+                  # Set once: `running` is false from then on.
+                  "bad_batch_at": jnp.where(running & ~batch_ok & ~skip, train["step"], train["bad_batch_at"]),
+                  "diverged_at": jnp.where(running & batch_ok & ~finite, train["step"], train["diverged_at"])}
     return {"model": new_model, "train": new_train}, metrics
 
   shardings = sharding.state_shardings(state_like, mesh)

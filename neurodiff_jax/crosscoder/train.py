@@ -71,7 +71,7 @@ def _stop_if_bad(state: State, config: ml_collections.ConfigDict, saved: int | N
   if bad_at >= 0:
     try:
       mine = where(bad_at)
-    except Exception as e:  # every process must reach the all-gather, or the others wait forever
+    except Exception as e:  # noqa: BLE001 -- every process must reach the all-gather, or the others wait forever
       mine = (0, f"its rows could not be read again: {e!r}")
     found = [(p, n, text) for p, (n, text) in enumerate(_from_every_process(*mine)) if n or text]
     total = sum(n for _, n, _ in found)

@@ -1,6 +1,7 @@
 """Bad input to training: clear errors naming the problem and the fix, and no corrupted checkpoint."""
 
 import json
+
 import jax
 import numpy as np
 import pytest
