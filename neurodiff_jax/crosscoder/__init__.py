@@ -1,4 +1,4 @@
-"""Crosscoders: one shared dictionary, one decoder per model (METHODS.md §2)."""
+"""Crosscoders: one shared dictionary, one decoder per model (docs/methods.md §2)."""
 
 from neurodiff_jax.crosscoder.checkpoint import load
 from neurodiff_jax.crosscoder.model import Crosscoder, CrosscoderConfig

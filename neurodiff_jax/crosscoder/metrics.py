@@ -1,4 +1,4 @@
-"""Training metrics: Δnorm of the decoder (METHODS.md §3), TensorBoard events and a JSONL log."""
+"""Training metrics: Δnorm of the decoder (docs/methods.md §3), TensorBoard events and a JSONL log."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Building blocks shared by every family: RMSNorm, rotary embeddings, attention, gated MLP.
 
-Numerics follow `transformers` in eager mode exactly (METHODS.md §1): norms in float32, RoPE
+Numerics follow `transformers` in eager mode exactly (docs/methods.md §1): norms in float32, RoPE
 tables in float32 cast to the activation dtype, softmax in float32, scaling after q·k.
 """
 
