@@ -172,7 +172,11 @@ def run_jax(spec: dict[str, Any]) -> dict[str, Any]:
   step_fn = train.make_train_step(cfg, lcfg, tx, mesh, abstract, float(config.theta_momentum), "float32",
                                   TRAIN_STEP[spec["engine"]])
   batches = [train.global_batch(data[i:i + B], mesh) for i in range(0, len(data), B)]
-  xla_flops = step_fn.lower(state, batches[0]).cost_analysis().get("flops", float("nan"))
+  lowered = step_fn.lower(state, batches[0])
+  # Lowered cost analysis is None on some backends (CUDA in jax 0.11): then ask the compiled step.
+  cost = lowered.cost_analysis() or lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_flops = (cost or {}).get("flops", float("nan"))
   compile_s.clear()  # Initialisation compiles small programs of its own; count only the step's.
 
   losses = []
