@@ -64,7 +64,14 @@ def test_load_gives_a_working_crosscoder_and_resume_checks_the_config(planted, t
   assert cc.cfg.dict_size == 256 and cc.cfg.k == 8 and cc.norm_scale.shape == (2,)
   x = store.read(0, 0, 512)
   codes = np.asarray(cc.encode(x))
-  assert codes.shape == (512, 256) and (codes >= 0).all()
+  # Inference codes written out in numpy: relu(a) where the score relu(a)·Σ_i‖W_dec[j, i]‖ exceeds θ.
+  p = {k: np.asarray(v, np.float64) for k, v in cc.params.items()}
+  a_np = np.einsum("bMd,Mdm->bm", x * cc.norm_scale[None, :, None], p["w_enc"]) + p["b_enc"]
+  score = np.maximum(a_np, 0) * np.linalg.norm(p["w_dec"], axis=-1).sum(-1)
+  on = score > cc.theta
+  decided = np.abs(score - cc.theta) > 1e-4 * cc.theta  # a score within float error of θ may go either way
+  np.testing.assert_array_equal((codes > 0)[decided], on[decided])
+  np.testing.assert_allclose(codes[on & decided], np.maximum(a_np, 0)[on & decided], rtol=1e-4, atol=1e-5)
   recon = np.asarray(cc(x))
   fve = 1 - ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
   assert fve > 0.3 and 4 <= codes.astype(bool).sum(1).mean() <= 32  # θ (still settling at step 30) gives ~k a token
@@ -76,7 +83,8 @@ def test_load_gives_a_working_crosscoder_and_resume_checks_the_config(planted, t
   assert (work / "metrics.json").is_file() and metrics["step"] == 30
   assert list((work / "tensorboard").glob("events.out.tfevents.*"))
   # Running the finished config again is a no-op; another config in the same workdir is an error.
-  assert train_lib.train(train_config(store, work, steps=30)).get("step") in (None, 30)
+  again = train_lib.train(train_config(store, work, steps=30))
+  assert again["step"] == 30 and again["loss/total"] == metrics["loss/total"]
   with pytest.raises(CheckpointError, match="another run config.*dict_size"):
     train_lib.train(train_config(store, work, steps=30, dict_size=128))
   with pytest.raises(CheckpointError, match="no checkpoint directory"):
