@@ -3,7 +3,8 @@
 A checkpoint (one directory per step under `<workdir>/checkpoints/`) holds four items:
 
   model   params, θ, normalisation scalars   (all analysis needs)
-  train   Adam state, step, tokens since each latent fired, skipped batches
+  train   Adam state, step, tokens since each latent fired, whether it ever fired, skipped batches,
+          dense fallbacks, and where training stopped (diverged_at, bad_batch_at; -1 while it has not)
   data    the Grain iterator state (JSON): where the batch stream continues
   config  the run config and the crosscoder architecture (JSON)
 
