@@ -115,8 +115,8 @@ def prepare_argv(argv: list[str], default_config: str) -> tuple[list[str], str, 
   out = []
   for a in argv:
     m = _OVERRIDE.match(a)
-    if m and m.group(2) == "show" and "show" not in config and not m.group(1):
-      show_it = True
+    if m and m.group(2) == "show" and "show" not in config:
+      show_it = not m.group(1) and (m.group(3) or "=true").lower() in ("=true", "=1")
       continue
     if m:
       field = m.group(2)
