@@ -52,6 +52,7 @@ def prepare(work: Path, small: bool, n_docs: int) -> dict:
   for role, seed in (("base", 0), ("finetuned", 1)):
     torch.manual_seed(seed)
     config = hf_config("gemma2", small)
+    config.vocab_size = max(config.vocab_size, len(tok))  # the tiny config's 512 would not hold the 2048 ids
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(work / role)

@@ -343,6 +343,13 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
     raise ValueError("config.datasets is empty; name at least one dataset (text, JSONL, Parquet or a saved datasets dir).")
   corpus = tokenize_corpus(tok, specs, max_length=config.seq_len, min_tokens=config.get("min_tokens", 2),
                            skip_short=config.get("skip_short", False))
+  top = max((int(doc.max()) for doc in corpus.ids if len(doc)), default=-1)
+  for role, path, c in zip(ROLES, paths, cfgs):
+    if top >= c.vocab_size:
+      # Out-of-range ids would be gathered as NaN embeddings, not an error, deep in the forward pass.
+      raise ValueError(f"the tokenizer of {paths[0]} produced token id {top}, but the {role} model {path} has "
+                       f"vocab_size={c.vocab_size}: the tokenizer does not belong to the model; harvest with "
+                       "the checkpoint's own tokenizer (or a model whose embedding covers it).")
   plan = plan_tokens(corpus, tok.bos_token_id, config.keep_bos)
   if plan.num_tokens == 0:
     raise ValueError("the datasets hold no tokens to store (every document is only a BOS token).")

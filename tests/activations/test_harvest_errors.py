@@ -40,6 +40,17 @@ def test_mismatched_tokenizers_name_the_first_differing_token(harvest_config, tm
     harvest(c)
 
 
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_named(harvest_config, tmp_path):
+  c = harvest_config
+  vocab = transformers.AutoConfig.from_pretrained(c.base_model).vocab_size
+  small = vocab // 4  # both checkpoints keep the (same) tokenizer, whose ids reach past this
+  c.base_model = _variant(c.base_model, tmp_path / "b", vocab_size=small)
+  c.finetuned_model = _variant(c.finetuned_model, tmp_path / "f", vocab_size=small)
+  with pytest.raises(ValueError, match=rf"produced token id \d+, but the base model .* has vocab_size={small}: the "
+                                       "tokenizer does not belong to the model"):
+    harvest(c)
+
+
 def test_mismatched_hidden_sizes(harvest_config, tmp_path):
   c = harvest_config
   c.finetuned_model = _variant(c.base_model, tmp_path / "wide", hidden_size=96, head_dim=16)
