@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dict_size = 16384
   c.sparsity = "batchtopk"  # batchtopk | topk | l1
   c.k = 100
-  c.dec_init_norm = 0.1
+  c.dec_init_norm = 0.3  # decoder rows start at this norm per model (0.3 beat 0.1: docs/results.md)
   # Loss.
   c.reconstruction = "squared"  # squared | l2
   c.l1_lambda = 1.0  # L1 only: penalty weight on Σ_j f_j Σ_i ‖W_dec[j, i]‖ (normalised units; docs/crosscoder.md)

@@ -16,6 +16,7 @@ def train_config(store, workdir, **overrides):
   c.dict_size, c.k, c.batch_size, c.steps, c.lr = 256, 8, 256, 40, 3e-3
   c.warmup_frac, c.warmup_max_steps = 0.5, 5  # 5 warm-up steps for runs of 10 steps or more
   c.dead_tokens, c.theta_momentum, c.window_mib, c.log_every, c.checkpoint_every = 5_000, 0.9, 4, 10, 20
+  c.dec_init_norm = 0.1  # what these tests were calibrated with (the library default is 0.3)
   for k, v in overrides.items():
     setattr(c, k, v)
   c.lock()
