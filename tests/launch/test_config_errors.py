@@ -1,23 +1,17 @@
 """What a new user types wrong: each is one line on stderr naming the field and the fix, exit 2, before any work."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from neurodiff_jax.crosscoder import synthetic
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.launch import ROOT, run_launcher
 
 
 def _run(module, *args, home):
-  env = {**os.environ, "NEURODIFF_HOME": str(home), "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+  return run_launcher(module, *args, home=home, timeout=300)
 
 
 def _one_line_error(proc, home, *needles):

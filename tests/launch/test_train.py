@@ -1,9 +1,6 @@
 """`python -m launch.train` and `launch.sweep` end to end: a named store harvested in place, a planted store, errors."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +9,11 @@ import pytest
 from neurodiff_jax.activations.store import ActivationStore
 from neurodiff_jax.crosscoder import load, synthetic
 from neurodiff_jax.crosscoder.metrics import delta_norm
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.launch import run_launcher
 
 
 def _run(module, *args, home):
-  env = {**os.environ, "NEURODIFF_HOME": str(home), "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return run_launcher(module, *args, home=home, timeout=600)
 
 
 @pytest.mark.slow
