@@ -82,7 +82,7 @@ def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
   c.k = 16
   if sparsity == "l1":
     c.l1_lambda = 0.5
-  c.dec_init_norm = 0.05 if sparsity == "l1" else 0.1
+    c.dec_init_norm = 0.05
   c.steps = 600
   c.batch_size = 256
   c.lr = 1e-3
