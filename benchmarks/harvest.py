@@ -66,7 +66,6 @@ def prepare(work: Path, small: bool, n_docs: int) -> dict:
 
 def run_jax(spec: dict) -> dict:
   """Harvests with neurodiff_jax; returns timings."""
-
   from configs.harvest_tiny import get_config
   from neurodiff_jax.activations.harvest import harvest
 
