@@ -16,6 +16,9 @@ from neurodiff_jax.crosscoder.model import (CrosscoderConfig, Params, decode, en
                                             pre_activations)
 
 
+RECONSTRUCTION = ("squared", "l2")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
   """Loss settings: reconstruction kind, L1 λ and its warm-up, AuxK."""
@@ -28,7 +31,7 @@ class LossConfig:
   dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
 
   def __post_init__(self):
-    if self.reconstruction not in ("squared", "l2"):
+    if self.reconstruction not in RECONSTRUCTION:
       raise ValueError(f"unknown reconstruction loss {self.reconstruction!r}; choose 'squared' or 'l2'.")
 
 
@@ -104,4 +107,4 @@ def loss_fn(params: Params, x: Float[Array, "B M d"], step: Int[ArrayLike, ""], 
   return total, metrics
 
 
-__all__ = ["LossConfig", "aux_loss", "compute_params", "loss_fn", "reconstruction_error"]
+__all__ = ["LossConfig", "RECONSTRUCTION", "aux_loss", "compute_params", "loss_fn", "reconstruction_error"]

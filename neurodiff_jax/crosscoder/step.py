@@ -34,6 +34,7 @@ from neurodiff_jax.crosscoder.model import CrosscoderConfig, init_params
 from neurodiff_jax.crosscoder.objective import LossConfig, compute_params, loss_fn
 
 State = dict[str, Any]
+NAN_POLICIES = ("stop", "skip")  # a batch with NaN/Inf stops the run, or is skipped and counted
 
 
 def crosscoder_config(config: ml_collections.ConfigDict, num_models: int, d_model: int) -> CrosscoderConfig:
@@ -122,7 +123,7 @@ def make_train_step(cfg: CrosscoderConfig, lcfg: LossConfig, tx: optax.GradientT
   if not the defaults. `nan_policy`: what a batch with NaN/Inf does, "skip" (counted) or "stop" (sets
   `bad_batch_at`); see the module docstring.
   """
-  if nan_policy not in ("stop", "skip"):
+  if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy={nan_policy!r} is not 'stop' or 'skip'.")
   precision = jax.lax.Precision.HIGHEST if compute_dtype == "float32" else None
   cdtype = jnp.dtype(compute_dtype)
@@ -190,5 +191,5 @@ def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
 
 
-__all__ = ["State", "crosscoder_config", "dead_tokens", "global_batch", "init_state", "loss_config", "lr_schedule",
-           "make_optimizer", "make_train_step", "pair_settings", "sharded_init", "warmup_steps"]
+__all__ = ["NAN_POLICIES", "State", "crosscoder_config", "dead_tokens", "global_batch", "init_state", "loss_config",
+           "lr_schedule", "make_optimizer", "make_train_step", "pair_settings", "sharded_init", "warmup_steps"]

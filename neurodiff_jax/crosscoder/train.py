@@ -21,8 +21,10 @@ from tqdm.auto import tqdm
 
 from neurodiff_jax.crosscoder import sharding
 from neurodiff_jax.crosscoder.model import SPARSITY
-from neurodiff_jax.crosscoder.step import (State, crosscoder_config, global_batch, loss_config, make_optimizer,
-                                           make_train_step, pair_settings, init_state, sharded_init)
+from neurodiff_jax.crosscoder.objective import RECONSTRUCTION
+from neurodiff_jax.crosscoder.pairs import STEPS
+from neurodiff_jax.crosscoder.step import (NAN_POLICIES, State, crosscoder_config, global_batch, init_state,
+                                           loss_config, make_optimizer, make_train_step, pair_settings, sharded_init)
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
 from neurodiff_jax.utils.files import atomic_write_json
@@ -153,8 +155,8 @@ def workdir_of(config: ml_collections.ConfigDict) -> Path:
   return neurodiff_home() / "runs" / str(config.name)
 
 
-_CHOICES = {"sparsity": SPARSITY, "reconstruction": ("squared", "l2"), "nan_policy": ("stop", "skip"),
-            "train_step": ("auto", "pairs", "dense"), "compute_dtype": ("float32", "bfloat16")}
+_CHOICES = {"sparsity": SPARSITY, "reconstruction": RECONSTRUCTION, "nan_policy": NAN_POLICIES, "train_step": STEPS,
+            "compute_dtype": ("float32", "bfloat16")}
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
