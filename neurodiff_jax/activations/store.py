@@ -371,7 +371,8 @@ def write_arrays(root: str | os.PathLike, layers: dict[int, np.ndarray], *, dtyp
     raise ValueError(f"every layer must be [n, M={len(roles)}, d] with the same shape; got "
                      f"{ {l: x.shape for l, x in arrays.items()} }.")
   shard, chunk = choose_sizes(num_models, d, dtype)
-  shard, chunk = shard_tokens or shard, chunk_tokens or min(chunk, shard)
+  shard = shard_tokens or shard
+  chunk = chunk_tokens or min(chunk, shard)  # the shard chosen, not the default one
   manifest = {"format": FORMAT, "version": VERSION, "models": [{"role": r, "path": source} for r in roles],
               "layers": sorted(arrays), "d_model": d, "dtype": dtype, "num_tokens": n, "shard_tokens": shard,
               "chunk_tokens": chunk, "complete": False, "datasets": [{"path": source}]}

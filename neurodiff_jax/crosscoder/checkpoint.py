@@ -24,7 +24,6 @@ import orbax.checkpoint as ocp
 from neurodiff_jax.crosscoder.model import Crosscoder, CrosscoderConfig
 from neurodiff_jax.utils.errors import CheckpointError
 
-
 # Fields that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_FIELDS = ("steps", "mesh", "train_step", "pair_candidates", "pair_heavy_fraction", "pair_heavy_candidates",
                     "pair_capacity", "log_every", "checkpoint_every", "keep_checkpoints", "workdir", "nan_policy",
@@ -89,13 +88,14 @@ def check_same_run(saved: dict, current: dict) -> None:
                           "workdir, or the same config to resume.")
 
 
-def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
-  """A trained crosscoder from a run's workdir or its `checkpoints/` directory, for analysis (no training code)."""
+def _read_only_manager(checkpoint_dir: str | Path) -> tuple[ocp.CheckpointManager, Path]:
+  """A manager over a run's checkpoints that writes nothing (the workdir or its `checkpoints/`)."""
   path = Path(checkpoint_dir).expanduser().absolute()
   if (path / "checkpoints").is_dir():
     path = path / "checkpoints"
   if not path.is_dir():
-    raise CheckpointError(f"no checkpoint directory at {path}.")
+    raise CheckpointError(f"no checkpoint directory at {path}: give the workdir of a training run (python -m "
+                          "launch.train writes <workdir>/checkpoints/).")
   # Options that write nothing: no directory creation, tmp-directory cleanup or root metadata, and
   # `load` never saves or deletes. (`read_only=True` would do the same but logs three warnings,
   # one of them unconditionally.)
@@ -107,20 +107,48 @@ def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
                                                  "train": ocp.StandardCheckpointHandler(),
                                                  "data": ocp.JsonCheckpointHandler(),
                                                  "config": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
+  return manager, path
+
+
+def _step_of(manager: ocp.CheckpointManager, path: Path, step: int | None) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"no complete checkpoint in {path}: the run has not saved one yet (train longer, or wait "
+                          "for its first checkpoint_every steps).")
   if step is None:
-    raise CheckpointError(f"no complete checkpoint in {path}.")
-  # Onto one local device, whatever mesh and processes wrote it (analysis runs anywhere).
-  one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                        manager.item_metadata(step)["model"])
-  out = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
-                                                      config=ocp.args.JsonRestore()))
-  manager.close()
+    return max(steps)
+  if step not in steps:
+    raise CheckpointError(f"no checkpoint of step {step} in {path}; it has steps {sorted(steps)}.")
+  return step
+
+
+def load_run_config(checkpoint_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
+  """(step, {"run": run config, "crosscoder": architecture}) stored with a checkpoint (latest by default)."""
+  manager, path = _read_only_manager(checkpoint_dir)
+  try:
+    step = _step_of(manager, path, step)
+    return step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+  finally:
+    manager.close()
+
+
+def load(checkpoint_dir: str | Path, step: int | None = None) -> Crosscoder:
+  """A trained crosscoder from a run's workdir or its `checkpoints/` directory, for analysis (no training code)."""
+  manager, path = _read_only_manager(checkpoint_dir)
+  try:
+    step = _step_of(manager, path, step)
+    # Onto one local device, whatever mesh and processes wrote it (analysis runs anywhere).
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          manager.item_metadata(step)["model"])
+    out = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target),
+                                                        config=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
   model = out["model"]  # jax Arrays on one device: the Crosscoder computes with them there
   cfg = CrosscoderConfig(**out["config"]["crosscoder"])
   return Crosscoder(cfg=cfg, params=dict(model["params"]), theta=float(model["theta"]),
                     norm_scale=np.asarray(model["norm_scale"], np.float32))
 
 
-__all__ = ["CheckpointError", "Checkpointer", "check_same_run", "load"]
+__all__ = ["CheckpointError", "Checkpointer", "check_same_run", "load", "load_run_config"]
