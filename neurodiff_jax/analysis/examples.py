@@ -1,0 +1,264 @@
+"""Per-latent statistics and max-activating examples, streamed over a store (one pass, fixed memory).
+
+`LatentStats` sums, per latent, how often it fires, its activation mass, and both restricted to
+chat-template tokens (`token_kind` special or chat_template: turn markers, role names); its maximum
+is carried. `template_share` is the fraction of a latent's firings that land on template tokens.
+
+`TopExamples` keeps on the device, per latent, the `top_k` largest activations with their store
+token index, and a uniform sample of `sample_size` of its firings (the firings with the largest
+hash keys, a bottom-k sketch: the same sample whatever the batch order). Each batch merges its own
+per-latent top-k into the running lists, so memory is [m, top_k + sample_size] whatever the number
+of tokens. Examples per activation quantile are drawn from the sample at the end (`quantile_examples`),
+the convention of SAE dashboards (a few contexts from each quantile of the latent's activations).
+
+`contexts` reads each example's document window from the store, decodes it, and gives the
+latent's activation on every token of the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array
+
+from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE
+from neurodiff_jax.activations.store import ActivationStore
+from neurodiff_jax.analysis.stream import Accumulator, Context
+from neurodiff_jax.crosscoder.model import Crosscoder
+
+
+def is_template(kind: Array) -> Array:
+  """Chat-template tokens: special ids (turn markers) and template scaffolding outside message contents."""
+  return (kind == KIND_SPECIAL) | (kind == KIND_TEMPLATE)
+
+
+class LatentStats(Accumulator):
+  """Firing counts, activation mass (both also on template tokens only), maximum, and the tokens counted."""
+
+  name = "stats"
+  summed = ("count", "mass", "count_template", "mass_template", "tokens", "tokens_template")
+
+  def __init__(self, dict_size: int, latent_shards: int = 1):
+    self.m = dict_size
+    self.shard = dict_size % latent_shards == 0
+
+  def __repr__(self) -> str:
+    return f"LatentStats({self.m})"
+
+  def init(self) -> dict[str, np.ndarray]:
+    z = lambda dt: np.zeros(self.m, dt)
+    return {"count": z(np.int32), "mass": z(np.float32), "count_template": z(np.int32),
+            "mass_template": z(np.float32), "max": z(np.float32), "tokens": np.zeros((), np.int32),
+            "tokens_template": np.zeros((), np.int32)}
+
+  def specs(self) -> dict[str, P]:
+    lat = P("latent") if self.shard else P()
+    return {k: lat for k in ("count", "mass", "count_template", "mass_template", "max")}
+
+  def update(self, state: dict[str, Array], ctx: Context) -> dict[str, Array]:
+    f = ctx.f  # [B, m]
+    tpl = (is_template(ctx.kind) & ctx.valid).astype(f.dtype)[:, None]  # [B, 1]
+    on = (f > 0).astype(jnp.int32)
+    return {"count": state["count"] + on.sum(0), "mass": state["mass"] + f.sum(0),
+            "count_template": state["count_template"] + jnp.sum(on * tpl.astype(jnp.int32), 0),
+            "mass_template": state["mass_template"] + jnp.sum(f * tpl, 0),
+            "max": jnp.maximum(state["max"], f.max(0)), "tokens": state["tokens"] + ctx.valid.sum(),
+            "tokens_template": state["tokens_template"] + jnp.sum(tpl).astype(jnp.int32)}
+
+  def finalize(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """freq, max_act, template_share (of firings) and template_mass_share (of activation mass), per latent."""
+    count, tokens = host["count"].astype(np.float64), max(int(host["tokens"]), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+      share = np.where(count > 0, host["count_template"] / count, np.nan)
+      mass_share = np.where(host["mass"] > 0, host["mass_template"] / host["mass"], np.nan)
+    return {"count": host["count"], "freq": count / tokens, "max_act": host["max"].astype(np.float64),
+            "mean_act": np.where(count > 0, host["mass"] / np.maximum(count, 1), np.nan),
+            "template_share": share, "template_mass_share": mass_share, "tokens": np.asarray(int(host["tokens"])),
+            "template_token_fraction": np.asarray(int(host["tokens_template"]) / tokens)}
+
+
+def _hash_keys(token: Array, m: int) -> Array:
+  """A float in [0, 1) per (token, latent), from an integer hash: a fixed random order of the firings."""
+  lat = jnp.arange(m, dtype=jnp.uint32)[None, :]
+  h = token.astype(jnp.uint32)[:, None] * jnp.uint32(0x9E3779B1) ^ (lat * jnp.uint32(0x85EBCA77))
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  h = h ^ (h >> 16)
+  return (h >> 8).astype(jnp.float32) / jnp.float32(1 << 24)
+
+
+def _merge(vals: Array, toks: Array, new_vals: Array, new_toks: Array, k: int) -> tuple[Array, Array]:
+  """The k largest of running [m, k] and a batch's [m, B] (values with their tokens)."""
+  bv, bi = jax.lax.top_k(new_vals, min(k, new_vals.shape[1]))  # [m, k]
+  bt = jnp.take_along_axis(new_toks, bi, axis=1)
+  v, i = jax.lax.top_k(jnp.concatenate([vals, bv], 1), k)
+  return v, jnp.take_along_axis(jnp.concatenate([toks, bt], 1), i, axis=1)
+
+
+class TopExamples(Accumulator):
+  """Per latent: the top_k activations (value, token) and a uniform sample of sample_size firings."""
+
+  name = "examples"
+
+  def __init__(self, dict_size: int, top_k: int = 20, sample_size: int = 64, latent_shards: int = 1):
+    if top_k < 1 or sample_size < 0:
+      raise ValueError(f"top_k={top_k} must be ≥ 1 and sample_size={sample_size} ≥ 0.")
+    self.m, self.k, self.r = dict_size, top_k, sample_size
+    self.shard = dict_size % latent_shards == 0
+
+  def __repr__(self) -> str:
+    return f"TopExamples({self.m}, {self.k}, {self.r})"
+
+  def init(self) -> dict[str, np.ndarray]:
+    m, k, r = self.m, self.k, max(self.r, 1)
+    return {"top_val": np.zeros((m, k), np.float32), "top_tok": np.full((m, k), -1, np.int32),
+            "sample_key": np.full((m, r), -1.0, np.float32), "sample_val": np.zeros((m, r), np.float32),
+            "sample_tok": np.full((m, r), -1, np.int32)}
+
+  def specs(self) -> dict[str, P]:
+    return {k: P("latent") for k in self.init()} if self.shard else {}
+
+  def update(self, state: dict[str, Array], ctx: Context) -> dict[str, Array]:
+    ft = ctx.f.T  # [m, B]
+    toks = jnp.broadcast_to(ctx.token[None, :], ft.shape)
+    top_val, top_tok = _merge(state["top_val"], state["top_tok"], ft, toks, self.k)
+    out = dict(state, top_val=top_val, top_tok=top_tok)
+    if self.r:
+      keys = jnp.where(ctx.f > 0, _hash_keys(ctx.token, self.m), -1.0).T  # [m, B]
+      # Carry value and token through one top-k on the key: pack the batch column index.
+      bk, bi = jax.lax.top_k(keys, min(self.r, keys.shape[1]))
+      bv, bt = jnp.take_along_axis(ft, bi, 1), jnp.take_along_axis(toks, bi, 1)
+      ck = jnp.concatenate([state["sample_key"], bk], 1)
+      k2, i2 = jax.lax.top_k(ck, self.r)
+      out["sample_key"] = k2
+      out["sample_val"] = jnp.take_along_axis(jnp.concatenate([state["sample_val"], bv], 1), i2, 1)
+      out["sample_tok"] = jnp.take_along_axis(jnp.concatenate([state["sample_tok"], bt], 1), i2, 1)
+    return out
+
+  def finalize(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The carried lists; empty slots have token -1."""
+    top_tok = np.where(host["top_val"] > 0, host["top_tok"], -1)
+    sample_tok = np.where(host["sample_key"] >= 0, host["sample_tok"], -1)
+    return {"top_val": host["top_val"], "top_tok": top_tok, "sample_val": host["sample_val"], "sample_tok": sample_tok}
+
+
+def quantile_examples(vals: np.ndarray, toks: np.ndarray, n_quantiles: int = 4,
+                      per_quantile: int = 3) -> list[tuple[int, float, int]]:
+  """(quantile, value, token) examples of one latent: its sampled firings split into activation quantiles."""
+  ok = toks >= 0
+  v, t = vals[ok], toks[ok]
+  if not len(v):
+    return []
+  order = np.argsort(v, kind="stable")
+  v, t = v[order], t[order]
+  out = []
+  for q, part in enumerate(np.array_split(np.arange(len(v)), n_quantiles)):
+    if not len(part):
+      continue
+    pick = part[np.unique(np.linspace(0, len(part) - 1, min(per_quantile, len(part))).round().astype(int))]
+    out += [(q + 1, float(v[i]), int(t[i])) for i in pick]
+  return out
+
+
+def example_rows(latents: Sequence[int], ex: dict[str, np.ndarray], n_quantiles: int = 4,
+                 per_quantile: int = 3) -> pd.DataFrame:
+  """One row per example of the chosen latents: latent, group ("top" or "q1".."qN"), rank, activation, token."""
+  rows: list[dict[str, Any]] = []
+  for j in latents:
+    for r, (v, t) in enumerate(zip(ex["top_val"][j], ex["top_tok"][j])):
+      if t >= 0:
+        rows.append({"latent": int(j), "group": "top", "rank": r, "activation": float(v), "token": int(t)})
+    for r, (q, v, t) in enumerate(quantile_examples(ex["sample_val"][j], ex["sample_tok"][j], n_quantiles,
+                                                    per_quantile)):
+      rows.append({"latent": int(j), "group": f"q{q}", "rank": r, "activation": v, "token": t})
+  cols = ["latent", "group", "rank", "activation", "token"]
+  return pd.DataFrame(rows, columns=cols).astype({"latent": "int64", "rank": "int64", "token": "int64"})
+
+
+def dataset_names(store: ActivationStore) -> tuple[np.ndarray, list[str]]:
+  """(first document index of each dataset, dataset names) from the store's manifest."""
+  ds = store.manifest.get("datasets") or [{"path": "?"}]
+  counts = [int(d.get("documents", 0)) for d in ds]
+  names = [str(d.get("path", "?")).rsplit("/", 1)[-1] for d in ds]
+  return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), names
+
+
+def contexts(cc: Crosscoder, store: ActivationStore, layer: int, rows: pd.DataFrame, tokenizer: Any,
+             before: int = 12, after: int = 4, chunk: int = 4096) -> pd.DataFrame:
+  """`rows` (latent, token) with the example's document, position, dataset and decoded context window.
+
+  Adds columns doc_index, position, dataset, token_id, context_tokens (decoded, one string per token),
+  context_acts (the latent's activation on each), context_index (where the example token sits).
+  """
+  n = store.layout.num_tokens
+  out = rows.copy()
+  if not len(rows):
+    for c in ("doc_index", "position", "dataset", "token_id", "context_tokens", "context_acts", "context_index"):
+      out[c] = []
+    return out
+  tok = rows["token"].to_numpy()
+  if tok.min() < 0 or tok.max() >= n:
+    raise ValueError(f"example token {int(tok.max())} is outside the store's {n} tokens.")
+  doc_all = store.metadata("doc_index")
+  lo = np.maximum(tok - before, 0)
+  hi = np.minimum(tok + after + 1, n)
+  lo = np.array([l + int(np.argmax(doc_all[l:t + 1] == doc_all[t])) for l, t in zip(lo, tok)])  # same document
+  hi = np.array([t + 1 + int(np.sum(doc_all[t + 1:h] == doc_all[t])) for t, h in zip(tok, hi)])
+  need = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]))
+  token_ids = store.metadata("token_id")
+  # Contiguous runs of the tokens needed, each read once (windows of nearby examples merge).
+  breaks = np.flatnonzero(np.diff(need) > 1) + 1
+  runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(need, breaks)]
+  wanted: dict[int, set[int]] = {}  # token -> the latents whose windows include it
+  for a, b, j in zip(lo, hi, rows["latent"]):
+    for t in range(a, b):
+      wanted.setdefault(t, set()).add(int(j))
+  acts: dict[tuple[int, int], float] = {}
+  scale = cc.scale
+  buf: list[np.ndarray] = []
+  idx: list[int] = []
+
+  def flush() -> None:
+    if not buf:
+      return
+    x = np.concatenate(buf).astype(np.float32) * scale[None, :, None]
+    f = np.asarray(cc.encode(x, normalized=True))  # [n, m]
+    for i, t in enumerate(idx):
+      for j in wanted[t]:
+        acts[t, j] = float(f[i, j])
+    buf.clear()
+    idx.clear()
+
+  for a, b in runs:
+    buf.append(store.read(layer, a, b))
+    idx.extend(range(a, b))
+    if len(idx) >= chunk:
+      flush()
+  flush()
+  starts, names = dataset_names(store)
+  piece: dict[int, str] = {}
+
+  def text(i: int) -> str:
+    if i not in piece:
+      piece[i] = tokenizer.decode([i]) if tokenizer is not None else str(i)
+    return piece[i]
+
+  positions = store.metadata("position")
+  out["doc_index"] = doc_all[tok].astype(np.int64)
+  out["position"] = positions[tok].astype(np.int64)
+  out["dataset"] = [names[int(np.searchsorted(starts, d, side="right")) - 1] for d in doc_all[tok]]
+  out["token_id"] = token_ids[tok].astype(np.int64)
+  out["context_tokens"] = [[text(int(token_ids[i])) for i in range(a, b)] for a, b in zip(lo, hi)]
+  out["context_acts"] = [[acts[i, int(j)] for i in range(a, b)] for a, b, j in zip(lo, hi, rows["latent"])]
+  out["context_index"] = (tok - lo).astype(np.int64)
+  return out
+
+
+__all__ = ["LatentStats", "TopExamples", "contexts", "dataset_names", "example_rows", "is_template",
+           "quantile_examples"]
