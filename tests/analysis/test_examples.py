@@ -9,7 +9,13 @@ import pytest
 
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.activations.store import write_arrays
-from neurodiff_jax.analysis.examples import LatentStats, TopExamples, contexts, example_rows, quantile_examples
+from neurodiff_jax.analysis.examples import (
+  LatentStats,
+  TopExamples,
+  contexts,
+  example_rows,
+  quantile_examples,
+)
 from neurodiff_jax.analysis.latent_table import latent_table, nu_ranking
 from neurodiff_jax.analysis.stream import run_pass
 from neurodiff_jax.crosscoder import sharding
