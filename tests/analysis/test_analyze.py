@@ -42,7 +42,7 @@ def _config(workdir, **over):
 
 
 def test_analysis_without_models_writes_the_tables_and_reuses_them(trained, tmp_path):
-  tmp, truth = trained
+  tmp, _ = trained
   logs = []
   summary = analyze.analyze(_config(tmp / "run", out_dir=str(tmp_path / "a")), log=logs.append)
   table = pd.read_parquet(tmp_path / "a" / "latents.parquet")
