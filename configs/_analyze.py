@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.layer = -1  # -1 = the layer the crosscoder was trained on
   c.out_dir = ""  # "" = <workdir>/analysis
   c.force = False  # recompute every part even when its results are up to date
-  c.force_parts = ()  # or only these: pass, table, causal, steering, report
+  c.force_parts = ()  # or only these: pass, table, causal, steering, logit_lens, report
   c.seed = 0
   c.progress = True
   # The streaming pass (latent scaling, statistics, examples), in the crosscoder's normalised space.
@@ -54,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
       "models": ("chat", "base"),
       "max_new_tokens": 24,
   })
+  # The tokens each latent's chat decoder direction promotes / suppresses (final norm + unembedding).
+  c.logit_lens = ml_collections.ConfigDict({"enabled": True, "num_latents": 256, "top": 10})
   c.model_dtype = "float32"
   c.report = ml_collections.ConfigDict({"enabled": True, "max_latents": 8})
   return c

@@ -9,6 +9,7 @@ when its inputs have not changed (`force` recomputes):
   table      latents.parquet (`latent_table.py`) and examples.parquet (decoded contexts)
   causal     causal.parquet + causal.png (`causal.py`, docs/methods.md §5)
   steering   steering.parquet (`steering.py`)
+  logit_lens logit_lens.parquet: the tokens each shown latent's chat decoder row promotes and suppresses
   report     PNG plots and report.html (`report.py`), summary.json
 
 Everything lands in `<workdir>/analysis/` (or `out_dir`). `parts.json` there records what inputs
@@ -46,7 +47,7 @@ from neurodiff_jax.utils.errors import CheckpointError
 from neurodiff_jax.utils.files import atomic_write_json
 from neurodiff_jax.utils.paths import neurodiff_home
 
-PARTS = ("pass", "table", "causal", "steering", "report")
+PARTS = ("pass", "table", "causal", "steering", "logit_lens", "report")
 
 
 class AnalysisError(ValueError):
@@ -395,6 +396,27 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
       pd.DataFrame(rows, columns=["latent", "model", "prompt", "strength", "multiple", "completion"]).to_parquet(
           file, index=False)
       parts.finish("steering", key)
+
+  if config.logit_lens.enabled:
+    from neurodiff_jax.models.lens import logit_lens, top_tokens
+
+    chosen = sorted(set(context_latents(table, int(config.logit_lens.num_latents)).tolist()) |
+                    set(_steering_latents(config, table)))
+    key = _digest({"cc": fp, "lens": config.logit_lens.to_dict(), "latents": chosen})
+    file = out / "logit_lens.parquet"
+    if parts.fresh("logit_lens", key, [file]):
+      log("logit_lens: reusing logit_lens.parquet")
+    else:
+      _, chat_model, tok = models()
+      k = int(config.logit_lens.top)
+      rows = []
+      for j, top in zip(chosen, top_tokens(logit_lens(chat_model, cc.decoder()[chosen, -1]), tok, k)):
+        for way in ("promoted", "suppressed"):
+          rows += [{"latent": j, "direction": way, "rank": r, "token": t, "logit": float(v)}
+                   for r, (t, v) in enumerate(zip(top[way], top[f"{way}_logits"]))]
+      log(f"logit_lens: top {k} tokens of {len(chosen)} latents' chat decoder directions")
+      pd.DataFrame(rows, columns=["latent", "direction", "rank", "token", "logit"]).to_parquet(file, index=False)
+      parts.finish("logit_lens", key)
 
   summary["seconds"] = round(time.time() - t_start, 1)
   atomic_write_json(out / "summary.json", summary)

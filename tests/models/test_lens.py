@@ -1,0 +1,28 @@
+"""The logit lens of vectors: at the last layer it is the model's own next-token logits."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neurodiff_jax.models import load_model, load_tokenizer
+from neurodiff_jax.models.lens import logit_lens, top_tokens
+from neurodiff_jax.organisms.random_model import build_random_checkpoint
+
+
+def test_lens_of_the_last_residual_is_the_models_logits(tmp_path):
+  path = build_random_checkpoint(tmp_path / "m", family="gemma2", seed=0)
+  model, tok = load_model(path), load_tokenizer(path)
+  ids = jnp.asarray(tok(["the river runs past the mill"])["input_ids"])
+  last = model.cfg.num_layers - 1
+  out = model(ids, capture=(last,))
+  x = np.asarray(out.residuals[last][0])  # [T, d]
+  lens = logit_lens(model, x, batch=3)
+  np.testing.assert_allclose(lens, np.asarray(out.logits[0]), rtol=1e-5, atol=1e-5)
+  # Scale-free: the final norm undoes a positive scale.
+  np.testing.assert_allclose(logit_lens(model, 7.0 * x[:2]), lens[:2], rtol=1e-4, atol=1e-4)
+  top = top_tokens(lens[:1], tok, k=3)[0]
+  assert top["promoted_ids"] == np.argsort(lens[0])[::-1][:3].tolist()
+  assert top["suppressed_ids"] == np.argsort(lens[0])[:3].tolist()
+  assert top["promoted"] == [tok.decode([i]) for i in top["promoted_ids"]]
+  with pytest.raises(ValueError, match="vectors \\[n, d=64\\]"):
+    logit_lens(model, x[:, :10])
