@@ -7,6 +7,8 @@ back, or the raw activation of each model.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,11 +193,12 @@ def test_planted_weak_base_latents_have_higher_nu_error_than_chat_only_ones(tmp_
   from neurodiff_jax.crosscoder import train as train_lib
   from tests.crosscoder.conftest import train_config
 
+  seed = int(os.environ.get("NEURODIFF_GT_SEED", "0"))  # 0 is the tested one; 1 and 2 were checked too
   task = synthetic.PlantedTask()
-  truth, store, _ = task.data(tmp_path / "store", 0)
+  truth, store, _ = task.data(tmp_path / "store", seed)
   overrides = task.train_overrides() | {"sparsity": "l1", "steps": 800, "checkpoint_every": 800, "l1_lambda": 2.5,
                                         "warmup_frac": 20 / 800, "warmup_max_steps": 20, "log_every": 400}
-  train_lib.train(train_config(store, tmp_path / "l1", seed=0, **overrides))
+  train_lib.train(train_config(store, tmp_path / "l1", seed=seed, **overrides))
   cc = load(tmp_path / "l1")
   res = latent_scaling(cc, store, 0, batch_size=4096, progress=False)
   best, cos = synthetic.match_features(truth, cc.decoder())
@@ -209,7 +212,7 @@ def test_planted_weak_base_latents_have_higher_nu_error_than_chat_only_ones(tmp_
   weak, chat = groups["weak_base"], groups["chat_only"]
   assert len(weak) >= 5 and len(chat) >= 8, (len(weak), len(chat))
   auc = (weak[:, None] > chat[None, :]).mean() + 0.5 * (weak[:, None] == chat[None, :]).mean()
-  print(f"\nplanted L1: {len(weak)} weak-base and {len(chat)} chat-only features read chat-only by Δnorm; "
+  print(f"\nplanted L1, seed {seed}: {len(weak)} weak-base and {len(chat)} chat-only features read chat-only by Δnorm; "
         f"ν^ε median {np.median(weak):.3f} vs {np.median(chat):.3f}, ROC AUC {auc:.3f}")
   assert auc >= 0.9
   assert np.median(weak) >= 0.2 > np.median(chat)
