@@ -11,7 +11,10 @@ import pytest  # noqa: E402
 
 # Every jaxtyping annotation (dtype and shape) in these packages is checked at call time in the
 # tests, by beartype. The hook must be in place before any test imports them.
-jaxtyping.install_import_hook(["neurodiff_jax.crosscoder", "neurodiff_jax.activations"], "beartype.beartype")
+import tests.typecheck  # noqa: E402,F401  (the hook looks the decorator up by name)
+
+jaxtyping.install_import_hook(["neurodiff_jax.crosscoder", "neurodiff_jax.activations", "neurodiff_jax.analysis"],
+                              "tests.typecheck.check")
 
 
 @pytest.fixture

@@ -144,13 +144,14 @@ def check_models(store: ActivationStore) -> list[dict]:
   for m in models:
     if not m.get("fingerprint"):
       raise AnalysisError(f"the store {store.root} does not record its models' checkpoints (it was written from "
-                          "arrays, not harvested): the causal test and steering need the models; switch them off "
-                          "with --config.causal.enabled=False --config.steering.enabled=False.")
+                          "arrays, not harvested): the causal test, steering and logit lens need the models; switch "
+                          "them off with --config.causal.enabled=False --config.steering.enabled=False "
+                          "--config.logit_lens.enabled=False.")
     try:
       info = checkpoint_info(m["path"], revision=m.get("revision") or None)
     except Exception as e:  # noqa: BLE001 - any failure to find it is the same problem for the user
       raise AnalysisError(f"the {m['role']} model of the store, {m['path']}, cannot be read ({e}); put the checkpoint "
-                          "back there or switch the model-based parts off (causal, steering).") from None
+                          "back there or switch the model-based parts off (causal, steering, logit_lens).") from None
     if info.fingerprint != m["fingerprint"]:
       raise AnalysisError(f"the {m['role']} model at {m['path']} is not the one the store was harvested from "
                           f"(fingerprint {info.fingerprint} != {m['fingerprint']}): the checkpoint changed since. "

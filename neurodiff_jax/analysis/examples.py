@@ -166,7 +166,7 @@ def quantile_examples(vals: np.ndarray, toks: np.ndarray, n_quantiles: int = 4,
   return out
 
 
-def example_rows(latents: Sequence[int], ex: dict[str, np.ndarray], n_quantiles: int = 4,
+def example_rows(latents: Sequence[int] | np.ndarray, ex: dict[str, np.ndarray], n_quantiles: int = 4,
                  per_quantile: int = 3) -> pd.DataFrame:
   """One row per example of the chosen latents: latent, group ("top" or "q1".."qN"), rank, activation, token."""
   rows: list[dict[str, Any]] = []

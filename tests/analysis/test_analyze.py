@@ -33,7 +33,7 @@ def _config(workdir, **over):
   c = get_config()
   c.unlock()
   c.workdir = str(workdir)
-  c.causal.enabled = c.steering.enabled = False
+  c.causal.enabled = c.steering.enabled = c.logit_lens.enabled = False
   c.progress = False
   c.batch_size = 2048
   for k, v in over.items():
@@ -83,7 +83,7 @@ def test_models_must_be_the_ones_the_store_was_harvested_from(tmp_path):
   from neurodiff_jax.organisms.random_model import build_random_checkpoint
 
   store = write_arrays(tmp_path / "s", {0: np.zeros((8, 2, 64), np.float32)})
-  with pytest.raises(analyze.AnalysisError, match="does not record its models' checkpoints.*causal.enabled=False"):
+  with pytest.raises(analyze.AnalysisError, match="does not record its models' checkpoints.*causal.enabled=False.*logit_lens.enabled=False"):
     analyze.check_models(store)
   path = str(build_random_checkpoint(tmp_path / "rand", family="gemma2", seed=0))
   real = checkpoint_info(path).fingerprint
