@@ -277,7 +277,8 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
     mesh = sharding.make_mesh(data, lat)
     accs = [examples_lib.LatentStats(m, lat), LatentScaling(cc, latents, lat)]
     if config.examples.enabled:
-      accs.append(examples_lib.TopExamples(m, int(config.examples.top_k), int(config.examples.sample_size), lat))
+      accs.append(examples_lib.TopExamples(m, int(config.examples.top_k), int(config.examples.sample_size), lat,
+                                             mesh))
     log(f"pass: {', '.join(a.name for a in accs)} over {store.layout.num_tokens:,} tokens on "
         f"{data}x{lat} {jax.devices()[0].platform} devices")
     res = run_pass(cc, store, layer, accs, batch_size=int(config.batch_size), exclude=tuple(config.exclude),

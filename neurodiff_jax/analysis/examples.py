@@ -93,12 +93,40 @@ def _hash_keys(token: Array, m: int) -> Array:
   return (h >> 8).astype(jnp.float32) / jnp.float32(1 << 24)
 
 
-def _merge(vals: Array, toks: Array, new_vals: Array, new_toks: Array, k: int) -> tuple[Array, Array]:
-  """The k largest of running [m, k] and a batch's [m, B] (values with their tokens)."""
-  bv, bi = jax.lax.top_k(new_vals, min(k, new_vals.shape[1]))  # [m, k]
-  bt = jnp.take_along_axis(new_toks, bi, axis=1)
-  v, i = jax.lax.top_k(jnp.concatenate([vals, bv], 1), k)
-  return v, jnp.take_along_axis(jnp.concatenate([toks, bt], 1), i, axis=1)
+def _batch_top(vals: Array, toks: Array, carry: tuple[Array, ...], k: int) -> tuple[Array, ...]:
+  """Per latent, the k largest of a batch's `vals` [B, m] with their `toks` [B] and carried [B, m] arrays."""
+  v, i = jax.lax.top_k(vals.T, min(k, vals.shape[0]))  # [m, k]
+  return (v, toks[i], *(jnp.take_along_axis(c.T, i, axis=1) for c in carry))
+
+
+def _sharded_batch_top(vals: Array, toks: Array, carry: tuple[Array, ...], k: int,
+                       mesh: jax.sharding.Mesh | None) -> tuple[Array, ...]:
+  """`_batch_top` with the batch split over `data`: each shard's top k, all-gathered, then the top k of those.
+
+  Written as shard_map so that only [m, data · k] candidates cross devices: a top-k over a sharded
+  batch axis left to XLA may gather the whole [B, m] code matrix onto every device.
+  """
+  if mesh is None or mesh.shape["data"] == 1:
+    return _batch_top(vals, toks, carry, k)
+  lat = "latent" if vals.shape[1] % mesh.shape["latent"] == 0 else None
+
+  def local(vals, toks, *carry):
+    part = _batch_top(vals, toks, carry, k)  # [m_local, k] each
+    gathered = [jax.lax.all_gather(a, "data", axis=1, tiled=True) for a in part]  # [m_local, data·k]
+    v, i = jax.lax.top_k(gathered[0], k)
+    return (v, *(jnp.take_along_axis(a, i, axis=1) for a in gathered[1:]))
+
+  spec_bm, spec_m = P("data", lat), P(lat, None)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(spec_bm, P("data"), *(spec_bm for _ in carry)),
+                     out_specs=tuple(spec_m for _ in range(2 + len(carry))), check_vma=False)
+  return fn(vals, toks, *carry)
+
+
+def _merge(run: tuple[Array, ...], new: tuple[Array, ...], k: int) -> tuple[Array, ...]:
+  """The k largest (by the first array) of the running lists [m, k] and a batch's candidates [m, k']."""
+  both = [jnp.concatenate([a, b], 1) for a, b in zip(run, new)]
+  v, i = jax.lax.top_k(both[0], k)
+  return (v, *(jnp.take_along_axis(a, i, axis=1) for a in both[1:]))
 
 
 class TopExamples(Accumulator):
@@ -106,11 +134,13 @@ class TopExamples(Accumulator):
 
   name = "examples"
 
-  def __init__(self, dict_size: int, top_k: int = 20, sample_size: int = 64, latent_shards: int = 1):
+  def __init__(self, dict_size: int, top_k: int = 20, sample_size: int = 64, latent_shards: int = 1,
+               mesh: jax.sharding.Mesh | None = None):
     if top_k < 1 or sample_size < 0:
       raise ValueError(f"top_k={top_k} must be ≥ 1 and sample_size={sample_size} ≥ 0.")
     self.m, self.k, self.r = dict_size, top_k, sample_size
     self.shard = dict_size % latent_shards == 0
+    self.mesh = mesh
 
   def __repr__(self) -> str:
     return f"TopExamples({self.m}, {self.k}, {self.r})"
@@ -125,20 +155,15 @@ class TopExamples(Accumulator):
     return {k: P("latent") for k in self.init()} if self.shard else {}
 
   def update(self, state: dict[str, Array], ctx: Context) -> dict[str, Array]:
-    ft = ctx.f.T  # [m, B]
-    toks = jnp.broadcast_to(ctx.token[None, :], ft.shape)
-    top_val, top_tok = _merge(state["top_val"], state["top_tok"], ft, toks, self.k)
+    f = ctx.f  # [B, m]
+    top = _sharded_batch_top(f, ctx.token, (), self.k, self.mesh)
+    top_val, top_tok = _merge((state["top_val"], state["top_tok"]), top, self.k)
     out = dict(state, top_val=top_val, top_tok=top_tok)
     if self.r:
-      keys = jnp.where(ctx.f > 0, _hash_keys(ctx.token, self.m), -1.0).T  # [m, B]
-      # Carry value and token through one top-k on the key: pack the batch column index.
-      bk, bi = jax.lax.top_k(keys, min(self.r, keys.shape[1]))
-      bv, bt = jnp.take_along_axis(ft, bi, 1), jnp.take_along_axis(toks, bi, 1)
-      ck = jnp.concatenate([state["sample_key"], bk], 1)
-      k2, i2 = jax.lax.top_k(ck, self.r)
-      out["sample_key"] = k2
-      out["sample_val"] = jnp.take_along_axis(jnp.concatenate([state["sample_val"], bv], 1), i2, 1)
-      out["sample_tok"] = jnp.take_along_axis(jnp.concatenate([state["sample_tok"], bt], 1), i2, 1)
+      keys = jnp.where(f > 0, _hash_keys(ctx.token, self.m), -1.0)  # [B, m]
+      batch = _sharded_batch_top(keys, ctx.token, (f,), self.r, self.mesh)  # (key, token, value)
+      run = (state["sample_key"], state["sample_tok"], state["sample_val"])
+      out["sample_key"], out["sample_tok"], out["sample_val"] = _merge(run, batch, self.r)
     return out
 
   def finalize(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

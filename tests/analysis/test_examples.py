@@ -44,7 +44,7 @@ def setup(tmp_path_factory):
 def test_stats_and_top_examples_match_numpy(setup, mesh_shape):
   store, cc, f, meta = setup
   mesh = sharding.make_mesh(*mesh_shape)
-  res = run_pass(cc, store, 0, [LatentStats(M_LAT, mesh_shape[1]), TopExamples(M_LAT, 5, 16, mesh_shape[1])],
+  res = run_pass(cc, store, 0, [LatentStats(M_LAT, mesh_shape[1]), TopExamples(M_LAT, 5, 16, mesh_shape[1], mesh)],
                  batch_size=512, exclude=(), progress=False, fold_every=3, mesh=mesh)
   st, ex = res["stats"], res["examples"]
   on = f > 0
