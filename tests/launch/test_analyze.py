@@ -103,7 +103,7 @@ def test_bad_inputs_end_with_one_line_naming_the_fix(tmp_path):
   (tmp_path / "empty").mkdir()
   proc = run_launcher("launch.analyze", "--config=analyze", f"--config.workdir={tmp_path / 'empty'}", home=home,
                       timeout=120)
-  assert proc.returncode == 2 and "no checkpoint directory" in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 2 and "no complete checkpoint in" in proc.stderr, proc.stderr[-2000:]
   proc = run_launcher("launch.analyze", "--config=analyze", "--config.exclude=('bso',)", home=home, timeout=120)
   assert proc.returncode == 2 and "unknown token kind 'bso'" in proc.stderr
   proc = run_launcher("launch.analyze", "--config=analyze", "--config.force_parts=('cuasal',)", home=home,
