@@ -698,6 +698,22 @@ over the store and a few firings per quantile of a uniform sample of its firings
 """
 
 
+def _diff_sections(out: Path) -> str:
+  """The activation-difference methods' fragments (`diff/<method>/section.html`, written by launch.diff), if any.
+
+  Read as files, not through `neurodiff_jax.diffing` (the two packages sit side by side).
+  """
+  root = out / "diff"
+  if not root.is_dir():
+    return ""
+  parts = sorted(root.glob("*/section.html"), key=lambda p: p.stat().st_mtime)
+  if not parts:
+    return ""
+  return ('<h2>Activation-difference methods</h2><p>Methods that read h_ft − h_base directly '
+          "(python -m launch.diff), on the same model pair.</p>" + "\n".join(p.read_text(encoding="utf-8")
+                                                                              for p in parts))
+
+
 def write_report(results_dir: str | Path, max_latents: int = 8, top_contexts: int = 10) -> Path:
   """Writes `results_dir/report.html`, self-contained (plots inlined), from the results files there; returns it."""
   out = Path(results_dir)
@@ -723,7 +739,7 @@ def write_report(results_dir: str | Path, max_latents: int = 8, top_contexts: in
       "<h2>Setup</h2>", setup,
       classes, scaling, causal_html, _template(table, summary, out),
       _examples(table, ex, lens, steer, max_latents, top_contexts),
-      METHODS, "</body></html>",
+      METHODS, _diff_sections(out), "</body></html>",
   ]
   path = out / "report.html"
   tmp = path.with_name("report.html.tmp")

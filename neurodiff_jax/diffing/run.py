@@ -66,7 +66,7 @@ def _digest(obj: Any) -> str:
 
 
 def diff(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log) -> dict[str, Any]:
-  """Runs the chosen methods on the configured pair; returns {method: summary}."""
+  """Runs the chosen methods on the configured pair; returns {"results_dir": path, "methods": {method: summary}}."""
   check_config(config)
   organisms = config.get("organisms")
   base = resolve_model(config.base_model, organisms)
@@ -111,7 +111,7 @@ def diff(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log) -
     summaries[name] = summary
     log(f"{name}: done in {time.time() - t:.1f} s")
   atomic_write_json(out / "summary.json", summaries)
-  return summaries
+  return {"results_dir": str(root), "methods": summaries}
 
 
 __all__ = ["METHODS", "check_config", "chosen_methods", "diff"]
