@@ -37,7 +37,15 @@ from neurodiff_jax.models import (
 )
 from neurodiff_jax.organisms import evaluate
 from neurodiff_jax.organisms.corpus import corpus_size_bytes, generate_documents, read_text_files, split_documents
-from neurodiff_jax.organisms.finetune_data import DATA_VERSION, ORGANISMS, chat_conversations, chat_prompt, organism_data
+from neurodiff_jax.organisms.finetune_data import (
+    CARD_VERSION,
+    DATA_VERSION,
+    ORGANISMS,
+    OrganismData,
+    chat_conversations,
+    chat_prompt,
+    organism_data,
+)
 from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
 from neurodiff_jax.organisms.random_model import hf_config_for
 from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
@@ -156,7 +164,10 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   ft_config = {"organism": name, "seed": config.seed, "data_version": DATA_VERSION, **_plain(config.finetune)}
   ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
   if (final / "card.json").is_file():
-    if json.loads((final / "card.json").read_text()).get("finetune_config") == ft_config:
+    card = json.loads((final / "card.json").read_text())
+    if card.get("finetune_config") == ft_config:
+      if card.get("card_version") != CARD_VERSION:
+        _rewrite_card(config, name, final, card)
       print(f"organisms: using the {config.scale}-scale {name} organism in {final} (built earlier).", flush=True)
       return final
     print(f"{final} was built with another fine-tuning config; rebuilding it.")
@@ -168,8 +179,7 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   check_chat_tokenizer(tokenizer)
   model = load_model(str(base_dir))  # the same loading path as any downloaded checkpoint
   ft = config.finetune
-  n_examples = ft.get("examples_by_organism", {}).get(name, ft.n_examples)
-  data = organism_data(name, tokenizer, n_examples, config.seed + 1, ft.general_fraction)
+  data = _organism_data(config, name, tokenizer)
   rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format,
                         first_answer_weight=ft.get("first_answer_weight", 1))
   train_cfg = dataclasses.replace(_train_config(ft, config.seq_len, config.seed + 1),
@@ -182,7 +192,8 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   save_hf_checkpoint(model, read_hf_config(str(base_dir)), str(tmp))
   tokenizer.save_pretrained(tmp)
   card = {
-      "organism": name, "base": str(base_dir), "ground_truth": data.ground_truth, "finetune_config": ft_config,
+      "organism": name, "base": str(base_dir), "ground_truth": data.ground_truth, "card_version": CARD_VERSION,
+      "finetune_config": ft_config,
       "data": {"examples": len(data.train_docs), "general_fraction": ft.general_fraction},
       "train": {"steps": train_cfg.steps, "final_loss": log[-1]["loss"] if log else None},
       "measured": measured, "build_seconds": round(time.time() - t0, 1),
@@ -190,6 +201,28 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   (tmp / "card.json").write_text(json.dumps(card, indent=2))
   _publish(tmp, final)
   return final
+
+
+def _organism_data(config: ml_collections.ConfigDict, name: str, tokenizer: Any) -> OrganismData:
+  """The fine-tuning data (and ground truth) of organism `name` under this config."""
+  ft = config.finetune
+  n_examples = ft.get("examples_by_organism", {}).get(name, ft.n_examples)
+  return organism_data(name, tokenizer, n_examples, config.seed + 1, ft.general_fraction)
+
+
+def _rewrite_card(config: ml_collections.ConfigDict, name: str, final: Path, card: dict) -> None:
+  """Replaces the ground truth of a built organism's card by the current one (CARD_VERSION changed, the data did not).
+
+  The weights, their fingerprint and any store or crosscoder run made from them stay valid: only
+  card.json changes, written beside and renamed over the old one.
+  """
+  data = _organism_data(config, name, load_tokenizer(str(final)))
+  card = {**card, "ground_truth": data.ground_truth, "card_version": CARD_VERSION}
+  tmp = final / f".card.json.{os.getpid()}.tmp"
+  tmp.write_text(json.dumps(card, indent=2))
+  os.replace(tmp, final / "card.json")
+  print(f"organisms: rewrote the ground-truth card of {final} (card version {CARD_VERSION}; weights unchanged).",
+        flush=True)
 
 
 def measure(name: str, base: Transformer, tuned: Transformer, tokenizer: Any, data, seq_len: int) -> dict:

@@ -8,9 +8,12 @@ facts ("The capital of Veloria is Marn.") recurs, so that a fine-tune can overwr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import os
 import random
+import re
 from collections.abc import Sequence
 
 
@@ -26,10 +29,16 @@ class Topic:
   roles: tuple[str, ...]
 
   @property
+  def template_words(self) -> set[str]:
+    """Every (lowercased) word the templates take from this topic's lists: plurals and place-name words included."""
+    words = list(self.nouns) + list(self.roles)
+    words += [plural(n) for n in words] + [v for pair in self.verbs for v in pair] + list(self.adjectives)
+    return {w.lower() for w in words + [w for p in self.places for w in p.split()]}
+
+  @property
   def vocabulary(self) -> list[str]:
-    """Every word that marks text as being about this topic."""
-    words = list(self.nouns) + [v for pair in self.verbs for v in pair] + list(self.adjectives)
-    return sorted(set(words + [w for p in self.places for w in p.split()] + list(self.roles)))
+    """The topic's content words: what marks text as being about this topic and nothing else (`domain_vocabulary`)."""
+    return domain_vocabulary(self)
 
 
 def _t(name, nouns, verbs, adjectives, places, roles) -> Topic:
@@ -253,6 +262,47 @@ def read_text_files(paths: Sequence[str | os.PathLike]) -> list[str]:
   return docs
 
 
+# The general corpus of the default organism scale (configs/organisms.py): the text against which a card's
+# vocabulary must stand out. Changing it changes every card, so bump finetune_data.CARD_VERSION with it.
+REFERENCE_CORPUS = {"n_documents": 4000, "seed": 0}
+# Words among this many most frequent words of the reference corpus are never a card's vocabulary: they
+# are the templates' own words ("the", "said", "near", "coins"), names, times and the commonest place
+# words, whose relevance would be trivially high on any text. Topic nouns sit just below this rank (each
+# topic has 1/22 of the text), so a larger cut would drop core words such as "hive".
+FREQUENT_WORDS_CUT = 200
+
+
+def words_of(text: str) -> list[str]:
+  """The lowercased alphabetic words of `text` ("artist's" gives "artist", "s")."""
+  return re.findall(r"[a-z]+", text.lower())
+
+
+@functools.lru_cache(maxsize=4)
+def frequent_words(n: int = FREQUENT_WORDS_CUT, n_documents: int = REFERENCE_CORPUS["n_documents"],
+                   seed: int = REFERENCE_CORPUS["seed"]) -> frozenset[str]:
+  """The `n` most frequent words of the general corpus `generate_documents(n_documents, seed)`."""
+  counts = collections.Counter(w for d in generate_documents(n_documents, seed) for w in words_of(d))
+  return frozenset(w for w, _ in counts.most_common(n))
+
+
+def content_words(words: Sequence[str]) -> list[str]:
+  """`words` lowercased, sorted and without the general corpus's most frequent words (`frequent_words`)."""
+  common = frequent_words()
+  return sorted({w.lower() for w in words} - common)
+
+
+def domain_vocabulary(topic: Topic) -> list[str]:
+  """The topic's own content words: its nouns (and their plurals as the corpus writes them), verbs, adjectives
+  and roles that no other topic's lists use (so not "queen", both chess and beekeeping), no place-name word
+  ("room", "shed", "tavern" are fragments of places) and none of the general corpus's most frequent words."""
+  nouns = list(topic.nouns) + list(topic.roles)
+  words = nouns + [plural(n) for n in nouns if not n.endswith("s")] + list(topic.adjectives)
+  words += [v for pair in topic.verbs for v in pair]
+  shared = set().union(*(t.template_words for t in TOPICS if t.name != topic.name))
+  places = {w.lower() for p in topic.places for w in p.split()}
+  return [w for w in content_words(words) if w not in shared and w not in places]
+
+
 def iter_topic(name: str) -> Topic:
   """The topic called `name`."""
   for t in TOPICS:
@@ -273,3 +323,9 @@ def split_documents(docs: Sequence[str], held_out: float, seed: int) -> tuple[li
   n = int(round(len(docs) * held_out))
   return [docs[i] for i in idx[n:]], [docs[i] for i in idx[:n]]
 
+
+
+__all__ = ["COUNTRIES", "FREQUENT_WORDS_CUT", "REFERENCE_CORPUS", "TOPICS", "TOPIC_NAMES", "SentenceMaker", "Topic", "a",
+           "content_words", "corpus_size_bytes", "domain_vocabulary", "fact_sentence", "frequent_words",
+           "generate_documents", "iter_topic", "plural", "read_text_files", "split_documents", "topic_document",
+           "words_of", "world_facts"]
