@@ -1,0 +1,118 @@
+"""diffing.kl: per-token KL against numpy from each model's own forward pass on the tiny pair."""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurodiff_jax.activations.datasets import KIND_TEMPLATE
+from neurodiff_jax.diffing import kl as kl_method
+from neurodiff_jax.diffing.context import DiffContext
+from neurodiff_jax.models import jit_forward
+from neurodiff_jax.utils.config import ConfigError
+
+BATCH = 8  # 28 documents: the last batch has 4 filler rows
+
+
+def _ctx(tiny_pair, tiny_pair_dirs) -> DiffContext:
+  return DiffContext(pair=tiny_pair, datasets=[tiny_pair_dirs[2]], max_len=32, max_documents=64, grader=None,
+                     progress=False)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _reference(ctx: DiffContext) -> pd.DataFrame:
+  """One row per real token: doc, position, kind, KL, each model's argmax; separate forward passes, float64 numpy."""
+  fb, ff = jit_forward(ctx.pair.base), jit_forward(ctx.pair.ft)
+  rows = []
+  for batch in ctx.batches(BATCH):
+    lb = np.asarray(fb(batch.ids, batch.mask).logits)
+    lf = np.asarray(ff(batch.ids, batch.mask).logits)
+    lpb, lpf = _log_softmax(lb), _log_softmax(lf)
+    kl = (np.exp(lpf) * (lpf - lpb)).sum(-1)
+    for r, doc in enumerate(batch.docs):
+      if doc < 0:
+        continue
+      for t in np.nonzero(batch.mask[r])[0]:
+        rows.append({"doc": int(doc), "position": int(t), "kind": int(batch.kinds[r, t]), "kl": kl[r, t],
+                     "top_ft": int(lf[r, t].argmax()), "top_base": int(lb[r, t].argmax())})
+  return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def kl_run(tiny_pair, tiny_pair_dirs, tmp_path_factory):
+  ctx = _ctx(tiny_pair, tiny_pair_dirs)
+  out = tmp_path_factory.mktemp("kl")
+  summary = kl_method.run(ctx, ml_collections.ConfigDict({"batch_size": BATCH, "top_contexts": 6}), out)
+  return ctx, out, summary, _reference(ctx)
+
+
+def test_kl_statistics_equal_numpy(kl_run):
+  ctx, out, summary, ref = kl_run
+  assert ref.doc.nunique() == 28 and summary["n_documents"] == 28
+  lengths = sum(len(d) for d in ctx.corpus().ids[:28])
+  assert summary["n_tokens"] == len(ref) == lengths  # filler rows ignored, every real token counted once
+  assert ref.kl.mean() > 1e-3  # the two random models differ: a test that can fail
+  np.testing.assert_allclose(summary["mean"], ref.kl.mean(), rtol=1e-4)
+  np.testing.assert_allclose(summary["median"], ref.kl.median(), rtol=1e-3)
+  np.testing.assert_allclose(summary["p99"], np.quantile(ref.kl, 0.99), rtol=1e-3)
+  np.testing.assert_allclose(summary["max"], ref.kl.max(), rtol=1e-4)
+  table = pd.read_parquet(out / "kl_summary.parquet").set_index("kind")
+  tmpl = ref[ref.kind == KIND_TEMPLATE].kl
+  assert len(tmpl) > 0 and table.loc["template", "n_tokens"] == len(tmpl)
+  np.testing.assert_allclose(table.loc["template", "mean"], tmpl.mean(), rtol=1e-4)
+  assert table.loc[["text", "special", "template"], "n_tokens"].sum() == table.loc["all", "n_tokens"]
+
+
+def test_kl_profile_is_groupby_of_positions(kl_run):
+  _, out, _, ref = kl_run
+  prof = pd.read_parquet(out / "kl_by_position.parquet")
+  want = ref.groupby("position").kl.agg(["mean", "size"]).reset_index()
+  np.testing.assert_array_equal(prof.position, want.position)
+  np.testing.assert_array_equal(prof.n_tokens, want["size"])
+  np.testing.assert_allclose(prof.mean_kl, want["mean"], rtol=1e-4, atol=1e-7)
+  assert (out / "kl_by_position.png").stat().st_size > 1000
+
+
+def test_kl_top_contexts_are_the_argmax_ones(kl_run):
+  ctx, out, _, ref = kl_run
+  top = pd.read_parquet(out / "kl_top_contexts.parquet")
+  # The dataset repeats each text 4 times, so equal KLs tie across documents: compare values, then each row's own.
+  np.testing.assert_allclose(top.kl, np.sort(ref.kl.to_numpy())[::-1][:6], rtol=1e-4)
+  at = ref.set_index(["doc", "position"]).loc[list(zip(top.doc, top.position))]
+  np.testing.assert_allclose(top.kl, at.kl, rtol=1e-4)
+  np.testing.assert_array_equal(top.top_ft_id, at.top_ft)
+  np.testing.assert_array_equal(top.top_base_id, at.top_base)
+  tok = ctx.pair.tokenizer
+  for r in top.itertuples():
+    ids = ctx.corpus().ids[r.doc]
+    assert r.token == tok.decode([int(ids[r.position])])
+    assert r.context_tokens[r.marked] == r.token and f"«{r.token}»" in r.context
+    assert len(r.context_tokens) <= kl_method.CONTEXT_BEFORE + 1 + kl_method.CONTEXT_AFTER
+
+
+def test_kl_section_is_escaped_fragment(kl_run):
+  _, out, _, _ = kl_run
+  page = (out / "section.html").read_text()
+  assert page.startswith("<h2>") and "<html" not in page and "data:image/png;base64," in page
+  assert page.count("<tr>") >= 6 + 4  # the four kinds' rows and the six contexts
+  # Decoded tokens can hold markup: every piece of text is escaped.
+  top = pd.read_parquet(out / "kl_top_contexts.parquet").head(1)
+  top["context_tokens"] = [["<bos>", "<script>", "x"]]
+  top["marked"], top["top_ft"] = 1, "<end_of_turn>"
+  summary = {"n_tokens": 3, "n_documents": 1, "mean": 0.1, "median": 0.1, "p99": 0.2, "max": 0.3}
+  frag = kl_method.section_html(summary, pd.read_parquet(out / "kl_summary.parquet"), top, out / "kl_by_position.png")
+  assert "<script>" not in frag and "<bos>" not in frag and "<end_of_turn>" not in frag
+  assert '<span class="tok fire">&lt;script&gt;</span>' in frag
+
+
+def test_kl_bad_config(tiny_pair, tiny_pair_dirs, tmp_path):
+  with pytest.raises(ConfigError, match="batch_size"):
+    kl_method.run(_ctx(tiny_pair, tiny_pair_dirs), ml_collections.ConfigDict({"batch_size": 0, "top_contexts": 3}),
+                  tmp_path)
