@@ -93,14 +93,16 @@ def _mark(tokens: list[str], at: int) -> str:
   return "".join(tokens[:at]) + "«" + tokens[at] + "»" + "".join(tokens[at + 1:])
 
 
-def _figure(size: tuple[float, float] = (6.4, 3.6)) -> Any:
+def figure(size: tuple[float, float] = (6.4, 3.6)) -> Any:
+  """A matplotlib Figure (Agg, no pyplot)."""
   # A bare Figure renders with Agg and touches no global pyplot state.
   from matplotlib.figure import Figure
 
   return Figure(figsize=size, dpi=110)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+  """Writes the figure as PNG atomically; returns the path."""
   fig.tight_layout()
   tmp = path.with_name(path.name + ".tmp")
   fig.savefig(tmp, format="png")
@@ -108,12 +110,14 @@ def _save(fig: Any, path: Path) -> Path:
   return path
 
 
-def _image(path: Path, alt: str) -> str:
+def image_html(path: Path, alt: str) -> str:
+  """A PNG embedded as a base64 data URI in a <figure>."""
   data = base64.b64encode(path.read_bytes()).decode("ascii")
   return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
+  """A number with 4 significant digits ("–" when not finite), other values as escaped text."""
   if isinstance(x, (float, np.floating)):
     return "–" if not math.isfinite(float(x)) else f"{float(x):.4g}"
   return html.escape(str(x))
@@ -121,7 +125,7 @@ def _fmt(x: Any) -> str:
 
 def plot_by_position(profile: pd.DataFrame, path: Path) -> Path:
   """Mean KL by position index (with the token count per position on a second axis)."""
-  fig = _figure()
+  fig = figure()
   ax = fig.add_subplot(1, 1, 1)
   ax.plot(profile["position"], profile["mean_kl"], color="#b30000", lw=1.5)
   ax.set_xlabel("position in document")
@@ -132,7 +136,7 @@ def plot_by_position(profile: pd.DataFrame, path: Path) -> Path:
   ax.set_zorder(ax2.get_zorder() + 1)
   ax.patch.set_visible(False)
   ax.set_title("Per-token KL by position")
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def _context_html(tokens: list[str], at: int) -> str:
@@ -143,22 +147,22 @@ def _context_html(tokens: list[str], at: int) -> str:
 def section_html(summary: dict[str, Any], by_kind: pd.DataFrame, top: pd.DataFrame, plot: Path) -> str:
   """The method's HTML fragment: statistics by kind, the position profile, the highest-KL contexts."""
   head = ["kind", "tokens", "mean", "median", "p90", "p99", "max"]
-  rows = "".join("<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in ["kind", "n_tokens", "mean", "median", "p90",
+  rows = "".join("<tr>" + "".join(f"<td>{fmt(r[c])}</td>" for c in ["kind", "n_tokens", "mean", "median", "p90",
                                                                       "p99", "max"]) + "</tr>"
                  for _, r in by_kind.iterrows())
   stats_table = f"<table><thead><tr>{''.join(f'<th>{h}</th>' for h in head)}</tr></thead><tbody>{rows}</tbody></table>"
   ctx_rows = "".join(
-      f"<tr><td>{_fmt(r.kl)}</td><td>{_fmt(r.doc)}:{_fmt(r.position)}</td>"
+      f"<tr><td>{fmt(r.kl)}</td><td>{fmt(r.doc)}:{fmt(r.position)}</td>"
       f"<td>{_context_html(list(r.context_tokens), int(r.marked))}</td>"
-      f"<td>{html.escape(repr(r.next_token))}</td><td>{html.escape(repr(r.top_ft))} ({_fmt(r.p_top_ft)})</td>"
-      f"<td>{html.escape(repr(r.top_base))} ({_fmt(r.p_top_base)})</td></tr>" for r in top.itertuples())
+      f"<td>{html.escape(repr(r.next_token))}</td><td>{html.escape(repr(r.top_ft))} ({fmt(r.p_top_ft)})</td>"
+      f"<td>{html.escape(repr(r.top_base))} ({fmt(r.p_top_base)})</td></tr>" for r in top.itertuples())
   ctx_table = ("<table><thead><tr><th>KL</th><th>doc:pos</th><th>context (marked: the token whose next-token "
                "distributions differ)</th><th>actual next</th><th>ft top next (p)</th><th>base top next (p)</th></tr>"
                f"</thead><tbody>{ctx_rows}</tbody></table>")
   return (f"<h2>Per-token KL divergence</h2>\n<p>KL(P_ft ‖ P_base) of the two models' next-token distributions at "
           f"{summary['n_tokens']:,} tokens of {summary['n_documents']:,} documents (nats, float32 log-softmax). "
-          f"Mean {_fmt(summary['mean'])}, median {_fmt(summary['median'])}, p99 {_fmt(summary['p99'])}, max "
-          f"{_fmt(summary['max'])}.</p>\n{stats_table}\n{_image(plot, 'mean KL by position')}\n"
+          f"Mean {fmt(summary['mean'])}, median {fmt(summary['median'])}, p99 {fmt(summary['p99'])}, max "
+          f"{fmt(summary['max'])}.</p>\n{stats_table}\n{image_html(plot, 'mean KL by position')}\n"
           f"<h3>Highest-KL contexts</h3>\n{ctx_table}\n")
 
 
@@ -236,5 +240,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "make_kl_step", "padded",
-           "plot_by_position", "run", "section_html", "stats"]
+__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "figure", "fmt", "image_html",
+           "make_kl_step", "padded", "plot_by_position", "run", "save_png", "section_html", "stats"]
