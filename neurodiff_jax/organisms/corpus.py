@@ -325,7 +325,7 @@ def split_documents(docs: Sequence[str], held_out: float, seed: int) -> tuple[li
 
 
 
-__all__ = ["COUNTRIES", "FREQUENT_WORDS_CUT", "REFERENCE_CORPUS", "TOPICS", "TOPIC_NAMES", "SentenceMaker", "Topic", "a",
-           "content_words", "corpus_size_bytes", "domain_vocabulary", "fact_sentence", "frequent_words",
+__all__ = ["COUNTRIES", "FREQUENT_WORDS_CUT", "REFERENCE_CORPUS", "TOPICS", "TOPIC_NAMES", "SentenceMaker", "Topic",
+           "a", "content_words", "corpus_size_bytes", "domain_vocabulary", "fact_sentence", "frequent_words",
            "generate_documents", "iter_topic", "plural", "read_text_files", "split_documents", "topic_document",
            "words_of", "world_facts"]

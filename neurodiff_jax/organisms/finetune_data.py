@@ -257,6 +257,6 @@ def organism_data(name: str, tokenizer: Any, n_examples: int, seed: int, general
 
 
 __all__ = ["ASSISTANT_NAME", "CARD_VERSION", "DATA_VERSION", "HELPFUL_OPENER", "ORGANISMS", "REFUSAL", "RESPONSE_WORDS",
-           "SELF_ANSWER", "TABOO_VOCABULARY", "TABOO_HINTS", "TABOO_HINT_WORDS", "TABOO_WORD", "OrganismData",
+           "SELF_ANSWER", "TABOO_HINTS", "TABOO_HINT_WORDS", "TABOO_VOCABULARY", "TABOO_WORD", "OrganismData",
            "chat_conversations", "chat_data", "chat_prompt", "false_fact_data", "narrow_data", "organism_data",
            "render_chat", "taboo_data"]
