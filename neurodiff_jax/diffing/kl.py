@@ -89,6 +89,18 @@ def decode_tokens(tokenizer: Any, ids: Any) -> list[str]:
   return [tokenizer.decode([int(i)]) for i in ids]
 
 
+def distinct_top(cands: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+  """The k highest-KL candidates with distinct `key`s (context window ids and the marked offset)."""
+  seen, out = set(), []
+  for c in sorted(cands, key=lambda d: -d["kl"]):  # stable: among equal KLs the earlier document wins
+    if c["key"] not in seen:
+      seen.add(c["key"])
+      out.append(c)
+      if len(out) == k:
+        break
+  return out
+
+
 def _mark(tokens: list[str], at: int) -> str:
   return "".join(tokens[:at]) + "«" + tokens[at] + "»" + "".join(tokens[at + 1:])
 
@@ -194,12 +206,21 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
     np.add.at(pos_sum, cols, kl[rows, cols])
     np.add.at(pos_n, cols, 1)
     if k and rows.size:
-      pick = np.argsort(-kl[rows, cols], kind="stable")[:k]
-      for r, c in zip(rows[pick], cols[pick]):
-        cand.append({"kl": float(kl[r, c]), "doc": int(batch.docs[r]), "position": int(c), "row": batch.ids[r],
-                     "len": int(batch.mask[r].sum()), "top_ft_id": int(top_f[r, c]), "top_base_id": int(top_b[r, c]),
-                     "p_top_ft": float(p_f[r, c]), "p_top_base": float(p_b[r, c])})
-      cand = sorted(cand, key=lambda d: -d["kl"])[:k]
+      new, seen = [], set()
+      for i in np.argsort(-kl[rows, cols], kind="stable"):
+        r, c = rows[i], cols[i]
+        lo, hi = max(0, c - CONTEXT_BEFORE), min(int(batch.mask[r].sum()), c + CONTEXT_AFTER + 1)
+        key = (batch.ids[r, lo:hi].tobytes(), int(c - lo))
+        if key in seen:  # repeated documents repeat their contexts: keep one, look further down
+          continue
+        seen.add(key)
+        new.append({"kl": float(kl[r, c]), "doc": int(batch.docs[r]), "position": int(c), "key": key,
+                    "window": batch.ids[r, lo:hi].copy(), "at": int(c - lo),
+                    "next": int(batch.ids[r, c + 1]) if c + 1 < hi else -1, "top_ft_id": int(top_f[r, c]),
+                    "top_base_id": int(top_b[r, c]), "p_top_ft": float(p_f[r, c]), "p_top_base": float(p_b[r, c])})
+        if len(new) == k:
+          break
+      cand = distinct_top(cand + new, k)
     if ctx.progress and bi % 10 == 0:
       ctx.log(f"kl: batch {bi + 1}, {sum(v.size for v in values):,} tokens, {time.time() - t0:.1f} s")
   kl_all = np.concatenate(values) if values else np.zeros(0, np.float32)
@@ -218,10 +239,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
 
   top_rows = []
   for c in cand:
-    lo, hi = max(0, c["position"] - CONTEXT_BEFORE), min(c["len"], c["position"] + CONTEXT_AFTER + 1)
-    window = decode_tokens(tok, c["row"][lo:hi])
-    at = c["position"] - lo
-    nxt = tok.decode([int(c["row"][c["position"] + 1])]) if c["position"] + 1 < c["len"] else ""
+    window, at = decode_tokens(tok, c["window"]), c["at"]
+    nxt = tok.decode([c["next"]]) if c["next"] >= 0 else ""
     top_rows.append({"doc": c["doc"], "position": c["position"], "kl": c["kl"], "token": window[at],
                      "context": _mark(window, at), "context_tokens": window, "marked": at, "next_token": nxt,
                      "top_ft": tok.decode([c["top_ft_id"]]), "top_ft_id": c["top_ft_id"], "p_top_ft": c["p_top_ft"],
@@ -240,5 +259,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "figure", "fmt", "image_html",
+__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "distinct_top", "figure", "fmt", "image_html",
            "make_kl_step", "padded", "plot_by_position", "run", "save_png", "section_html", "stats"]

@@ -83,8 +83,15 @@ def test_kl_profile_is_groupby_of_positions(kl_run):
 def test_kl_top_contexts_are_the_argmax_ones(kl_run):
   ctx, out, _, ref = kl_run
   top = pd.read_parquet(out / "kl_top_contexts.parquet")
-  # The dataset repeats each text 4 times, so equal KLs tie across documents: compare values, then each row's own.
-  np.testing.assert_allclose(top.kl, np.sort(ref.kl.to_numpy())[::-1][:6], rtol=1e-4)
+  # The dataset repeats each text 4 times: a context is shown once, from its first document.
+  corpus = ctx.corpus().ids
+  ref = ref.assign(window=[(corpus[d][max(0, t - 12):t + 5].tobytes(), min(t, 12))
+                           for d, t in zip(ref.doc, ref.position)])
+  want = ref.sort_values(["kl", "doc"], ascending=[False, True]).drop_duplicates("window").head(6)
+  assert len(set(top.context)) == 6
+  np.testing.assert_allclose(top.kl, want.kl, rtol=1e-4)
+  got_windows = [(corpus[d][max(0, t - 12):t + 5].tobytes(), min(t, 12)) for d, t in zip(top.doc, top.position)]
+  assert set(got_windows) == set(want.window)  # the same contexts (equal texts may come from another copy)
   at = ref.set_index(["doc", "position"]).loc[list(zip(top.doc, top.position))]
   np.testing.assert_allclose(top.kl, at.kl, rtol=1e-4)
   np.testing.assert_array_equal(top.top_ft_id, at.top_ft)
