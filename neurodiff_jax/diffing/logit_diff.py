@@ -164,7 +164,9 @@ def mine(ctx: DiffContext, top_k: int, batch_size: int) -> tuple[pd.DataFrame, i
     if ctx.progress and bi % 10 == 0:
       ctx.log(f"logit_diff: mining batch {bi + 1}, {n:,} positions, {time.time() - t0:.1f} s")
   seen = np.nonzero(counts)[0]
+  # Byte tokens decode alone to "\ufffd": `piece` (the vocabulary entry) tells them apart.
   table = pd.DataFrame({"token": [tok.decode([int(i)]) for i in seen], "token_id": seen.astype(np.int64),
+                        "piece": [str(x) for x in tok.convert_ids_to_tokens([int(i) for i in seen])],
                         "count": counts[seen], "share_of_positions": counts[seen] / max(n, 1),
                         "frac_positive": positive[seen] / max(n, 1), "mean_diff": diff_sum[seen] / max(n, 1)})
   table = table.sort_values(["count", "mean_diff", "token_id"], ascending=[False, False, True], kind="stable")
@@ -193,7 +195,7 @@ def plot_mining(top: pd.DataFrame, relevant: list[bool] | None, path: Path) -> P
   y = np.arange(len(top))[::-1]
   colors = ["#b30000" if relevant and relevant[i] else "#4a6fa5" for i in range(len(top))]
   ax.barh(y, top["share_of_positions"], color=colors)
-  ax.set_yticks(y, [repr(t) for t in top["token"]], fontsize=7)
+  ax.set_yticks(y, [repr(t) if "\ufffd" not in t else p for t, p in zip(top["token"], top["piece"])], fontsize=7)
   ax.set_xlabel("share of positions with the token in the top-k of ℓ_ft − ℓ_base")
   ax.set_title("Diff mining" + (" (card words in red)" if relevant else ""))
   return save_png(fig, path)
@@ -204,10 +206,12 @@ def section_html(amplified: pd.DataFrame, top: pd.DataFrame, summary: dict[str, 
   rows = "".join(f"<tr><td>{fmt(r.alpha)}</td><td>{html.escape(r.prompt)}</td>"
                  f'<td class="completion">{html.escape(r.text)}</td></tr>' for r in amplified.itertuples())
   amp = f"<table><thead><tr><th>α</th><th>prompt</th><th>greedy sample</th></tr></thead><tbody>{rows}</tbody></table>"
-  mrows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(repr(r.token))}</td><td>{r.count:,}</td>"
+  mrows = "".join(f"<tr><td>{i + 1}</td><td>{html.escape(repr(r.token))}</td><td>{html.escape(r.piece)}</td>"
+                  f"<td>{r.token_id}</td><td>{r.count:,}</td>"
                   f"<td>{fmt(r.share_of_positions)}</td><td>{fmt(r.frac_positive)}</td><td>{fmt(r.mean_diff)}</td>"
                   "</tr>" for i, r in enumerate(top.itertuples()))
-  mining = ("<table><thead><tr><th>rank</th><th>token</th><th>count</th><th>share of positions</th>"
+  mining = ("<table><thead><tr><th>rank</th><th>token</th><th>piece</th><th>id</th><th>count</th>"
+            "<th>share of positions</th>"
             f"<th>fraction positive</th><th>mean diff</th></tr></thead><tbody>{mrows}</tbody></table>")
   card = summary.get("card_words_in_top")
   card_line = (f"<p>{card} of the top {len(top)} tokens are words of the organism card.</p>" if card is not None else
@@ -256,7 +260,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   plot = plot_mining(top, relevant, out / "diff_mining.png")
   summary: dict[str, Any] = {
       "alphas": alphas, "new_tokens": new, "top_k": top_k, "n_positions": n,
-      "top_tokens": [{"token": r.token, "count": int(r.count), "frac_positive": float(r.frac_positive)}
+      "top_tokens": [{"token": r.token, "piece": r.piece, "count": int(r.count),
+                      "frac_positive": float(r.frac_positive)}
                      for r in top.itertuples()],
       "card_words_in_top": None if relevant is None else int(sum(relevant)),
       "card_words": None if relevant is None else [t for t, m in zip(top["token"], relevant) if m],

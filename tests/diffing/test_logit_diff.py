@@ -77,7 +77,7 @@ def test_amplified_decoding_equals_a_numpy_step_loop(ld_run):
   x = np.zeros((1, p + NEW), np.int32)  # one right-padded buffer: one compilation per model
   x[0, :p] = prompt
   got = []
-  for i in range(NEW):  # both models on the growing sequence (left-aligned, no padding before it), amplified argmax in numpy
+  for i in range(NEW):  # both models on the growing sequence, the amplified argmax in numpy
     mask = np.arange(p + NEW)[None] < p + i
     lb = np.asarray(fb(x, mask).logits[0, p + i - 1], np.float64)
     lf = np.asarray(ff(x, mask).logits[0, p + i - 1], np.float64)
@@ -114,6 +114,7 @@ def test_diff_mining_counts_equal_numpy(ld_run):
   assert table["count"].sum() == n * TOP_K
   tok = ctx.pair.tokenizer
   assert list(table.token) == [tok.decode([int(i)]) for i in table.token_id]
+  assert list(table.piece) == tok.convert_ids_to_tokens([int(i) for i in table.token_id])
 
 
 def test_card_words_in_the_summary(ld_run, tiny_pair, tiny_pair_dirs):
