@@ -259,5 +259,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "distinct_top", "figure", "fmt", "image_html",
-           "make_kl_step", "padded", "plot_by_position", "run", "save_png", "section_html", "stats"]
+__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "distinct_top", "figure", "fmt",
+           "image_html", "make_kl_step", "padded", "plot_by_position", "run", "save_png", "section_html", "stats"]
