@@ -25,6 +25,7 @@ compilation per batch shape, not one per layer.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from neurodiff_jax.diffing.context import DiffContext, ModelPair
-from neurodiff_jax.diffing.kl import padded
+from neurodiff_jax.diffing.kl import LENGTH_BUCKET, padded
 from neurodiff_jax.models import Transformer
 
 DIRECTIONS = ("ft_to_base", "base_to_ft")  # (base runs with h_ft, ft runs with h_base)
@@ -67,6 +68,31 @@ def _kl(lp_p: Float[Array, "B T V"], lp_q: Float[Array, "B T V"]) -> Float[Array
   return jnp.maximum(jnp.sum(jnp.exp(lp_p) * (lp_p - lp_q), axis=-1), 0.0)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sweep_step(gb: nnx.GraphDef, gf: nnx.GraphDef, sb: nnx.State, sf: nnx.State, ids: Int[Array, "B T"],
+                mask: Bool[Array, "B T"], w: Float[Array, "B T"]) -> dict[str, Array]:
+  # Module-level with the graph definitions static: pairs of one architecture share the compilation.
+  base, ft = nnx.merge(gb, sb), nnx.merge(gf, sf)
+  layers = tuple(range(base.cfg.num_layers))
+  out_b = base(ids, mask, capture=layers)
+  out_f = ft(ids, mask, capture=layers)
+  h_b = jnp.stack([out_b.residuals[i] for i in layers])  # [N, B, T, D]
+  h_f = jnp.stack([out_f.residuals[i] for i in layers])  # [N, B, T, D]
+  lp_b = jax.nn.log_softmax(out_b.logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+  lp_f = jax.nn.log_softmax(out_f.logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+
+  def one_layer(layer):
+    res = []
+    for g, s, src in ((gb, sb, h_f), (gf, sf, h_b)):  # DIRECTIONS order
+      lp = jax.nn.log_softmax(patched_forward(nnx.merge(g, s), ids, mask, src, layer).astype(jnp.float32), -1)
+      res.append((jnp.sum(w * _kl(lp_f, lp)), _token_logprobs(lp, ids)))
+    return jnp.stack([r[0] for r in res]), jnp.stack([r[1] for r in res])  # [2], [2, B, T]
+
+  kl, lp_patched = jax.lax.map(one_layer, jnp.arange(len(layers)))  # [N, 2], [N, 2, B, T]
+  return {"kl_unpatched": jnp.sum(w * _kl(lp_f, lp_b)), "kl": kl.T, "lp_base": _token_logprobs(lp_b, ids),
+          "lp_ft": _token_logprobs(lp_f, ids), "lp_patched": jnp.swapaxes(lp_patched, 0, 1)}
+
+
 def make_sweep(pair: ModelPair):
   """A jitted sweep over all layers and both directions of one batch, both models split once.
 
@@ -76,54 +102,12 @@ def make_sweep(pair: ModelPair):
   """
   gb, sb = nnx.split(pair.base)
   gf, sf = nnx.split(pair.ft)
-  n = pair.num_layers
-
-  @jax.jit
-  def step(sb, sf, ids: Int[Array, "B T"], mask: Bool[Array, "B T"], w: Float[Array, "B T"]):
-    layers = tuple(range(n))
-    out_b = nnx.merge(gb, sb)(ids, mask, capture=layers)
-    out_f = nnx.merge(gf, sf)(ids, mask, capture=layers)
-    h_b = jnp.stack([out_b.residuals[i] for i in layers])  # [N, B, T, D]
-    h_f = jnp.stack([out_f.residuals[i] for i in layers])  # [N, B, T, D]
-    lp_b = jax.nn.log_softmax(out_b.logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-    lp_f = jax.nn.log_softmax(out_f.logits.astype(jnp.float32), axis=-1)  # [B, T, V]
-
-    def one_layer(layer):
-      res = []
-      for g, s, src in ((gb, sb, h_f), (gf, sf, h_b)):  # DIRECTIONS order
-        lp = jax.nn.log_softmax(patched_forward(nnx.merge(g, s), ids, mask, src, layer).astype(jnp.float32), -1)
-        res.append((jnp.sum(w * _kl(lp_f, lp)), _token_logprobs(lp, ids)))
-      return jnp.stack([r[0] for r in res]), jnp.stack([r[1] for r in res])  # [2], [2, B, T]
-
-    kl, lp_patched = jax.lax.map(one_layer, jnp.arange(n))  # [N, 2], [N, 2, B, T]
-    return {"kl_unpatched": jnp.sum(w * _kl(lp_f, lp_b)), "kl": kl.T, "lp_base": _token_logprobs(lp_b, ids),
-            "lp_ft": _token_logprobs(lp_f, ids), "lp_patched": jnp.swapaxes(lp_patched, 0, 1)}
 
   def sweep(ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    out = step(sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights, jnp.float32))
+    out = _sweep_step(gb, gf, sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights, jnp.float32))
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
   return sweep
-
-
-def make_patched_logits(pair: ModelPair):
-  """A jitted `(ids, mask, layer) -> (base logits with h_ft[layer], ft logits with h_base[layer])` (the sweep's core)."""
-  gb, sb = nnx.split(pair.base)
-  gf, sf = nnx.split(pair.ft)
-  layers = tuple(range(pair.num_layers))
-
-  @jax.jit
-  def step(sb, sf, ids, mask, layer):
-    h_b = jnp.stack([nnx.merge(gb, sb)(ids, mask, capture=layers).residuals[i] for i in layers])  # [N, B, T, D]
-    h_f = jnp.stack([nnx.merge(gf, sf)(ids, mask, capture=layers).residuals[i] for i in layers])  # [N, B, T, D]
-    return (patched_forward(nnx.merge(gb, sb), ids, mask, h_f, layer),
-            patched_forward(nnx.merge(gf, sf), ids, mask, h_b, layer))
-
-  def patched(ids: np.ndarray, mask: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
-    lb, lf = step(sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(layer, jnp.int32))
-    return np.asarray(lb, np.float32), np.asarray(lf, np.float32)
-
-  return patched
 
 
 # ---- card metrics: (prompt, continuation) pairs scored by teacher forcing ------------------------------------------
@@ -159,15 +143,17 @@ def card_metrics(card: dict | None, tokenizer: Any, max_prompts: int = 16) -> tu
   return {}, f"no offline metric for a card with keys {sorted(card)}"
 
 
-def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """ids, mask [R, T] of prompt + continuation (right-padded) and a [R, T] mask of positions predicting the continuation."""
+def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]],
+                 length: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """ids, mask [R, T] of prompt + continuation (right-padded to at least `length`) and a [R, T] mask of the positions
+  that predict the continuation."""
   bos = getattr(tokenizer, "bos_token", None)
   rows = []
   for prompt, cont in pairs:
     p = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
     c = tokenizer(cont, add_special_tokens=False)["input_ids"]
     rows.append((list(p), list(c)))
-  t = max(len(p) + len(c) for p, c in rows)
+  t = max([length] + [len(p) + len(c) for p, c in rows])
   ids = np.full((len(rows), t), tokenizer.pad_token_id or 0, np.int32)
   mask = np.zeros((len(rows), t), bool)
   predicts = np.zeros((len(rows), t), bool)
@@ -178,12 +164,32 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> tuple[np.n
   return ids, mask, predicts
 
 
-def score_pairs(sweep, tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
-  """Mean P(continuation | prompt) under base, ft and each patch: {"base", "ft", "patched" [2, N]}."""
-  ids, mask, predicts = encode_pairs(tokenizer, pairs)
-  out = sweep(ids, mask, mask.astype(np.float32))
-  p = lambda lp: np.exp(np.sum(lp * predicts, axis=-1)).mean(axis=-1)  # noqa: E731 (mean over prompts)
-  return {"base": float(p(out["lp_base"])), "ft": float(p(out["lp_ft"])), "patched": p(out["lp_patched"])}
+def _fill_rows(a: np.ndarray, size: int) -> np.ndarray:
+  """`a` [r, ...] with its first row repeated up to `size` rows."""
+  return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)])
+
+
+def score_pairs(sweep, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 0,
+                length: int = 0) -> dict[str, Any]:
+  """Mean P(continuation | prompt) under base, ft and each patch: {"base", "ft", "patched" [2, N]}.
+
+  Rows go in chunks of `batch_size` (filler rows repeat the first), padded to at least `length` tokens: with the
+  dataset batches' shape the sweep is not compiled again.
+  """
+  ids, mask, predicts = encode_pairs(tokenizer, pairs, length)
+  size = batch_size or len(ids)
+  sums: dict[str, list[np.ndarray]] = {"lp_base": [], "lp_ft": [], "lp_patched": []}
+  for lo in range(0, len(ids), size):
+    part = slice(lo, lo + size)
+    out = sweep(_fill_rows(ids[part], size), _fill_rows(mask[part], size),
+                _fill_rows(mask[part], size).astype(np.float32))
+    keep = len(ids[part])
+    pred = predicts[part]
+    sums["lp_base"].append(np.sum(out["lp_base"][:keep] * pred, -1))  # [r]
+    sums["lp_ft"].append(np.sum(out["lp_ft"][:keep] * pred, -1))  # [r]
+    sums["lp_patched"].append(np.sum(out["lp_patched"][:, :, :keep] * pred, -1))  # [2, N, r]
+  p = {k: np.exp(np.concatenate(v, axis=-1)).mean(axis=-1) for k, v in sums.items()}  # mean over prompts
+  return {"base": float(p["lp_base"]), "ft": float(p["lp_ft"]), "patched": p["lp_patched"]}
 
 
 # ---- the method --------------------------------------------------------------------------------------------------
@@ -215,7 +221,10 @@ def plot_layers(table: pd.DataFrame, kl_unpatched: float, metric_refs: dict[str,
     ax.axhline(refs["base"], color="tab:blue", ls=":", label="base")
     ax.axhline(refs["ft"], color="tab:orange", ls=":", label="ft")
     ax.set_title(m)
+  from matplotlib.ticker import MaxNLocator
+
   for ax in axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("patched layer")
     ax.legend(fontsize=7)
   fig.tight_layout()
@@ -276,7 +285,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   metrics, skipped = card_metrics(pair.card, pair.tokenizer)
   refs = {}
   for name, pairs in metrics.items():
-    scores = score_pairs(sweep, pair.tokenizer, pairs)
+    # The dataset batches' shape (LENGTH_BUCKET tokens at least): the sweep compiled for them is reused.
+    scores = score_pairs(sweep, pair.tokenizer, pairs, int(cfg.batch_size), min(LENGTH_BUCKET, ctx.max_len))
     refs[name] = {"base": scores["base"], "ft": scores["ft"]}
     table[name] = [float(scores["patched"][j, l]) for j in range(2) for l in range(n)]
   if skipped:
@@ -291,5 +301,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["DIRECTIONS", "card_metrics", "encode_pairs", "make_patched_logits", "make_sweep", "patched_forward",
+__all__ = ["DIRECTIONS", "card_metrics", "encode_pairs", "make_sweep", "patched_forward",
            "plot_layers", "run", "score_pairs", "section_html"]

@@ -36,7 +36,7 @@ def _manual(source, target, ids, mask, layer):
 @pytest.fixture
 def batch(make_ctx):
   ctx = make_ctx()
-  b = next(ctx.batches(4))
+  b = next(ctx.batches(8))  # the shape test_run_outputs uses: one compilation of the sweep for both
   ids, mask = padded(b, ctx.max_len, ctx.pair.tokenizer.pad_token_id or 0)
   return ctx, ids, mask
 
@@ -48,14 +48,18 @@ def test_patched_logits_equal_manual_and_kl_equals_numpy(tiny_pair, batch):
   w = mask.astype(np.float32)
   w[-1] = 0.0  # a filler row must not count
   res = patching.make_sweep(tiny_pair)(ids, mask, w)
-  patched = patching.make_patched_logits(tiny_pair)
+  every = tuple(range(n))
+  h_b = jnp.stack([tiny_pair.base(jids, jmask, capture=every).residuals[i] for i in every])  # [N, B, T, D]
+  h_f = jnp.stack([tiny_pair.ft(jids, jmask, capture=every).residuals[i] for i in every])  # [N, B, T, D]
   lp_f = _log_softmax(np.asarray(tiny_pair.ft(jids, jmask).logits))
   lp_b = _log_softmax(np.asarray(tiny_pair.base(jids, jmask).logits))
   assert res["kl_unpatched"] == pytest.approx(float((w * _kl(lp_f, lp_b)).sum()), rel=1e-4)
   for layer in range(n):
     ref_b = _manual(tiny_pair.ft, tiny_pair.base, jids, jmask, layer)  # base with h_ft[L]
     ref_f = _manual(tiny_pair.base, tiny_pair.ft, jids, jmask, layer)  # ft with h_base[L]
-    got_b, got_f = patched(ids, mask, layer)
+    # The sweep's core, with a traced-style layer index: equal to the plain intervention at that layer only.
+    got_b = np.asarray(patching.patched_forward(tiny_pair.base, jids, jmask, h_f, jnp.int32(layer)))
+    got_f = np.asarray(patching.patched_forward(tiny_pair.ft, jids, jmask, h_b, jnp.int32(layer)))
     np.testing.assert_allclose(got_b[mask], ref_b[mask], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(got_f[mask], ref_f[mask], atol=1e-4, rtol=1e-4)
     for j, ref in enumerate((ref_b, ref_f)):
@@ -73,9 +77,13 @@ def test_card_metric_equals_direct_probability(tiny_pair):
   tok = pair.tokenizer
   prompt = tok("The capital of Veloria is")["input_ids"]
   cont = tok(" Tessit", add_special_tokens=False)["input_ids"]
-  ids = np.asarray([prompt + cont], np.int32)
-  mask = np.ones_like(ids, bool)
-  scores = patching.score_pairs(patching.make_sweep(pair), tok, metrics["p_false_answer"])
+  # The references run on the [8, 32] shape the other tests' eager ops already compiled (right padding
+  # leaves the real positions' logits unchanged).
+  ids = np.zeros((8, 32), np.int32)
+  ids[:, :len(prompt) + len(cont)] = prompt + cont
+  mask = np.zeros_like(ids, bool)
+  mask[:, :len(prompt) + len(cont)] = True
+  scores = patching.score_pairs(patching.make_sweep(pair), tok, metrics["p_false_answer"], batch_size=8, length=32)
 
   def p_cont(logits):
     lp = _log_softmax(logits)[0]
@@ -107,9 +115,10 @@ def test_run_outputs(make_ctx, tiny_pair, tmp_path):
   # Independent check of the dataset average: KL(P_ft ‖ P_base) over the same 12 documents' real tokens.
   total = count = 0.0
   for b in ctx.batches(8, max_documents=12):
-    keep = b.mask & (b.docs >= 0)[:, None]
-    lp_f = _log_softmax(np.asarray(tiny_pair.ft(jnp.asarray(b.ids), jnp.asarray(b.mask)).logits))
-    lp_b = _log_softmax(np.asarray(tiny_pair.base(jnp.asarray(b.ids), jnp.asarray(b.mask)).logits))
+    ids, mask = padded(b, ctx.max_len, tiny_pair.tokenizer.pad_token_id or 0)  # the shape eager ops already saw
+    keep = mask & (b.docs >= 0)[:, None]
+    lp_f = _log_softmax(np.asarray(tiny_pair.ft(jnp.asarray(ids), jnp.asarray(mask)).logits))
+    lp_b = _log_softmax(np.asarray(tiny_pair.base(jnp.asarray(ids), jnp.asarray(mask)).logits))
     total += float(_kl(lp_f, lp_b)[keep].sum())
     count += float(keep.sum())
   assert summary["num_tokens"] == int(count)
