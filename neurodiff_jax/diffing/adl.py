@@ -441,16 +441,17 @@ def section_html(lens: pd.DataFrame, relevance: pd.DataFrame, patch: pd.DataFram
                  summary: dict[str, Any], png: str, top_show: int = 10) -> str:
   """The ADL section of the report: δ norms, top tokens per layer/position, relevance, patchscope, samples."""
   parts = ["<h2>Activation Difference Lens (ADL)</h2>",
-           f"<p>Mean difference δ_p = mean(h_ft − h_base) over {summary['documents']} documents, positions "
-           f"0–{summary['positions'] - 1}, layers {html.escape(str(summary['layers']))}. Readings through the "
-           "fine-tuned model.</p>",
+           (f"<p>Mean difference δ_p = mean(h_ft − h_base) over {summary['documents']} documents, positions "
+            f"0–{summary['positions'] - 1}, layers {html.escape(str(summary['layers']))}. Readings through the "
+            "fine-tuned model.</p>"),
            f'<img alt="delta norms" src="data:image/png;base64,{png}">', "<h3>Logit lens of ±δ_p</h3>"]
   for (layer, pos), part in lens.groupby(["layer", "position"]):
     cells = []
     for sign in ("+", "-"):
       sub = part[(part.sign == sign) & (part["rank"] < top_show)]
       cells.append(", ".join(f"{t!r} ({p:.3f})" for t, p in zip(sub.token, sub.prob)))
-    parts.append(f"<p><b>layer {layer}, p={pos}</b><br>+δ: {html.escape(cells[0])}<br>−δ: {html.escape(cells[1])}</p>")
+    parts.append(f"<p><b>layer {layer}, p={pos}</b><br>+δ: {html.escape(cells[0])}<br>"
+                 f"−δ: {html.escape(cells[1])}</p>")
   parts.append("<h3>Token relevance</h3>")
   if summary.get("relevance_skipped"):
     parts.append(f"<p>Skipped: {html.escape(summary['relevance_skipped'])}</p>")

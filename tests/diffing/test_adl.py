@@ -58,25 +58,29 @@ def _cfg(**kw):
   return c
 
 
-def test_mean_difference_equals_separate_forward_passes(make_ctx):
+def test_mean_difference_equals_separate_forward_passes(make_ctx, tiny_pair_dirs):
+  import torch
+  import transformers
+
   ctx = make_ctx(grader=FakeGrader())
-  layers, n = [1, 3], 4
+  layers, n = [1, 2], 4
   got = adl.mean_difference(ctx, layers, n, num_documents=10, batch_size=4)
-  corpus = ctx.corpus()
-  docs = [d for d in corpus.ids if len(d) >= n][:10]
+  docs = [d for d in ctx.corpus().ids if len(d) >= n][:10]
+  # The reference: HF PyTorch, each document alone (hidden_states[L + 1] is the residual after block L).
+  hf = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in tiny_pair_dirs[:2]]
   diffs, tok_norms = {l: [] for l in layers}, {l: [] for l in layers}
-  for d in docs:
-    ids = jnp.asarray(np.asarray(d, np.int32)[None])
-    rb = ctx.pair.base(ids, capture=layers).residuals
-    rf = ctx.pair.ft(ids, capture=layers).residuals
-    for l in layers:
-      hb, hf = np.asarray(rb[l][0], np.float64), np.asarray(rf[l][0], np.float64)
-      diffs[l].append(hf[:n] - hb[:n])
-      tok_norms[l].extend(np.linalg.norm(hf[1:], axis=-1))
+  with torch.no_grad():
+    for d in docs:
+      ids = torch.tensor(np.asarray(d, np.int64)[None])
+      hb, hf_ = (m(input_ids=ids, output_hidden_states=True).hidden_states for m in hf)
+      for l in layers:
+        b, f = hb[l + 1][0].double().numpy(), hf_[l + 1][0].double().numpy()
+        diffs[l].append(f[:n] - b[:n])
+        tok_norms[l].extend(np.linalg.norm(f[1:], axis=-1))
   assert int(got["documents"]) == len(docs) == 10
   for i, l in enumerate(layers):
     want = np.mean(diffs[l], axis=0)  # [n, D]
-    np.testing.assert_allclose(got["delta"][i], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["delta"][i], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["mean_ft"][i] - got["mean_base"][i], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got["typical_norm_ft"][i], np.mean(tok_norms[l]), rtol=1e-5)
   assert np.linalg.norm(got["delta"]) > 0.1  # two different random models do differ
