@@ -360,7 +360,7 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
     rows.append(pr)
     row_layer.append(-1)
     adds.append(np.zeros(d))
-    meta.append((None, None, 0.0, pi))
+    meta.append((-1, -1, 0.0, pi))  # layer/position -1: unsteered
   for li in range(num_l):
     for pos in range(n):
       for a in cfg.steering_alphas:
@@ -378,7 +378,7 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
   for ids in out:
     cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     samples.append(tok.decode(ids[:cut], skip_special_tokens=False))
-  table = pd.DataFrame([{"layer": m[0], "position": m[1], "alpha": m[2], "steered": m[0] is not None,
+  table = pd.DataFrame([{"layer": m[0], "position": m[1], "alpha": m[2], "steered": m[0] >= 0,
                          "prompt": texts[m[3]], "text": s} for m, s in zip(meta, samples)])
   table["coherent"] = None
   table["perplexity"] = math.nan
@@ -541,8 +541,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
     summary["relevance"] = {s: {"max": float(g.share.max()), "mean": float(g.share.mean()),
                                 "weighted_max": float(g.weighted_share.max())} for s, g in by}
   chosen = steer[steer.chosen]
-  summary["steering_alpha"] = {f"{l}/{p}": float(g.alpha.iloc[0]) for (l, p), g in chosen.groupby(["layer",
-                                                                                                     "position"])}
+  summary["steering_alpha"] = {f"layer {int(l)}, p={int(p)}": float(g.alpha.iloc[0])
+                               for (l, p), g in chosen.groupby(["layer", "position"])}
   png = plot_delta_norms(means, out / "delta_norms.png")
   (out / "section.html").write_text(section_html(lens, rel, patch, steer, summary, png), encoding="utf-8")
   return summary
