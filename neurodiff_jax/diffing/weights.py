@@ -23,13 +23,7 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
-from neurodiff_jax.models.loading import (
-  _IGNORED,
-  _canonical,
-  _weight_files,
-  config_from_hf,
-  read_hf_config,
-)
+from neurodiff_jax.models.loading import IGNORED_TENSORS, canonical_name, config_from_hf, read_hf_config, weight_files
 from neurodiff_jax.models.safetensors_io import SafetensorsFile
 from neurodiff_jax.utils.config import ConfigError
 
@@ -58,11 +52,11 @@ def tensor_group(name: str) -> tuple[int, str]:
 def _tensor_index(directory: str) -> dict[str, tuple[SafetensorsFile, str]]:
   """Canonical tensor name -> (its file, its stored name), from the headers only."""
   out = {}
-  for path in _weight_files(directory):
+  for path in weight_files(directory):
     f = SafetensorsFile(path)
     for raw in f.keys():  # noqa: SIM118 (a SafetensorsFile, not a dict)
-      if not _IGNORED.search(raw):
-        out[_canonical(raw)] = (f, raw)
+      if not IGNORED_TENSORS.search(raw):
+        out[canonical_name(raw)] = (f, raw)
   return out
 
 

@@ -51,7 +51,7 @@ _PREFIX_REWRITES = (
     ("language_model.model.", "model."),
     ("language_model.lm_head.", "lm_head."),
 )
-_IGNORED = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.|rotary_emb\.inv_freq$")
+IGNORED_TENSORS = re.compile(r"(^|\.)(vision_tower|multi_modal_projector)\.|rotary_emb\.inv_freq$")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -111,7 +111,7 @@ def config_from_hf(hf_config: Any) -> TransformerConfig:
   return FAMILIES[model_type].from_hf(hf_config)
 
 
-def _weight_files(directory: str) -> list[str]:
+def weight_files(directory: str) -> list[str]:
   index = os.path.join(directory, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index) as f:
@@ -129,7 +129,7 @@ def _weight_files(directory: str) -> list[str]:
   return files
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
   for old, new in _PREFIX_REWRITES:
     if name.startswith(old):
       return new + name[len(old) :]
@@ -165,7 +165,7 @@ def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None,
                     allow_download: bool = False) -> CheckpointInfo:
   """Where a checkpoint is, its model type and fingerprint, without loading its weights."""
   directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
-  files = [SafetensorsFile(p) for p in _weight_files(directory)]
+  files = [SafetensorsFile(p) for p in weight_files(directory)]
   return CheckpointInfo(directory, read_hf_config(directory).model_type, _fingerprint(directory, files))
 
 
@@ -186,13 +186,13 @@ def load_model(
   model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
   table = {m.hf_name: m for m in param_table(cfg)}
-  files = [SafetensorsFile(p) for p in _weight_files(directory)]
+  files = [SafetensorsFile(p) for p in weight_files(directory)]
   tied_head = embed = None
   seen: set[str] = set()
   for file in files:
     for raw_name in file.keys():
-      name = _canonical(raw_name)
-      if _IGNORED.search(raw_name):
+      name = canonical_name(raw_name)
+      if IGNORED_TENSORS.search(raw_name):
         continue
       if name == "lm_head.weight" and cfg.tie_embeddings:
         tied_head = (file, raw_name)  # Some tied checkpoints store a copy: checked against the embedding below.
@@ -278,5 +278,6 @@ def save_hf_checkpoint(
   return directory
 
 
-__all__ = ["FAMILIES", "CheckpointError", "CheckpointInfo", "checkpoint_info", "config_from_hf", "load_model",
+__all__ = ["FAMILIES", "IGNORED_TENSORS", "CheckpointError", "CheckpointInfo", "canonical_name", "checkpoint_info",
+           "config_from_hf", "load_model", "weight_files",
            "load_tokenizer", "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint"]

@@ -1,0 +1,45 @@
+"""`python -m launch.diff` end to end on a tiny random pair: every method, the report, reuse, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.diffing.conftest import tiny_pair_dirs  # noqa: F401  (the fixture)
+from tests.launch import run_launcher
+
+FAST = ("--config.max_len=32", "--config.max_documents=32", "--config.adl.num_documents=32",
+        "--config.adl.steering_tokens=8", "--config.logit_diff.new_tokens=8", "--config.sae.steps=40",
+        "--config.sae.dict_size=128", "--config.sae.batch_size=128", "--config.patching.num_documents=16")
+
+
+@pytest.mark.slow
+def test_diff_runs_every_method_and_reuses_them(tiny_pair_dirs, tmp_path):
+  base, ft, data = tiny_pair_dirs
+  out = tmp_path / "res"
+  args = ("--config=diff", f"--config.base_model={base}", f"--config.finetuned_model={ft}",
+          f"--config.datasets=('{data}',)", f"--config.out_dir={out}", *FAST)
+  proc = run_launcher("launch.diff", *args, home=tmp_path / "home", timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((out / "diff" / "summary.json").read_text())
+  assert set(summary) == {"weights", "adl", "kl", "logit_diff", "norms", "pca", "sae", "patching"}
+  page = (out / "report.html").read_text()
+  assert page.count("<h2") >= 8 and "data:image/png;base64," in page and 'src="http' not in page
+  for name in summary:
+    assert (out / "diff" / name / "section.html").is_file() and (out / "diff" / name / "done.json").is_file()
+  again = run_launcher("launch.diff", *args, home=tmp_path / "home", timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count("reusing") == 8
+
+
+def test_diff_errors_are_one_line(tiny_pair_dirs, tmp_path):
+  base, ft, data = tiny_pair_dirs
+  common = (f"--config.base_model={base}", f"--config.finetuned_model={ft}", f"--config.datasets=('{data}',)",
+            f"--config.out_dir={tmp_path / 'res'}")
+  proc = run_launcher("launch.diff", "--config=diff", *common, "--config.methods=('adl',)", "--config.adl.layers=(1.5,)",
+                      home=tmp_path / "home", timeout=300)
+  assert proc.returncode == 2 and "outside [0, 1]" in proc.stderr, proc.stderr[-2000:]
+  proc = run_launcher("launch.diff", "--config=diff", *common, "--config.methods=('adl',)", "--config.adl.positions=500",
+                      home=tmp_path / "home", timeout=300)
+  assert proc.returncode == 2 and "500" in proc.stderr, proc.stderr[-2000:]
