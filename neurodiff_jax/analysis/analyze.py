@@ -316,7 +316,8 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
   log(f"table: classes {classes}")
 
   summary: dict[str, Any] = {
-      "workdir": str(workdir_of(config)), "run": run.get("name", ""), "checkpoint_step": step, "store": str(store.root), "layer": layer,
+      "workdir": str(workdir_of(config)), "run": run.get("name", ""), "checkpoint_step": step,
+      "store": str(store.root), "layer": layer,
       "sparsity": cc.cfg.sparsity, "dict_size": m, "k": cc.cfg.k, "tokens": int(stats.get("tokens", 0)),
       "models": [{k: v for k, v in mm.items() if k in ("role", "path", "model_type")}
                  for mm in store.manifest.get("models", [])],

@@ -12,7 +12,8 @@ from which Σ f_j ⟨d_j, y^ε_i⟩ = err + C_j ⟨d_j, d_j^i⟩ and Σ f_j ⟨d
 [B, d] × [d, m] products per batch, no [m, N, d] tensor. The two ν targets are summed directly
 (deriving x̂'s sum as x's minus e's lost digits when β^r is small); β of the raw activation is
 their sum. All in the crosscoder's normalised space (`x · norm_scale`), as the reference code
-does, so a global scale difference between the models does not bias ν. A latent that never fires on the analysed tokens (C_j = 0) gets β = ν = NaN.
+does, so a global scale difference between the models does not bias ν. A latent that never fires
+on the analysed tokens (C_j = 0) gets β = ν = NaN.
 
 With M > 2 models, model 0 is the base and each model k ≥ 1 plays "chat" in the pair (0, k), with
 its own decoder rows as directions: the result arrays carry a leading pair axis.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.diffing.conftest import tiny_pair_dirs  # noqa: F401  (the fixture)
+from tests.diffing.conftest import tiny_pair_dirs  # noqa: F401,F811  (the fixture)
 from tests.launch import run_launcher
 
 FAST = ("--config.max_len=32", "--config.max_documents=32", "--config.adl.num_documents=32",
