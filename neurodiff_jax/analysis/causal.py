@@ -25,6 +25,7 @@ from flax import nnx
 from neurodiff_jax.activations.datasets import KIND_TEXT, _content_spans, _conversation_kinds
 from neurodiff_jax.crosscoder.model import Crosscoder
 from neurodiff_jax.models.transformer import Transformer
+from neurodiff_jax.utils.plots import figure, save_png
 
 REGIONS = ("reply", "first", "rest")
 TEMPLATE = "template"  # the group value that patches by token kind instead of by latents
@@ -274,14 +275,12 @@ def causal_table(kl: dict[str, np.ndarray], data: ChatEvalSet, n_boot: int = 100
 
 def causal_plot(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
   """A grouped bar chart of `causal_table` rows (bars: regions, groups on the x axis, 95% intervals), saved as PNG."""
-  from matplotlib.figure import Figure  # a bare Figure renders with Agg and touches no global pyplot state
-
   if not rows:
     raise ValueError("no rows to plot; pass the output of causal_table.")
   groups = list(dict.fromkeys(r["group"] for r in rows))
   regions = [r for r in REGIONS if any(row["region"] == r for row in rows)]
   by_key = {(r["group"], r["region"]): r for r in rows}
-  fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.0), dpi=120)
+  fig = figure((max(6.0, 1.2 * len(groups) + 2), 4.0), dpi=120)
   ax = fig.subplots()
   width = 0.8 / len(regions)
   x = np.arange(len(groups))
@@ -296,11 +295,9 @@ def causal_plot(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
   ax.set_ylabel("KL(chat ‖ patched), nats / token")
   ax.set_title("Causal test: KL to the unpatched chat model (95% bootstrap CI)")
   ax.legend(title="tokens")
-  fig.tight_layout()
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, format="png")
-  return path
+  return save_png(fig, path)
 
 
 __all__ = ["REGIONS", "TEMPLATE", "ChatEvalSet", "causal_kl", "causal_plot", "causal_table", "chat_eval_set"]

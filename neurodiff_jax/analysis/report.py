@@ -29,7 +29,6 @@ mislead; the per-quantile rows, labelled with their activation ranges, show the 
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 THRESHOLDS = (0.1, 0.4, 0.6, 0.9)  # Δnorm class boundaries (docs/methods.md §3)
 CLASSES = ("chat_only", "shared", "base_only", "other")  # live classes, in the order the report lists them
@@ -140,27 +141,12 @@ def _live(table: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- plots
 
 
-def _figure(size: tuple[float, float] = (6.4, 4.0)) -> Any:
-  # A bare Figure renders with Agg and touches no global pyplot state (no backend to set, thread-safe).
-  from matplotlib.figure import Figure
-
-  return Figure(figsize=size, dpi=110)
-
-
-def _save(fig: Any, path: Path) -> Path:
-  fig.tight_layout()
-  tmp = path.with_name(path.name + ".tmp")
-  fig.savefig(tmp, format="png")
-  tmp.replace(path)  # a killed run never leaves half a PNG under the real name
-  return path
-
-
 def plot_delta_norm(table: pd.DataFrame, path: str | Path) -> Path:
   """Histogram of the live latents' Δnorm (log counts), class regions shaded and boundaries marked."""
   live = _live(table)
   dn = _col(live, "delta_norm")
   dn = dn[np.isfinite(dn)]
-  fig = _figure()
+  fig = figure()
   ax = fig.subplots()
   for lo, hi, tag in ((0.0, 0.1, "base_only"), (0.4, 0.6, "shared"), (0.9, 1.0, "chat_only")):
     n = int((live["tag"] == tag).sum())
@@ -181,7 +167,7 @@ def plot_delta_norm(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylabel("latents")
   ax.set_title(f"Δnorm of the {len(dn)} live latents")
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-  return _save(fig, Path(path))
+  return save_png(fig, path)
 
 
 def _scale(ax: Any, axis: str, values: np.ndarray, thr: float) -> None:
@@ -212,7 +198,7 @@ def plot_latent_scaling(table: pd.DataFrame, path: str | Path, rule: tuple[float
   chat = ok & (live["tag"] == "chat_only").to_numpy()
   shared = ok & (live["tag"] == "shared").to_numpy()
   genuine = genuine_values(live["genuine"]) if "genuine" in live else np.full(len(live), np.nan)
-  fig = _figure((6.0, 4.8))
+  fig = figure((6.0, 4.8))
   ax = fig.subplots()
   if shared.any():
     ax.scatter(ne[shared], nr[shared], s=6, color="#bbbbbb", alpha=0.5, lw=0, label=f"shared ({int(shared.sum())})")
@@ -236,7 +222,7 @@ def plot_latent_scaling(table: pd.DataFrame, path: str | Path, rule: tuple[float
   ax.set_ylabel("ν^r = β^r_base / β^r_chat (Latent Decoupling when high)")
   ax.set_title(f"Latent scaling of the {int(chat.sum())} chat-only latents with finite ν")
   ax.legend(fontsize=7, loc="best")
-  return _save(fig, Path(path))
+  return save_png(fig, path)
 
 
 def plot_template_share(table: pd.DataFrame, path: str | Path, template_fraction: float | None = None) -> Path:
@@ -245,7 +231,7 @@ def plot_template_share(table: pd.DataFrame, path: str | Path, template_fraction
   share = _col(live, "template_share")
   chat = (live["tag"] == "chat_only").to_numpy()
   bins = np.linspace(0, 1, 21)
-  fig = _figure()
+  fig = figure()
   ax = fig.subplots()
   drawn = False
   for mask, kw, label in ((np.isfinite(share), {"histtype": "step", "color": "#444444", "lw": 1.5}, "all live"),
@@ -266,7 +252,7 @@ def plot_template_share(table: pd.DataFrame, path: str | Path, template_fraction
   ax.set_title("Template share")
   if drawn:
     ax.legend(fontsize=8)
-  return _save(fig, Path(path))
+  return save_png(fig, path)
 
 
 def make_plots(results_dir: str | Path) -> dict[str, Path]:
@@ -323,8 +309,7 @@ def _num(key: str, value: Any) -> str:
 def _image(path: Path, alt: str) -> str:
   if not path.is_file():
     return f'<p class="missing">({esc(alt)}: plot not available)</p>'
-  data = base64.b64encode(path.read_bytes()).decode("ascii")
-  return f'<figure><img alt="{esc(alt)}" src="data:image/png;base64,{data}"></figure>'
+  return png_html(path, alt)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], attrs: Sequence[str] | None = None) -> str:

@@ -21,12 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from neurodiff_jax.models.generate import greedy_generate
+from neurodiff_jax.models.generate import END_OF_TURN_TOKENS, encode_prompt, greedy_generate, stop_ids
 from neurodiff_jax.models.transformer import Transformer
-
-# Tokens that close the model's turn in the chat templates of the ported families (Gemma, Llama 3,
-# Qwen, Phi): a completion stops there as it does at EOS.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
 def steering_strengths(max_act: float, multiples: Sequence[float] = (0, 1, 2, 4, 8)) -> list[float]:
@@ -57,28 +53,11 @@ def _prompt_ids(tokenizer: Any, prompts: Sequence[str], chat_template: bool) -> 
   for i, prompt in enumerate(prompts):
     if not isinstance(prompt, str):
       raise TypeError(f"prompt {i} is a {type(prompt).__name__}, not a string; pass the prompts as text.")
-    if chat_template:
-      rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-      ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template renders BOS itself
-    else:
-      ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-      bos = getattr(tokenizer, "bos_token_id", None)
-      if bos is not None:
-        ids = [bos, *ids]
+    ids = encode_prompt(tokenizer, prompt, chat_template)
     if not ids:
       raise ValueError(f"prompt {i} ({prompt!r}) has no tokens; give it some text (or a tokenizer with a BOS token).")
-    out.append([int(t) for t in ids])
+    out.append(ids)
   return out
-
-
-def _stop_ids(tokenizer: Any) -> set[int]:
-  """EOS and the end-of-turn tokens the tokenizer knows."""
-  vocab = tokenizer.get_vocab()
-  stops = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-  if getattr(tokenizer, "eos_token_id", None) is not None:
-    stops.add(int(tokenizer.eos_token_id))
-  return stops
 
 
 def steer(
@@ -131,7 +110,7 @@ def steer(
 
   pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
   out = greedy_generate(model, rows, max_new_tokens, eos_id=None, pad_id=int(pad), interventions={int(layer): add})
-  stops = _stop_ids(tokenizer)
+  stops = stop_ids(tokenizer)
   results = []
   for r, tokens in enumerate(out):
     cut = next((i for i, t in enumerate(tokens) if t in stops), None)

@@ -25,9 +25,7 @@ the assistant turn are not singled out yet).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,10 +41,11 @@ from jaxtyping import Array, Float
 
 from neurodiff_jax.activations.datasets import KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, layers_of
-from neurodiff_jax.models.generate import greedy_generate
+from neurodiff_jax.models.generate import encode_prompt, greedy_generate
 from neurodiff_jax.models.lens import logit_lens
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 # Identity prompts: each maps a word to itself, so the model's next token after "? ->" says what
 # the patched residual at "?"'s last position encodes.
@@ -258,16 +257,6 @@ def patched_top_tokens(model: Transformer, prompts: Sequence[Sequence[int]], row
   return np.asarray(top), np.asarray(probs)
 
 
-def _encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
-  if chat:
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return [int(t) for t in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-  bos = getattr(tokenizer, "bos_token_id", None)
-  return [int(t) for t in ([bos] if bos is not None else []) + list(ids)]
-
-
 def _unit(v: np.ndarray) -> np.ndarray:
   """v / ‖v‖ along the last axis (0 stays 0)."""
   norm = np.linalg.norm(v, axis=-1, keepdims=True)
@@ -278,7 +267,7 @@ def patchscope(ctx: DiffContext, means: dict[str, np.ndarray], scales: Sequence[
                relevance: _Relevance) -> pd.DataFrame:
   """Agreed next tokens per (layer, position, scale) of δ_p patched into the identity prompts (`IDENTITY_PROMPTS`)."""
   tok = ctx.pair.tokenizer
-  prompts = [_encode_prompt(tok, p, chat=False) for p in IDENTITY_PROMPTS]
+  prompts = [encode_prompt(tok, p, chat=False) for p in IDENTITY_PROMPTS]
   layers, (num_l, n, _) = means["layers"], means["delta"].shape
   unit = _unit(means["delta"])  # [L, n, D]
   rows, row_layer, vecs, keys = [], [], [], []
@@ -352,7 +341,7 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
   texts = list(cfg.steering_prompts)
   if not texts:
     raise ConfigError("adl.steering_prompts is empty; give at least one prompt (e.g. 'Tell me a story.').")
-  prompts = [_encode_prompt(tok, t, chat) for t in texts]
+  prompts = [encode_prompt(tok, t, chat) for t in texts]
   layers, (num_l, n, d) = means["layers"], means["delta"].shape
   unit = _unit(means["delta"])
   rows, row_layer, adds, meta = [], [], [], []
@@ -401,17 +390,9 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
 # ---------------------------------------------------------------------------------------------------- report
 
 
-def _png(fig: Any) -> str:
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-  return base64.b64encode(buf.getvalue()).decode()
-
-
-def plot_delta_norms(means: dict[str, np.ndarray], path: Path) -> str:
-  """‖δ_p‖ / N_L per position and layer (PNG at `path`); returns the base64 PNG."""
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(5.5, 3.2))
+def plot_delta_norms(means: dict[str, np.ndarray], path: Path) -> Path:
+  """‖δ_p‖ / N_L per position and layer, as a PNG at `path` (returned)."""
+  fig = figure((5.5, 3.2), dpi=90)
   ax = fig.subplots()
   rel = np.linalg.norm(means["delta"], axis=-1) / means["typical_norm_ft"][:, None]  # [L, n]
   for li, layer in enumerate(means["layers"]):
@@ -419,9 +400,7 @@ def plot_delta_norms(means: dict[str, np.ndarray], path: Path) -> str:
   ax.set_xlabel("position p")
   ax.set_ylabel("‖δ_p‖ / mean ‖h_ft‖")
   ax.legend(fontsize=8)
-  data = _png(fig)
-  path.write_bytes(base64.b64decode(data))
-  return data
+  return save_png(fig, path)
 
 
 def _table_html(df: pd.DataFrame, cols: Sequence[str]) -> str:
@@ -438,13 +417,13 @@ def _fmt(v: Any) -> str:
 
 
 def section_html(lens: pd.DataFrame, relevance: pd.DataFrame, patch: pd.DataFrame, steer: pd.DataFrame,
-                 summary: dict[str, Any], png: str, top_show: int = 10) -> str:
+                 summary: dict[str, Any], png: Path, top_show: int = 10) -> str:
   """The ADL section of the report: δ norms, top tokens per layer/position, relevance, patchscope, samples."""
   parts = ["<h2>Activation Difference Lens (ADL)</h2>",
            (f"<p>Mean difference δ_p = mean(h_ft − h_base) over {summary['documents']} documents, positions "
             f"0–{summary['positions'] - 1}, layers {html.escape(str(summary['layers']))}. Readings through the "
             "fine-tuned model.</p>"),
-           f'<img alt="delta norms" src="data:image/png;base64,{png}">', "<h3>Logit lens of ±δ_p</h3>"]
+           png_html(png, "delta norms"), "<h3>Logit lens of ±δ_p</h3>"]
   for (layer, pos), part in lens.groupby(["layer", "position"]):
     cells = []
     for sign in ("+", "-"):

@@ -14,12 +14,10 @@ token marked, merging top-k lists, and the small HTML/PNG helpers of the methods
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
 import html
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -222,25 +220,6 @@ def not_special(kind: np.ndarray) -> np.ndarray:
 # ---- HTML and plots ----
 
 
-def figure(size: tuple[float, float] = (6.4, 4.0)) -> Any:
-  """A bare matplotlib Figure (Agg, no pyplot state)."""
-  from matplotlib.figure import Figure
-
-  return Figure(figsize=size, dpi=110)
-
-
-def save_png(fig: Any, path: Any) -> None:
-  """Writes a figure as PNG."""
-  fig.tight_layout()
-  fig.savefig(path, format="png")
-
-
-def img_html(path: Any, alt: str) -> str:
-  """An <img> of a PNG file inlined as a base64 data URI."""
-  data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-  return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
-
-
 def table_html(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str = "{:.4g}") -> str:
   """A small HTML table of `rows` (dicts), every cell escaped; floats formatted with `fmt`."""
   head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -285,6 +264,6 @@ def source_name(ctx: DiffContext) -> str:
 
 
 __all__ = ["REF_STRIDE", "PairChunk", "context_columns", "context_html", "context_tokens", "contexts_table_html",
-           "decode_context", "empty_topk", "figure", "img_html", "layer_fraction", "merge_topk", "not_special",
-           "pair_chunks", "pair_forward", "resolve_layers", "save_png", "source_name", "store_chunk_rows",
+           "decode_context", "empty_topk", "layer_fraction", "merge_topk", "not_special", "pair_chunks",
+           "pair_forward", "resolve_layers", "source_name", "store_chunk_rows",
            "table_html", "write_section"]

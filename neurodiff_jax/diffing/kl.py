@@ -13,7 +13,6 @@ per-token values are kept on the host (4 bytes a token) for exact quantiles, nev
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import time
@@ -31,6 +30,7 @@ from jaxtyping import Array, Bool, Int
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, TokenBatch
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 KIND_NAMES = {KIND_TEXT: "text", KIND_SPECIAL: "special", KIND_TEMPLATE: "template"}
 CONTEXT_BEFORE = 12  # tokens shown before the marked token
@@ -105,29 +105,6 @@ def _mark(tokens: list[str], at: int) -> str:
   return "".join(tokens[:at]) + "«" + tokens[at] + "»" + "".join(tokens[at + 1:])
 
 
-def figure(size: tuple[float, float] = (6.4, 3.6)) -> Any:
-  """A matplotlib Figure (Agg, no pyplot)."""
-  # A bare Figure renders with Agg and touches no global pyplot state.
-  from matplotlib.figure import Figure
-
-  return Figure(figsize=size, dpi=110)
-
-
-def save_png(fig: Any, path: Path) -> Path:
-  """Writes the figure as PNG atomically; returns the path."""
-  fig.tight_layout()
-  tmp = path.with_name(path.name + ".tmp")
-  fig.savefig(tmp, format="png")
-  tmp.replace(path)  # a killed run never leaves half a PNG under the real name
-  return path
-
-
-def image_html(path: Path, alt: str) -> str:
-  """A PNG embedded as a base64 data URI in a <figure>."""
-  data = base64.b64encode(path.read_bytes()).decode("ascii")
-  return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
-
-
 def fmt(x: Any) -> str:
   """A number with 4 significant digits ("–" when not finite), other values as escaped text."""
   if isinstance(x, (float, np.floating)):
@@ -137,7 +114,7 @@ def fmt(x: Any) -> str:
 
 def plot_by_position(profile: pd.DataFrame, path: Path) -> Path:
   """Mean KL by position index (with the token count per position on a second axis)."""
-  fig = figure()
+  fig = figure((6.4, 3.6))
   ax = fig.add_subplot(1, 1, 1)
   ax.plot(profile["position"], profile["mean_kl"], color="#b30000", lw=1.5)
   ax.set_xlabel("position in document")
@@ -174,7 +151,7 @@ def section_html(summary: dict[str, Any], by_kind: pd.DataFrame, top: pd.DataFra
   return (f"<h2>Per-token KL divergence</h2>\n<p>KL(P_ft ‖ P_base) of the two models' next-token distributions at "
           f"{summary['n_tokens']:,} tokens of {summary['n_documents']:,} documents (nats, float32 log-softmax). "
           f"Mean {fmt(summary['mean'])}, median {fmt(summary['median'])}, p99 {fmt(summary['p99'])}, max "
-          f"{fmt(summary['max'])}.</p>\n{stats_table}\n{image_html(plot, 'mean KL by position')}\n"
+          f"{fmt(summary['max'])}.</p>\n{stats_table}\n{png_html(plot, 'mean KL by position')}\n"
           f"<h3>Highest-KL contexts</h3>\n{ctx_table}\n")
 
 
@@ -259,5 +236,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "distinct_top", "figure", "fmt",
-           "image_html", "make_kl_step", "padded", "plot_by_position", "run", "save_png", "section_html", "stats"]
+__all__ = ["CONTEXT_AFTER", "CONTEXT_BEFORE", "KIND_NAMES", "decode_tokens", "distinct_top", "fmt", "make_kl_step",
+           "padded", "plot_by_position", "run", "section_html", "stats"]

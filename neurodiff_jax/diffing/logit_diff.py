@@ -34,11 +34,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Int
 
 from neurodiff_jax.diffing.context import DiffContext, ModelPair
-from neurodiff_jax.diffing.kl import figure, fmt, image_html, padded, save_png
+from neurodiff_jax.diffing.kl import fmt, padded
+from neurodiff_jax.models.generate import END_OF_TURN_TOKENS, encode_prompt, stop_ids
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
-# Tokens that close the model's turn in the ported families' chat templates: a sample stops there as at EOS.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 SUMMARY_TOP = 20  # tokens of the ranking in the summary (and checked against the card)
 
 
@@ -48,27 +48,11 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
   for i, prompt in enumerate(prompts):
     if not isinstance(prompt, str):
       raise ConfigError(f"logit_diff.prompts[{i}] is a {type(prompt).__name__}, not text; give prompts as strings.")
-    if getattr(tokenizer, "chat_template", None):
-      rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-      ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template renders BOS itself
-    else:
-      ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-      if getattr(tokenizer, "bos_token_id", None) is not None:
-        ids = [tokenizer.bos_token_id, *ids]
+    ids = encode_prompt(tokenizer, prompt, chat=bool(getattr(tokenizer, "chat_template", None)))
     if not ids:
       raise ConfigError(f"logit_diff.prompts[{i}] ({prompt!r}) has no tokens; give it some text.")
-    out.append([int(t) for t in ids])
+    out.append(ids)
   return out
-
-
-def stop_ids(tokenizer: Any) -> set[int]:
-  """EOS and the end-of-turn tokens the tokenizer knows."""
-  vocab = tokenizer.get_vocab()
-  stops = {int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab}
-  if getattr(tokenizer, "eos_token_id", None) is not None:
-    stops.add(int(tokenizer.eos_token_id))
-  return stops
 
 
 def amplified_generate(pair: ModelPair, prompts: Sequence[Sequence[int]], alphas: Sequence[float],
@@ -220,7 +204,7 @@ def section_html(amplified: pd.DataFrame, top: pd.DataFrame, summary: dict[str, 
           f"(α = 0: the fine-tuned model; α = −1 would be the base model), {summary['new_tokens']} new tokens.</p>\n"
           f"{amp}\n<h3>Diff mining</h3>\n<p>Over {summary['n_positions']:,} positions: how often each token is among "
           f"the top {summary['top_k']} of ℓ_ft − ℓ_base (raw logits; fraction positive and mean over all positions)."
-          f"</p>\n{card_line}\n{image_html(plot, 'diff mining top tokens')}\n{mining}\n")
+          f"</p>\n{card_line}\n{png_html(plot, 'diff mining top tokens')}\n{mining}\n")
 
 
 def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str, Any]:

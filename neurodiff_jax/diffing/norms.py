@@ -28,6 +28,7 @@ from jaxtyping import Array, Float
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.diffing import differences as dx
 from neurodiff_jax.diffing.context import DiffContext
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 QUANTITIES = ("diff_norm", "base_norm", "ft_norm", "cosine", "relative_diff")
 GROUPS = {"all": None, "non_special": (KIND_TEXT, KIND_TEMPLATE), "text": (KIND_TEXT,), "special": (KIND_SPECIAL,),
@@ -121,7 +122,7 @@ def summary_rows(layer: int, fraction: float, st: _LayerStats) -> list[dict[str,
 
 
 def _histogram(stats: dict[int, _LayerStats], path: Path) -> None:
-  fig = dx.figure((10, 3.6))
+  fig = figure((10, 3.6))
   ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
   for l, st in stats.items():
     sel = dx.not_special(st.kinds)
@@ -134,7 +135,7 @@ def _histogram(stats: dict[int, _LayerStats], path: Path) -> None:
     ax.set_ylabel("tokens")
     ax.legend(fontsize=8)
   fig.suptitle("Per-token difference (non-special tokens)")
-  dx.save_png(fig, path)
+  save_png(fig, path)
 
 
 def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict:
@@ -180,7 +181,7 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict:
        f"over {result['tokens']} tokens from {html.escape(dx.source_name(ctx))} (means over non-special tokens below; "
        "norms_summary.parquet has every token group, quantile and extreme).</p>"),
       dx.table_html(headline, ["layer", "fraction", "tokens", *[f"mean {q}" for q in QUANTITIES]]),
-      dx.img_html(out / "norms_hist.png", "histograms of the relative difference and cosine per layer"),
+      png_html(out / "norms_hist.png", "histograms of the relative difference and cosine per layer"),
       "<h3>Tokens with the largest ‖h_ft − h_base‖</h3><p>Special tokens left out; the token is outlined.</p>",
   ]
   for l in layers:

@@ -24,7 +24,6 @@ compilation per batch shape, not one per layer.
 
 from __future__ import annotations
 
-import base64
 import functools
 import html
 import math
@@ -43,6 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 from neurodiff_jax.diffing.context import DiffContext, ModelPair
 from neurodiff_jax.diffing.kl import LENGTH_BUCKET, padded
 from neurodiff_jax.models import Transformer
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 DIRECTIONS = ("ft_to_base", "base_to_ft")  # (base runs with h_ft, ft runs with h_base)
 
@@ -195,16 +195,10 @@ def score_pairs(sweep, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_s
 # ---- the method --------------------------------------------------------------------------------------------------
 
 
-def _figure(size: tuple[float, float]) -> Any:
-  from matplotlib.figure import Figure
-
-  return Figure(figsize=size, dpi=110)
-
-
 def plot_layers(table: pd.DataFrame, kl_unpatched: float, metric_refs: dict[str, dict[str, float]], path: Path) -> None:
   """Per-layer KL and fraction carried (and each card metric) for both directions."""
   panels = 2 + len(metric_refs)
-  fig = _figure((4.2 * panels, 3.4))
+  fig = figure((4.2 * panels, 3.4))
   axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
   for d in DIRECTIONS:
     part = table[table.direction == d]
@@ -227,10 +221,7 @@ def plot_layers(table: pd.DataFrame, kl_unpatched: float, metric_refs: dict[str,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("patched layer")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  tmp = path.with_name(path.name + ".tmp")
-  fig.savefig(tmp, format="png")
-  tmp.replace(path)
+  save_png(fig, path)
 
 
 def _fmt(x: Any) -> str:
@@ -241,7 +232,6 @@ def _fmt(x: Any) -> str:
 
 def section_html(table: pd.DataFrame, summary: dict[str, Any], png: Path) -> str:
   """The report fragment: plot, per-layer table, card metric references or the reason they are missing."""
-  data = base64.b64encode(png.read_bytes()).decode("ascii")
   cols = list(table.columns)
   head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
   body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in table.itertuples(index=False))
@@ -253,8 +243,7 @@ def section_html(table: pd.DataFrame, summary: dict[str, Any], png: Path) -> str
           f"{summary['num_tokens']} tokens: ft_to_base runs the base model with the fine-tune's residual, base_to_ft "
           f"the reverse. KL(P_ft ‖ P_base) unpatched = {_fmt(summary['kl_unpatched'])}; fraction carried = "
           "1 − KL(P_ft ‖ P_patched) / KL(P_ft ‖ P_base).</p>\n"
-          f'<figure><img alt="{html.escape("KL and fraction carried by patched layer")}" '
-          f'src="data:image/png;base64,{data}"></figure>\n'
+          f'{png_html(png, "KL and fraction carried by patched layer")}\n'
           + (f"<p>Card metrics without patching:</p><ul>{refs}</ul>\n" if refs else "") + skipped
           + f"<table><tr>{head}</tr>{body}</table>\n")
 

@@ -31,6 +31,7 @@ from neurodiff_jax.diffing import differences as dx
 from neurodiff_jax.diffing.context import DiffContext
 from neurodiff_jax.models.lens import logit_lens, top_tokens
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 FOLD_EVERY = 16  # chunks summed in float32 on the device before each float64 fold on the host
 TOP_TOKENS = 20  # tokens read from each component's logit lens
@@ -99,7 +100,7 @@ def principal_components(cov: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 def _variance_plot(ratio: np.ndarray, k: int, path: Path) -> None:
   shown = min(len(ratio), max(2 * k, 32))
-  fig = dx.figure((7, 3.6))
+  fig = figure((7, 3.6))
   ax = fig.add_subplot(1, 1, 1)
   idx = np.arange(1, shown + 1)
   ax.bar(idx, ratio[:shown], color=["C0" if i <= k else "0.7" for i in idx], label="explained variance ratio")
@@ -110,7 +111,7 @@ def _variance_plot(ratio: np.ndarray, k: int, path: Path) -> None:
   ax.set_ylabel("share of variance")
   ax2.set_ylabel("cumulative share")
   ax.set_title(f"PCA of h_ft − h_base (first {k} kept, in blue)")
-  dx.save_png(fig, path)
+  save_png(fig, path)
 
 
 def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict:
@@ -177,7 +178,7 @@ def _section(ctx: DiffContext, out: Path, layer: int, n: int, k: int, ratio: np.
       (f"<p>PCA of δ = h_ft − h_base at layer {layer} over {n} tokens (special tokens left out) from "
        f"{html.escape(dx.source_name(ctx))}, streamed: the covariance is accumulated, never the tokens. ‖mean δ‖ = "
        f"{np.linalg.norm(mean):.4g}; the first {k} components explain {ratio[:k].sum():.1%} of the variance.</p>"),
-      dx.img_html(out / "pca_variance.png", "explained variance ratio per component"),
+      png_html(out / "pca_variance.png", "explained variance ratio per component"),
       (f"<p><b>Steering vectors.</b> <code>components.npy</code> holds the {k} components as unit rows [k, d] "
        f"(float32, in order, signed so that each one's largest entry is positive) in the residual space after "
        f"layer {layer}; <code>mean_difference.npy</code> holds mean δ. Add α·σ_i·v_i to the residual after layer "

@@ -46,6 +46,7 @@ from neurodiff_jax.crosscoder.step import (
 from neurodiff_jax.diffing import differences as dx
 from neurodiff_jax.diffing.context import DiffContext
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 TOP_CONTEXTS = 5  # max-activating contexts kept per latent
 TOP_TOKENS = 10  # tokens promoted / suppressed per latent in the lens table
@@ -326,14 +327,14 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict:
 
 
 def _frequency_plot(freq: np.ndarray, path: Path) -> None:
-  fig = dx.figure((6.4, 3.6))
+  fig = figure((6.4, 3.6))
   ax = fig.add_subplot(1, 1, 1)
   if len(freq):
     ax.hist(np.log10(np.maximum(freq, 1e-12)), bins=50)
   ax.set_xlabel("log10 firing frequency (live latents)")
   ax.set_ylabel("latents")
   ax.set_title("SAE on h_ft − h_base: latent frequencies")
-  dx.save_png(fig, path)
+  save_png(fig, path)
 
 
 def _section(ctx: DiffContext, out: Path, layer: int, summary: dict, latents: pd.DataFrame, lens: pd.DataFrame,
@@ -345,7 +346,7 @@ def _section(ctx: DiffContext, out: Path, layer: int, summary: dict, latents: pd
        f"L0 {summary['l0']:.1f}, live latents {summary['live_fraction']:.1%}. Latents by frequency below: the tokens "
        "their decoder direction promotes and suppresses through the fine-tuned model's logit lens, and their "
        "max-activating contexts (all in sae_latents / sae_lens / sae_top_contexts.parquet).</p>"),
-      dx.img_html(out / "sae_frequency.png", "histogram of the latents' firing frequencies"),
+      png_html(out / "sae_frequency.png", "histogram of the latents' firing frequencies"),
   ]
   shown = latents[latents.live].sort_values("frequency", ascending=False).head(SHOWN)
   for row in shown.itertuples():

@@ -12,7 +12,6 @@ weights they apply, (1 + w), else a tiny ‖w_base‖ would make every norm look
 
 from __future__ import annotations
 
-import base64
 import html
 import re
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import pandas as pd
 from neurodiff_jax.models.loading import IGNORED_TENSORS, canonical_name, config_from_hf, read_hf_config, weight_files
 from neurodiff_jax.models.safetensors_io import SafetensorsFile
 from neurodiff_jax.utils.config import ConfigError
+from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GLOBAL_MODULES = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "final_norm",
@@ -122,15 +122,13 @@ def _modules_in_order(modules: list[str]) -> list[str]:
 
 def heatmap_png(table: pd.DataFrame, path: Path) -> None:
   """Layers × modules heat map of rel_diff (blank where a layer has no such module)."""
-  from matplotlib.figure import Figure
-
   per_layer = table[table.layer >= 0]
   modules = _modules_in_order(sorted(set(per_layer.module)))
   layers = sorted(set(per_layer.layer))
   grid = np.full((len(layers), len(modules)), np.nan)
   for r in per_layer.itertuples():
     grid[layers.index(r.layer), modules.index(r.module)] = r.rel_diff
-  fig = Figure(figsize=(1.0 + 0.6 * max(len(modules), 1), 1.5 + 0.25 * max(len(layers), 1)))
+  fig = figure((1.0 + 0.6 * max(len(modules), 1), 1.5 + 0.25 * max(len(layers), 1)))
   ax = fig.add_subplot()
   im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
   ax.set_xticks(range(len(modules)), modules, rotation=60, ha="right", fontsize=8)
@@ -138,13 +136,7 @@ def heatmap_png(table: pd.DataFrame, path: Path) -> None:
   ax.set_ylabel("layer")
   ax.set_title("‖W_ft − W_base‖ / ‖W_base‖")
   fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-
-
-def _img(path: Path, alt: str) -> str:
-  data = base64.b64encode(path.read_bytes()).decode("ascii")
-  return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+  save_png(fig, path)
 
 
 def section_html(table: pd.DataFrame, summary: dict[str, Any], png: Path) -> str:
@@ -156,7 +148,7 @@ def section_html(table: pd.DataFrame, summary: dict[str, Any], png: Path) -> str
   glob = "".join(f"<tr><td>{esc(r.tensor)}</td><td>{r.rel_diff:.4g}</td></tr>" for r in global_rows.itertuples())
   return (f"<h2>Weight difference</h2>\n<p>{esc(str(summary['num_tensors']))} tensors; relative Frobenius difference "
           "‖W_ft − W_base‖ / ‖W_base‖ per tensor (norms of (1 + w) families as (1 + w)).</p>\n"
-          f"{_img(png, 'relative weight difference by layer and module')}\n"
+          f"{png_html(png, 'relative weight difference by layer and module')}\n"
           f"<h3>Largest changes</h3>\n<table><tr><th>tensor</th><th>relative difference</th></tr>{top}</table>\n"
           f"<h3>Mean by module</h3>\n<table><tr><th>module</th><th>mean relative difference</th></tr>{mean}</table>\n"
           f"<h3>Embeddings, final norm, head</h3>\n<table><tr><th>tensor</th><th>relative difference</th></tr>{glob}"

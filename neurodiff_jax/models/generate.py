@@ -8,6 +8,7 @@ completions of tests, organisms and steering demos.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,30 @@ import numpy as np
 from flax import nnx
 
 from neurodiff_jax.models.transformer import Intervention, Transformer
+
+# Tokens that close the model's turn in the chat templates of the ported families (Gemma, Llama 3,
+# Qwen, Phi): a sample stops there as it does at EOS.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
+  """A prompt's ids: one user turn plus the generation prompt (the template renders BOS), or plain text after BOS."""
+  if chat:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return [int(t) for t in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+  ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+  bos = getattr(tokenizer, "bos_token_id", None)
+  return [int(t) for t in ([bos] if bos is not None else []) + list(ids)]
+
+
+def stop_ids(tokenizer: Any) -> set[int]:
+  """EOS and the end-of-turn tokens the tokenizer knows: where a sample ends."""
+  vocab = tokenizer.get_vocab()
+  stops = {int(vocab[t]) for t in END_OF_TURN_TOKENS if t in vocab}
+  if getattr(tokenizer, "eos_token_id", None) is not None:
+    stops.add(int(tokenizer.eos_token_id))
+  return stops
 
 
 def greedy_generate(
@@ -57,3 +82,6 @@ def greedy_generate(
       row = row[: row.index(eos_id) + 1]
     results.append(row)
   return results
+
+
+__all__ = ["END_OF_TURN_TOKENS", "encode_prompt", "greedy_generate", "stop_ids"]

@@ -12,7 +12,7 @@ import pytest
 
 from neurodiff_jax.diffing import adl
 from neurodiff_jax.diffing.context import DiffContext
-from neurodiff_jax.models.generate import greedy_generate
+from neurodiff_jax.models.generate import encode_prompt, greedy_generate
 from neurodiff_jax.models.lens import logit_lens
 from neurodiff_jax.utils.config import ConfigError
 
@@ -119,7 +119,7 @@ def test_relevance_shares_and_baseline_against_hand_counts(make_ctx):
 
 def test_patchscope_patch_mechanics(tiny_pair):
   tok, model = tiny_pair.tokenizer, tiny_pair.ft
-  prompts = [adl._encode_prompt(tok, p, chat=False) for p in adl.IDENTITY_PROMPTS[:2]]
+  prompts = [encode_prompt(tok, p, chat=False) for p in adl.IDENTITY_PROMPTS[:2]]
   ids, mask = adl._prompt_batch(prompts, 0)
   out = model(jnp.asarray(ids), jnp.asarray(mask), capture=(1,))
   own = np.asarray(out.residuals[1][:, -1])  # [2, D]
@@ -139,7 +139,7 @@ def test_patchscope_patch_mechanics(tiny_pair):
 
 def test_steering_alpha_zero_is_greedy_and_push_changes_text(tiny_pair):
   tok, model = tiny_pair.tokenizer, tiny_pair.ft
-  prompts = [adl._encode_prompt(tok, p, chat=True) for p in ("Tell me a story.", "Hi")]
+  prompts = [encode_prompt(tok, p, chat=True) for p in ("Tell me a story.", "Hi")]
   d = model.cfg.hidden_size
   v = np.random.default_rng(1).normal(size=d)
   rows = prompts + prompts
