@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from neurodiff_jax.activations.datasets import DatasetSpec, TokenizedCorpus, check_same_tokenizer, tokenize_corpus
-from neurodiff_jax.models import Transformer, checkpoint_info, load_model, load_tokenizer
+from neurodiff_jax.models import Transformer, load_model, load_tokenizer
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.paths import neurodiff_home
 
@@ -97,7 +97,7 @@ def load_pair(base: str, ft: str, *, dtype: str = "float32") -> ModelPair:
     raise ConfigError(f"base {base} (d={b.cfg.hidden_size}, {b.cfg.num_layers} layers) and fine-tuned {ft} "
                       f"(d={f.cfg.hidden_size}, {f.cfg.num_layers} layers) differ in shape: activation differences "
                       "need a model and its own fine-tune.")
-  fps = [checkpoint_info(p).fingerprint for p in (base, ft)]
+  fps = [b.checkpoint.fingerprint, f.checkpoint.fingerprint]  # computed by load_model already
   key = f"{Path(base).name}__{Path(ft).name}-{hashlib.sha256('|'.join(fps).encode()).hexdigest()[:8]}"
   return ModelPair(b, f, tokenizers[1], str(base), str(ft), read_card(ft), key)
 
