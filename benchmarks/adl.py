@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
   import torch
   import transformers
 
-  from neurodiff_jax.diffing.adl import mean_difference_step
+  from neurodiff_jax.diffing.adl import mean_difference_step, position_labels
   from neurodiff_jax.diffing.context import layers_of, load_pair
   from neurodiff_jax.models import jit_forward
 
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     data = [rng.integers(3, vocab, (args.batch, args.seq)).astype(np.int32) for _ in range(args.batches)]
     mask = np.ones((args.batch, args.seq), bool)
     valid = np.ones(args.batch, bool)
+    start = np.full(args.batch, -1, np.int32)  # plain text: positions from each document's start
     n = args.positions
+    labels = position_labels(n)
     rows: list[tuple[str, float, float]] = []
 
     fb, ff = jit_forward(pair.base), jit_forward(pair.ft)
@@ -113,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     unit = rows[-1][2]
     for frac in (0.5, 1.0):
       layers = layers_of([frac], pair.num_layers)
-      step = mean_difference_step(pair, layers, n)
+      step = mean_difference_step(pair, layers, labels)
 
       def jax_adl(step=step):
         acc = None
         for ids in data:
-          sums = jax.device_get(step(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(valid)))
+          sums = jax.device_get(step(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(valid), jnp.asarray(start)))
           acc = sums if acc is None else {k: acc[k] + v for k, v in sums.items()}
         return acc
 
@@ -162,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
       t = torch.from_numpy(data[0].astype(np.int64))
       want = (tf(input_ids=t, output_hidden_states=True).hidden_states[mid + 1][:, :n]
               - tb(input_ids=t, output_hidden_states=True).hidden_states[mid + 1][:, :n]).sum(0).numpy()
-    got = jax.device_get(mean_difference_step(pair, [mid], n)(jnp.asarray(data[0]), jnp.asarray(mask),
-                                                               jnp.asarray(valid)))["diff"][0]
+    got = jax.device_get(mean_difference_step(pair, [mid], labels)(jnp.asarray(data[0]), jnp.asarray(mask),
+                                                                    jnp.asarray(valid), jnp.asarray(start)))["diff"][0]
     err = float(np.abs(got - want).max())
     del jax_sums
 

@@ -48,7 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.weights = ml_collections.ConfigDict({"enabled": True})
   c.adl = ml_collections.ConfigDict({
       "layers": (0.5,),  # fractions of depth
-      "positions": 5,  # the first n positions of each document
+      "positions": 5,  # the first n positions of each document (of the assistant turn in conversations)
+      "pre_assistant": 3,  # and, in conversations, the k template tokens before the assistant turn
       "num_documents": 512,
       "batch_size": 16,
       "top_k": 20,  # tokens read from the logit lens / patchscope

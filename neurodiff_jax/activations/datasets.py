@@ -235,6 +235,9 @@ class TokenizedCorpus:
   truncated: int  # documents cut to max_length
   datasets: list[dict]  # per spec: {"path", "format", "documents", "tokens", "sha256"}
   skipped_short: int = 0  # documents dropped for having fewer than min_tokens tokens (skip_short=True)
+  # int32 [n_docs]: index of the first token of a conversation's first assistant turn (the template's
+  # generation prompt comes just before it); -1 for plain text or a conversation without one.
+  assistant_start: np.ndarray | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -246,14 +249,36 @@ class TokenizedCorpus:
     return _sha256(self.ids)
 
 
-def _encode_texts(tokenizer: Any, texts: Sequence[str], special: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, kinds) of plain-text documents, with the tokenizer's own BOS."""
+_Encoded = tuple[np.ndarray, np.ndarray, int]  # ids, kinds, assistant start (-1: none)
+
+
+def _encode_texts(tokenizer: Any, texts: Sequence[str], special: np.ndarray) -> list[_Encoded]:
+  """(ids, kinds, -1) of plain-text documents, with the tokenizer's own BOS."""
   out = []
   for start in range(0, len(texts), _BATCH):
     for ids in tokenizer(list(texts[start : start + _BATCH]), add_special_tokens=True)["input_ids"]:
       ids = np.asarray(ids, np.int32)
-      out.append((ids, np.where(np.isin(ids, special), KIND_SPECIAL, KIND_TEXT).astype(np.uint8)))
+      out.append((ids, np.where(np.isin(ids, special), KIND_SPECIAL, KIND_TEXT).astype(np.uint8), -1))
   return out
+
+
+def _assistant_prefix(tokenizer: Any, rendered: str, messages: list[dict[str, str]]) -> int:
+  """Characters of `rendered` before the first assistant message's content (-1: no such turn, or a template
+  whose generation prompt does not prefix the full rendering)."""
+  turn = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), None)
+  if not turn:
+    return -1
+  prompt = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+  return len(prompt) if rendered.startswith(prompt) else -1
+
+
+def _first_token_at(offsets: Any, chars: int) -> int:
+  """Index of the first token starting at or after character `chars` (-1 for chars < 0 or past the end)."""
+  if chars < 0:
+    return -1
+  starts = np.asarray(offsets, np.int64).reshape(-1, 2)[:, 0]
+  i = int(np.searchsorted(starts, chars, side="left"))
+  return i if i < len(starts) else -1
 
 
 def _content_spans(rendered: str, messages: list[dict[str, str]], where: str) -> np.ndarray:
@@ -292,8 +317,8 @@ def _conversation_kinds(ids: np.ndarray, offsets: Any, spans: np.ndarray, specia
 
 def _encode_conversations(
     tokenizer: Any, conversations: Sequence[list[dict[str, str]]], rows: Sequence[int], spec: DatasetSpec, special: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, kinds) of conversations rendered with the chat template (which renders BOS itself)."""
+) -> list[_Encoded]:
+  """(ids, kinds, assistant start) of conversations rendered with the chat template (which renders BOS itself)."""
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(
         f"dataset {spec.path} holds conversations but the tokenizer has no chat template; use the tokenizer of the chat "
@@ -308,19 +333,21 @@ def _encode_conversations(
   spans = [
       _content_spans(r, c, f"dataset {spec.path} row {row}") for r, c, row in zip(rendered, conversations, rows, strict=True)
   ]
+  prefixes = [_assistant_prefix(tokenizer, r, c) for r, c in zip(rendered, conversations, strict=True)]
   out = []
   for start in range(0, len(rendered), _BATCH):
     enc = tokenizer(rendered[start : start + _BATCH], add_special_tokens=False, return_offsets_mapping=True)
-    for ids, offsets, doc_spans in zip(enc["input_ids"], enc["offset_mapping"], spans[start : start + _BATCH], strict=True):
+    for ids, offsets, doc_spans, prefix in zip(enc["input_ids"], enc["offset_mapping"], spans[start : start + _BATCH],
+                                               prefixes[start : start + _BATCH], strict=True):
       ids = np.asarray(ids, np.int32)
-      out.append((ids, _conversation_kinds(ids, offsets, doc_spans, special)))
+      out.append((ids, _conversation_kinds(ids, offsets, doc_spans, special), _first_token_at(offsets, prefix)))
   return out
 
 
 def _encode(
     tokenizer: Any, docs: Sequence[Document], spec: DatasetSpec, special: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray]]:
-  """(ids, kinds) of every document of one dataset, in order; texts and conversations batched apart."""
+) -> list[_Encoded]:
+  """(ids, kinds, assistant start) of every document of one dataset, in order; texts and conversations batched apart."""
   text_rows = [i for i, d in enumerate(docs) if isinstance(d, str)]
   chat_rows = [i for i, d in enumerate(docs) if not isinstance(d, str)]
   encoded: list[Any] = [None] * len(docs)
@@ -343,12 +370,12 @@ def tokenize_corpus(
   if not 1 <= min_tokens <= max_length:
     raise ValueError(f"need 1 <= min_tokens ({min_tokens}) <= max_length ({max_length}).")
   special = np.asarray(sorted(set(tokenizer.all_special_ids)), np.int32)
-  ids, kinds, dataset_of_doc, infos = [], [], [], []
+  ids, kinds, dataset_of_doc, infos, starts = [], [], [], [], []
   truncated = skipped_short = 0
   for d, spec in enumerate(specs):
     docs = read_documents(spec)
     kept = []
-    for row, (doc_ids, doc_kinds) in enumerate(_encode(tokenizer, docs, spec, special)):
+    for row, (doc_ids, doc_kinds, doc_start) in enumerate(_encode(tokenizer, docs, spec, special)):
       if len(doc_ids) < min_tokens:
         if not skip_short:
           raise ValueError(
@@ -362,6 +389,7 @@ def tokenize_corpus(
         truncated += 1
       kept.append(doc_ids)
       kinds.append(doc_kinds)
+      starts.append(doc_start if doc_start < len(doc_ids) else -1)  # a cut may leave no assistant token
     ids.extend(kept)
     dataset_of_doc.extend([d] * len(kept))
     infos.append({
@@ -380,6 +408,7 @@ def tokenize_corpus(
       truncated=truncated,
       datasets=infos,
       skipped_short=skipped_short,
+      assistant_start=np.asarray(starts, np.int32),
   )
 
 

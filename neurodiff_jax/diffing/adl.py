@@ -19,8 +19,10 @@ residual is an attention sink many times larger than the rest) are kept in `mean
   strength whose samples the grader finds coherent (calibrated on the unsteered samples) →
   `steering.parquet`.
 
-Chat datasets are read as documents too: δ_p is taken over their first n tokens (the tokens before
-the assistant turn are not singled out yet).
+Positions: p = 0..n-1 are the first n tokens of plain text and of the first assistant turn of a
+conversation; p = -k..-1 (`pre_assistant` = k, conversations only) are the template tokens just before
+that turn (e.g. Gemma's "<start_of_turn>model\n"), where a chat fine-tune's change of mode shows.
+Each δ_p averages the documents that have that token (`count` in means.npz).
 """
 
 from __future__ import annotations
@@ -60,68 +62,102 @@ T_BUCKET = 16  # documents are padded to a multiple of this many tokens: few sha
 # ----------------------------------------------------------------------------------------- the mean difference
 
 
-def mean_difference_step(pair: ModelPair, layers: Sequence[int], n: int):
-  """A jitted `(ids, mask, valid) -> sums` of both models' residuals at `layers` (stopped at the deepest).
+def position_labels(n: int, pre_assistant: int = 0) -> np.ndarray:
+  """Position labels read: -k..-1 (the k tokens before an assistant turn, chat data only), then 0..n-1."""
+  return np.arange(-int(pre_assistant), int(n), dtype=np.int64)
 
-  Returns float32 per-batch sums over valid rows: `diff`, `base`, `ft` [L, n, D] (positions < n),
-  `norm_base`, `norm_ft` [L, n] (‖h‖ per position), `tok_norm_base`, `tok_norm_ft` [L] (‖h‖ over every
-  real token at position ≥ 1) and `tokens` (how many such tokens).
+
+def mean_difference_step(pair: ModelPair, layers: Sequence[int], labels: Sequence[int]):
+  """A jitted `(ids, mask, valid, start) -> sums` of both models' residuals at `layers` (stopped at the deepest).
+
+  Label p ≥ 0 reads token p of a plain-text row and token start + p of a conversation (start = its first
+  assistant token, ≥ 0); p < 0 reads token start + p of conversations only. Returns float32 per-batch sums
+  over the rows where that token exists: `diff`, `base`, `ft` [L, P, D], `norm_base`, `norm_ft` [L, P] (‖h‖),
+  `count` [P] (rows read); `tok_norm_base`, `tok_norm_ft` [L] (‖h‖ over every real token at position ≥ 1)
+  and `tokens` (how many such tokens).
   """
   layers = tuple(int(l) for l in layers)
+  lab = jnp.asarray(np.asarray(labels, np.int32))  # [P]
   top = max(layers)
   gb, sb = nnx.split(pair.base)
   gf, sf = nnx.split(pair.ft)
 
   @jax.jit
-  def step(sb, sf, ids, mask, valid):
+  def step(sb, sf, ids, mask, valid, start):
     rb = nnx.merge(gb, sb)(ids, mask, capture=layers, stop_at_layer=top).residuals
     rf = nnx.merge(gf, sf)(ids, mask, capture=layers, stop_at_layer=top).residuals
-    w = valid.astype(jnp.float32)  # [B]
+    length = mask.sum(axis=1)  # [B]
+    chat = start >= 0  # [B]
+    idx = jnp.where(chat, start, 0)[:, None] + lab[None, :]  # [B, P]
+    ok = valid[:, None] & (idx >= 0) & (idx < length[:, None]) & (chat[:, None] | (lab[None, :] >= 0))
+    w = ok.astype(jnp.float32)  # [B, P]
+    gather = jnp.clip(idx, 0, ids.shape[1] - 1)[:, :, None]  # [B, P, 1]
     pos = jnp.cumsum(mask, axis=1) - 1  # [B, T] position of each real token
     tok = (mask & (pos >= 1) & valid[:, None]).astype(jnp.float32)  # [B, T]
     out: dict[str, list] = {k: [] for k in ("diff", "base", "ft", "norm_base", "norm_ft", "tok_norm_base",
                                             "tok_norm_ft")}
     for layer in layers:
-      hb = rb[layer].astype(jnp.float32)  # [B, T, D]
-      hf = rf[layer].astype(jnp.float32)  # [B, T, D]
-      out["diff"].append(((hf[:, :n] - hb[:, :n]) * w[:, None, None]).sum(0))  # [n, D]
-      out["base"].append((hb[:, :n] * w[:, None, None]).sum(0))  # [n, D]
-      out["ft"].append((hf[:, :n] * w[:, None, None]).sum(0))  # [n, D]
-      nb, nf = jnp.linalg.norm(hb, axis=-1), jnp.linalg.norm(hf, axis=-1)  # [B, T]
-      out["norm_base"].append((nb[:, :n] * w[:, None]).sum(0))  # [n]
-      out["norm_ft"].append((nf[:, :n] * w[:, None]).sum(0))  # [n]
+      hb = jnp.take_along_axis(rb[layer], gather, axis=1).astype(jnp.float32)  # [B, P, D]
+      hf = jnp.take_along_axis(rf[layer], gather, axis=1).astype(jnp.float32)  # [B, P, D]
+      out["diff"].append(((hf - hb) * w[:, :, None]).sum(0))  # [P, D]
+      out["base"].append((hb * w[:, :, None]).sum(0))  # [P, D]
+      out["ft"].append((hf * w[:, :, None]).sum(0))  # [P, D]
+      out["norm_base"].append((jnp.linalg.norm(hb, axis=-1) * w).sum(0))  # [P]
+      out["norm_ft"].append((jnp.linalg.norm(hf, axis=-1) * w).sum(0))  # [P]
+      nb = jnp.linalg.norm(rb[layer].astype(jnp.float32), axis=-1)  # [B, T]
+      nf = jnp.linalg.norm(rf[layer].astype(jnp.float32), axis=-1)  # [B, T]
       out["tok_norm_base"].append((nb * tok).sum())
       out["tok_norm_ft"].append((nf * tok).sum())
     res = {k: jnp.stack(v) for k, v in out.items()}
+    res["count"] = w.sum(0)
+    res["rows"] = (ok.any(axis=1)).astype(jnp.float32).sum()
     res["tokens"] = tok.sum()
     return res
 
-  return lambda ids, mask, valid: step(sb, sf, ids, mask, valid)
+  return lambda ids, mask, valid, start: step(sb, sf, ids, mask, valid, start)
 
 
 def mean_difference(ctx: DiffContext, layers: Sequence[int], n: int, num_documents: int,
-                    batch_size: int) -> dict[str, np.ndarray]:
-  """δ_p and the per-model means and norms at `layers` over the first documents with ≥ n tokens (float64)."""
-  step = mean_difference_step(ctx.pair, layers, n)
+                    batch_size: int, pre_assistant: int = 0) -> dict[str, np.ndarray]:
+  """δ_p and the per-model means and norms at `layers` (float64) over the first documents with ≥ n tokens.
+
+  Labels p = 0..n-1 read the first n tokens of plain text and the first n tokens of an assistant turn;
+  p = -pre_assistant..-1 the tokens just before the assistant turn (conversations only). A label no
+  document reaches is dropped (`positions` holds the labels kept, `count` how many documents each averages).
+  """
+  labels = position_labels(n, pre_assistant)
+  step = mean_difference_step(ctx.pair, layers, labels)
   acc: dict[str, np.ndarray] = {}
-  docs = 0
   for batch in ctx.batches(batch_size, min_len=n, max_documents=num_documents):
     t = batch.ids.shape[1]
     tp = min(max(n, -(-t // T_BUCKET) * T_BUCKET), max(ctx.max_len, t))
     ids = np.pad(batch.ids, ((0, 0), (0, tp - t)), constant_values=int(batch.ids[0, -1]))
     mask = np.pad(batch.mask, ((0, 0), (0, tp - t)))
     valid = batch.docs >= 0
-    sums = jax.device_get(step(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(valid)))
+    start = batch.assistant_start if batch.assistant_start is not None else np.full(len(valid), -1, np.int32)
+    sums = jax.device_get(step(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(valid), jnp.asarray(start)))
     for k, v in sums.items():
       acc[k] = acc.get(k, 0.0) + np.asarray(v, np.float64)
-    docs += int(valid.sum())
   tokens = max(float(acc.pop("tokens")), 1.0)
+  count = acc.pop("count")  # [P]
+  keep = count > 0
+  if not keep.any():
+    raise ConfigError(f"no document has the positions {labels.tolist()} asked for; lower adl.positions.")
+  c = count[keep]
   return {
-      "layers": np.asarray(layers, np.int64), "documents": np.asarray(docs),
-      "delta": acc["diff"] / docs, "mean_base": acc["base"] / docs, "mean_ft": acc["ft"] / docs,
-      "norm_base": acc["norm_base"] / docs, "norm_ft": acc["norm_ft"] / docs,
+      "layers": np.asarray(layers, np.int64), "documents": np.asarray(int(acc["rows"])),
+      "positions": labels[keep], "count": c.astype(np.int64),
+      "delta": acc["diff"][:, keep] / c[:, None], "mean_base": acc["base"][:, keep] / c[:, None],
+      "mean_ft": acc["ft"][:, keep] / c[:, None],
+      "norm_base": acc["norm_base"][:, keep] / c, "norm_ft": acc["norm_ft"][:, keep] / c,
       "typical_norm_base": acc["tok_norm_base"] / tokens, "typical_norm_ft": acc["tok_norm_ft"] / tokens,
   }
+
+
+def _labels(means: dict[str, np.ndarray]) -> list[int]:
+  """The position label of each δ row (0..n-1 for means written before labels were kept)."""
+  pos = means.get("positions")
+  return [int(p) for p in (pos if pos is not None else range(means["delta"].shape[1]))]
 
 
 # ----------------------------------------------------------------------------------------------- logit lens
@@ -138,9 +174,11 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 
 def logit_lens_table(model: Transformer, tokenizer: Any, delta: np.ndarray, layers: Sequence[int],
-                     top_k: int) -> pd.DataFrame:
-  """Top tokens of ±δ_p [L, n, D] through `model`'s final norm and unembedding, with softmax probabilities."""
+                     top_k: int, positions: Sequence[int] | None = None) -> pd.DataFrame:
+  """Top tokens of ±δ_p [L, n, D] through `model`'s final norm and unembedding, with softmax probabilities
+  (`positions`: the label of each of the n rows, default 0..n-1)."""
   num_l, n, d = delta.shape
+  labels = list(range(n)) if positions is None else [int(p) for p in positions]
   vecs = np.concatenate([delta.reshape(-1, d), -delta.reshape(-1, d)])  # [2·L·n, D]: + rows then − rows
   probs = _softmax(logit_lens(model, vecs).astype(np.float64))  # [2·L·n, V]
   rows = []
@@ -149,7 +187,7 @@ def logit_lens_table(model: Transformer, tokenizer: Any, delta: np.ndarray, laye
     li, pos = divmod(rest, n)
     top = np.argsort(-p, kind="stable")[:top_k]
     for rank, (tid, tok) in enumerate(zip(top, _decode(tokenizer, top))):
-      rows.append({"layer": int(layers[li]), "position": pos, "sign": "+" if sign == 0 else "-", "rank": rank,
+      rows.append({"layer": int(layers[li]), "position": labels[pos], "sign": "+" if sign == 0 else "-", "rank": rank,
                    "token_id": int(tid), "token": tok, "prob": float(p[tid])})
   return pd.DataFrame(rows)
 
@@ -268,16 +306,16 @@ def patchscope(ctx: DiffContext, means: dict[str, np.ndarray], scales: Sequence[
   """Agreed next tokens per (layer, position, scale) of δ_p patched into the identity prompts (`IDENTITY_PROMPTS`)."""
   tok = ctx.pair.tokenizer
   prompts = [encode_prompt(tok, p, chat=False) for p in IDENTITY_PROMPTS]
-  layers, (num_l, n, _) = means["layers"], means["delta"].shape
+  layers, num_l, labels = means["layers"], means["delta"].shape[0], _labels(means)
   unit = _unit(means["delta"])  # [L, n, D]
   rows, row_layer, vecs, keys = [], [], [], []
   for li in range(num_l):
-    for pos in range(n):
+    for i, pos in enumerate(labels):
       for s in scales:
         for pi, pr in enumerate(prompts):
           rows.append(pr)
           row_layer.append(int(layers[li]))
-          vecs.append(float(s) * float(means["typical_norm_ft"][li]) * unit[li, pos])
+          vecs.append(float(s) * float(means["typical_norm_ft"][li]) * unit[li, i])
           keys.append((li, pos, float(s), pi))
   pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
   top, probs = patched_top_tokens(ctx.pair.ft, rows, row_layer, np.stack(vecs), top_k, int(pad))
@@ -342,21 +380,21 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
   if not texts:
     raise ConfigError("adl.steering_prompts is empty; give at least one prompt (e.g. 'Tell me a story.').")
   prompts = [encode_prompt(tok, t, chat) for t in texts]
-  layers, (num_l, n, d) = means["layers"], means["delta"].shape
+  layers, (num_l, _, d), labels = means["layers"], means["delta"].shape, _labels(means)
   unit = _unit(means["delta"])
   rows, row_layer, adds, meta = [], [], [], []
   for pi, pr in enumerate(prompts):  # unsteered first
     rows.append(pr)
     row_layer.append(-1)
     adds.append(np.zeros(d))
-    meta.append((-1, -1, 0.0, pi))  # layer/position -1: unsteered
+    meta.append((-1, None, 0.0, pi))  # layer -1, no position: unsteered
   for li in range(num_l):
-    for pos in range(n):
+    for i, pos in enumerate(labels):
       for a in cfg.steering_alphas:
         for pi, pr in enumerate(prompts):
           rows.append(pr)
           row_layer.append(int(layers[li]))
-          adds.append(float(a) * float(means["typical_norm_ft"][li]) * unit[li, pos])
+          adds.append(float(a) * float(means["typical_norm_ft"][li]) * unit[li, i])
           meta.append((int(layers[li]), pos, float(a), pi))
   pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
   out = steered_generate(ctx.pair.ft, rows, row_layer, np.stack(adds), int(cfg.steering_tokens), int(pad))
@@ -369,6 +407,7 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
     samples.append(tok.decode(ids[:cut], skip_special_tokens=False))
   table = pd.DataFrame([{"layer": m[0], "position": m[1], "alpha": m[2], "steered": m[0] >= 0,
                          "prompt": texts[m[3]], "text": s} for m, s in zip(meta, samples)])
+  table["position"] = table.position.astype("Int64")  # <NA> for unsteered rows (labels may be negative)
   table["coherent"] = None
   table["perplexity"] = math.nan
   table["chosen"] = False
@@ -395,9 +434,12 @@ def plot_delta_norms(means: dict[str, np.ndarray], path: Path) -> Path:
   fig = figure((5.5, 3.2), dpi=90)
   ax = fig.subplots()
   rel = np.linalg.norm(means["delta"], axis=-1) / means["typical_norm_ft"][:, None]  # [L, n]
+  labels = _labels(means)
   for li, layer in enumerate(means["layers"]):
-    ax.plot(range(rel.shape[1]), rel[li], marker="o", label=f"layer {int(layer)}")
-  ax.set_xlabel("position p")
+    ax.plot(labels, rel[li], marker="o", label=f"layer {int(layer)}")
+  if min(labels) < 0:
+    ax.axvline(-0.5, color="grey", lw=0.8, ls=":")  # left of it: the tokens before the assistant turn
+  ax.set_xlabel("position p (< 0: before the assistant turn)" if min(labels) < 0 else "position p")
   ax.set_ylabel("‖δ_p‖ / mean ‖h_ft‖")
   ax.legend(fontsize=8)
   return save_png(fig, path)
@@ -421,7 +463,9 @@ def section_html(lens: pd.DataFrame, relevance: pd.DataFrame, patch: pd.DataFram
   """The ADL section of the report: δ norms, top tokens per layer/position, relevance, patchscope, samples."""
   parts = ["<h2>Activation Difference Lens (ADL)</h2>",
            (f"<p>Mean difference δ_p = mean(h_ft − h_base) over {summary['documents']} documents, positions "
-            f"0–{summary['positions'] - 1}, layers {html.escape(str(summary['layers']))}. Readings through the "
+            f"{html.escape(str(summary['position_labels']))}, layers {html.escape(str(summary['layers']))}. "
+            "p ≥ 0 counts from the start of plain text and from the first assistant token of a conversation; "
+            "p < 0 are the template tokens just before the assistant turn. Readings through the "
             "fine-tuned model.</p>"),
            png_html(png, "delta norms"), "<h3>Logit lens of ±δ_p</h3>"]
   for (layer, pos), part in lens.groupby(["layer", "position"]):
@@ -451,6 +495,13 @@ def section_html(lens: pd.DataFrame, relevance: pd.DataFrame, patch: pd.DataFram
 # ------------------------------------------------------------------------------------------------------- run
 
 
+def check_pre_assistant(k: Any) -> int:
+  """k as an int ≥ 0 (tokens read before an assistant turn), else a ConfigError."""
+  if isinstance(k, bool) or int(k) != k or k < 0:
+    raise ConfigError(f"adl.pre_assistant={k!r} must be a number of tokens ≥ 0 (0 = none; default 3).")
+  return int(k)
+
+
 def check_positions(n: int, max_len: int) -> int:
   """n as an int ≥ 1 that fits in max_len tokens, else a ConfigError naming both."""
   if isinstance(n, bool) or int(n) != n or n < 1:
@@ -468,12 +519,14 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   layers = layers_of(list(cfg.layers), ctx.pair.num_layers)
   n = check_positions(cfg.positions, ctx.max_len)
   top_k = int(cfg.top_k)
-  means = mean_difference(ctx, layers, n, int(cfg.num_documents), int(cfg.batch_size))
+  pre = check_pre_assistant(cfg.get("pre_assistant", 0))
+  means = mean_difference(ctx, layers, n, int(cfg.num_documents), int(cfg.batch_size), pre)
   np.savez(out / "means.npz", **means)
-  ctx.log(f"adl: δ over {int(means['documents'])} documents at layers {layers}, positions 0-{n - 1}")
+  labels = _labels(means)
+  ctx.log(f"adl: δ over {int(means['documents'])} documents at layers {layers}, positions {labels}")
 
   tok = ctx.pair.tokenizer
-  lens = logit_lens_table(ctx.pair.ft, tok, means["delta"], layers, top_k)
+  lens = logit_lens_table(ctx.pair.ft, tok, means["delta"], layers, top_k, labels)
   lens.to_parquet(out / "logit_lens.parquet")
 
   relevance = _Relevance(ctx.grader)
@@ -490,7 +543,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   flags = relevance(_decode(tok, base_ids))
   if flags is not None:
     share, weighted = relevance_shares(flags, base_freq)
-    rel_rows.append({"source": "baseline", "layer": -1, "position": -1, "share": share, "weighted_share": weighted})
+    rel_rows.append({"source": "baseline", "layer": None, "position": None, "share": share,
+                     "weighted_share": weighted})
 
   patch = patchscope(ctx, means, [float(s) for s in cfg.patchscope_scales], top_k, relevance)
   patch.assign(relevant=patch.relevant.astype("boolean")).to_parquet(out / "patchscope.parquet")
@@ -500,6 +554,7 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
       rel_rows.append({"source": "patchscope", "layer": layer, "position": pos, "share": share,
                        "weighted_share": weighted})
   rel = pd.DataFrame(rel_rows, columns=["source", "layer", "position", "share", "weighted_share"])
+  rel = rel.astype({"layer": "Int64", "position": "Int64"})  # <NA> on the baseline row (labels may be negative)
   if relevance.skipped:
     rel = rel.iloc[0:0]
   rel.to_parquet(out / "relevance.parquet")
@@ -508,7 +563,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   steer.assign(coherent=steer.coherent.astype("boolean")).to_parquet(out / "steering.parquet")
 
   summary: dict[str, Any] = {
-      "layers": layers, "positions": n, "documents": int(means["documents"]),
+      "layers": layers, "positions": n, "pre_assistant": pre, "position_labels": labels,
+      "documents": int(means["documents"]), "documents_per_position": means["count"].tolist(),
       "delta_norm": {f"{l}": np.linalg.norm(means["delta"][i], axis=-1).round(4).tolist()
                      for i, l in enumerate(layers)},
       "typical_norm_ft": {f"{l}": float(means["typical_norm_ft"][i]) for i, l in enumerate(layers)},
@@ -527,6 +583,6 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["IDENTITY_PROMPTS", "check_positions", "frequent_tokens", "logit_lens_table", "mean_difference",
+__all__ = ["IDENTITY_PROMPTS", "check_positions", "check_pre_assistant", "position_labels", "frequent_tokens", "logit_lens_table", "mean_difference",
            "mean_difference_step", "patched_top_tokens", "patchscope", "relevance_shares", "run", "section_html",
            "steered_generate", "steering"]

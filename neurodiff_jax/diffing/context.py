@@ -126,12 +126,14 @@ def layers_of(fractions: Sequence[float], num_layers: int) -> list[int]:
 
 @dataclasses.dataclass
 class TokenBatch:
-  """Padded documents: ids and masks [B, T], token kinds [B, T], and which document each row is (-1: filler)."""
+  """Padded documents: ids and masks [B, T], token kinds [B, T], which document each row is (-1: filler), and
+  where each row's first assistant turn starts (-1: plain text or no assistant turn)."""
 
   ids: np.ndarray
   mask: np.ndarray
   kinds: np.ndarray
   docs: np.ndarray
+  assistant_start: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -168,6 +170,7 @@ class DiffContext:
       raise ConfigError(f"no document of the datasets has {min_len} tokens (the longest has {longest} after cutting "
                         f"to max_len={self.max_len}); lower the positions asked for or use longer documents.")
     pad = self.pair.tokenizer.pad_token_id or 0
+    starts = corpus.assistant_start if corpus.assistant_start is not None else np.full(len(corpus.ids), -1, np.int32)
     for s in range(0, len(docs), batch_size):
       part = docs[s:s + batch_size]
       t = max(len(corpus.ids[i]) for i in part)
@@ -180,7 +183,9 @@ class DiffContext:
       # Rows past the last document repeat the first one (an all-padding row would attend to
       # nothing): one batch shape, one compilation; `docs` = -1 marks them to be ignored.
       ids[len(part):], mask[len(part):], kinds[len(part):] = ids[0], mask[0], kinds[0]
-      yield TokenBatch(ids, mask, kinds, np.asarray(part + [-1] * (batch_size - len(part)), np.int64))
+      start = np.full(batch_size, -1, np.int32)
+      start[:len(part)] = starts[part]
+      yield TokenBatch(ids, mask, kinds, np.asarray(part + [-1] * (batch_size - len(part)), np.int64), start)
 
 
 __all__ = ["ORGANISM_PREFIX", "DiffContext", "ModelPair", "TokenBatch", "layers_of", "load_pair", "read_card",

@@ -232,6 +232,24 @@ def test_conversation_kinds_separate_content_from_template(tmp_path, tok, monkey
     tokenize_corpus(no_template, [DatasetSpec(path)], max_length=10_000)
 
 
+def test_assistant_start_is_the_generation_prompts_length(tmp_path, tok):
+  user_only = [{"role": "user", "content": "Is this a question?"}]
+  path = write(tmp_path, "jsonl", [CONVERSATIONS[0], TEXTS[0], CONVERSATIONS[1], user_only])
+  corpus = tokenize_corpus(tok, [DatasetSpec(path)], max_length=10_000)
+  for row, conv in ((0, CONVERSATIONS[0]), (2, CONVERSATIONS[1])):
+    # The reference: the chat template's own generation prompt for the user turn, tokenized.
+    prompt = tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+    prompt = tok(prompt, add_special_tokens=False)["input_ids"]
+    start = int(corpus.assistant_start[row])
+    assert start == len(prompt) and corpus.ids[row][:start].tolist() == list(prompt)
+    assert tok.decode(corpus.ids[row][start:]).startswith(conv[1]["content"].strip()[:8])
+    assert corpus.kinds[row][start] == KIND_TEXT and corpus.kinds[row][start - 1] != KIND_TEXT
+  assert corpus.assistant_start[1] == -1 and corpus.assistant_start[3] == -1  # plain text; no assistant turn
+  # A cut before the assistant's first token leaves no assistant turn to read.
+  cut = tokenize_corpus(tok, [DatasetSpec(path)], max_length=int(corpus.assistant_start[0]))
+  assert cut.assistant_start[0] == -1
+
+
 def test_truncation_cuts_to_max_length_and_counts(tmp_path, tok):
   corpus = tokenize_corpus(tok, [DatasetSpec(write(tmp_path, "text", TEXTS))], max_length=40)
   full = [tok(d)["input_ids"] for d in TEXTS]

@@ -86,6 +86,50 @@ def test_mean_difference_equals_separate_forward_passes(make_ctx, tiny_pair_dirs
   assert np.linalg.norm(got["delta"]) > 0.1  # two different random models do differ
 
 
+def test_chat_positions_read_around_the_assistant_turn(make_ctx, tiny_pair_dirs):
+  import torch
+  import transformers
+
+  ctx = make_ctx(grader=FakeGrader())
+  n, pre = 3, 2
+  got = adl.mean_difference(ctx, [1], n, num_documents=64, batch_size=8, pre_assistant=pre)
+  corpus = ctx.corpus()
+  tok = ctx.pair.tokenizer
+  hf = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in tiny_pair_dirs[:2]]
+  sums, counts = {p: 0.0 for p in range(-pre, n)}, {p: 0 for p in range(-pre, n)}
+  chats = 0
+  with torch.no_grad():
+    for ids in corpus.ids:
+      ids = np.asarray(ids, np.int64)
+      if len(ids) < n:
+        continue
+      # The reference finds the assistant turn itself: the user turn rendered with the generation prompt.
+      rendered = tok.decode(ids)
+      start = -1
+      if "<start_of_turn>" in rendered:
+        user = rendered.split("<start_of_turn>user\n")[1].split("<end_of_turn>")[0]
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+        start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        chats += 1
+      hb, hf_ = (m(input_ids=torch.tensor(ids[None]), output_hidden_states=True).hidden_states[2][0].double().numpy()
+                 for m in hf)
+      for p in range(-pre, n):
+        if start < 0 and p < 0:
+          continue
+        at = max(start, 0) + p
+        if at < len(ids):
+          sums[p] = sums[p] + hf_[at] - hb[at]
+          counts[p] += 1
+  assert chats == 4
+  assert got["positions"].tolist() == list(range(-pre, n))
+  assert got["count"].tolist() == [counts[p] for p in range(-pre, n)] == [4, 4] + [len(corpus.ids)] * n
+  for i, p in enumerate(range(-pre, n)):
+    np.testing.assert_allclose(got["delta"][0, i], sums[p] / counts[p], rtol=1e-4, atol=1e-4, err_msg=f"p={p}")
+  # Plain text alone: no template tokens, so no negative positions are kept.
+  text_only = adl.mean_difference(ctx, [1], n, num_documents=10, batch_size=4, pre_assistant=pre)
+  assert text_only["positions"].tolist() == list(range(n))
+
+
 def test_logit_lens_table_equals_direct_lens(tiny_pair):
   rng = np.random.default_rng(0)
   delta = rng.normal(size=(2, 3, tiny_pair.ft.cfg.hidden_size))
@@ -211,3 +255,5 @@ def test_errors(make_ctx, tmp_path):
     adl.run(long, _cfg(positions=150), tmp_path)
   with pytest.raises(ConfigError, match="positive number of positions"):
     adl.run(ctx, _cfg(positions=0), tmp_path)
+  with pytest.raises(ConfigError, match=r"adl.pre_assistant=-1 must be a number of tokens ≥ 0"):
+    adl.run(ctx, _cfg(pre_assistant=-1), tmp_path)
