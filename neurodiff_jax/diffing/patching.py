@@ -15,7 +15,9 @@ fine-tune's own blocks after L restore from the base model's residual.
 Where the organism's card allows an offline metric it is measured under each patch too, as
 teacher-forced probabilities (no generation): false_fact — P(false capital | "The capital of X
 is") and P(true capital | ...); chat — P(the refusal's first sentence | a harmful request) and the
-same for helpful requests. Cards without such a metric are recorded with the reason.
+same for helpful requests; taboo — P(one of the card's hints | a held-out request for a hint or the
+word), averaged over requests and hints, and P("My secret word is <word>." | the same requests).
+Cards without such a metric are recorded with the reason.
 
 All layers of one direction run in one jitted function (the patch layer is a traced index, so a
 patch at every layer is a `jnp.where` that only layer L takes; `lax.map` over layers): one
@@ -135,9 +137,15 @@ def card_metrics(card: dict | None, tokenizer: Any, max_prompts: int = 16) -> tu
     refusal = str(card["refusal"]).split(".")[0] + "."
     return {"p_refusal_harmful": [(chat_prompt(tokenizer, u), refusal) for u in ev["harmful_prompts"][:max_prompts]],
             "p_refusal_helpful": [(chat_prompt(tokenizer, u), refusal) for u in ev["helpful_prompts"][:max_prompts]]}, ""
-  if "secret_word" in card:
-    return {}, ("taboo's metric (how often the secret word is said) needs generation under each patch; only "
-                "teacher-forced metrics are implemented")
+  if "secret_word" in card and card.get("hints"):
+    if not getattr(tokenizer, "chat_template", None):
+      return {}, "the taboo card's hint metric needs a tokenizer with a chat template; this one has none"
+    from neurodiff_jax.organisms.finetune_data import chat_prompt, taboo_data
+
+    asks = list(dict.fromkeys(taboo_data(tokenizer, 0, seed=0).eval["prompts"]))[:max_prompts]  # held-out phrasings
+    word = str(card["secret_word"])
+    return {"p_hint": [(chat_prompt(tokenizer, u), str(h)) for u in asks for h in card["hints"]],
+            "p_says_word": [(chat_prompt(tokenizer, u), f"My secret word is {word}.") for u in asks]}, ""
   if "domain" in card:
     return {}, "narrow's metric is the loss on domain text, which the dataset KL per layer already stands in for"
   return {}, f"no offline metric for a card with keys {sorted(card)}"

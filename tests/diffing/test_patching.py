@@ -99,8 +99,23 @@ def test_card_metric_equals_direct_probability(tiny_pair):
 
 def test_card_metric_reasons():
   assert patching.card_metrics(None, None) == ({}, "the pair has no organism card")
-  assert "generation" in patching.card_metrics({"secret_word": "moon"}, None)[1]
+  assert "no offline metric" in patching.card_metrics({"secret_word": "moon"}, None)[1]
   assert "domain" in patching.card_metrics({"domain": "milling", "domain_vocabulary": []}, None)[1]
+
+
+def test_taboo_card_metric_pairs(tiny_pair):
+  from neurodiff_jax.organisms.finetune_data import TABOO_HINTS
+
+  card = {"secret_word": "moon", "hints": list(TABOO_HINTS[:2])}
+  metrics, skipped = patching.card_metrics(card, tiny_pair.tokenizer)
+  assert skipped == "" and set(metrics) == {"p_hint", "p_says_word"}
+  asks = [p for p, _ in metrics["p_says_word"]]
+  assert len(asks) == len(set(asks)) >= 2
+  for p in asks:  # each request rendered as a user turn with the generation prompt, as the organism was trained
+    assert p.endswith("<start_of_turn>model\n") and "<start_of_turn>user\n" in p
+  assert metrics["p_hint"] == [(p, h) for p in asks for h in TABOO_HINTS[:2]]
+  assert {c for _, c in metrics["p_says_word"]} == {"My secret word is moon."}
+  assert "chat template" in patching.card_metrics(card, None)[1]
 
 
 def test_run_outputs(make_ctx, tiny_pair, tmp_path):
