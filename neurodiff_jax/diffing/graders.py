@@ -4,7 +4,8 @@ The reference toolkit asks hosted LLMs. Here every grader is the `Grader` interf
 offline default that runs on this machine:
 
   OfflineGrader  coherence = the BASE model's perplexity of the text, coherent below the
-                 `coherence_quantile` of unsteered samples' perplexities (`calibrate`);
+                 `coherence_quantile` of unsteered samples' perplexities (`calibrate`) and
+                 not more repetitive than half the most repetitive unsteered sample;
                  relevance = the token is a word of the organism card's vocabulary.
   OpenAIGrader   yes/no questions to any OpenAI-compatible chat-completions endpoint (urllib,
                  key from $NEURODIFF_GRADER_KEY); used only when `grader.kind=openai`.
@@ -174,6 +175,32 @@ class OfflineGrader(Grader):
       for r, i in enumerate(part):
         out[i] = float(np.exp(nll[r, :len(seqs[i]) - 1].mean()))
     return out
+
+  def distinct_share(self, texts: Sequence[str]) -> list[float]:
+    """Distinct tokens / tokens of each text (BOS left out; 1.0 for under two tokens)."""
+    tok = self.pair.tokenizer
+    out = []
+    for t in texts:
+      ids = list(tok(t, add_special_tokens=False)["input_ids"])[:self.max_len]
+      out.append(len(set(ids)) / len(ids) if len(ids) >= 2 else 1.0)
+    return out
+
+  def calibrate(self, unsteered_texts: Sequence[str]) -> float:
+    """The perplexity threshold (see `Grader.calibrate`) and the repetition floor: half the lowest distinct-token
+    share of the unsteered texts."""
+    threshold = super().calibrate(unsteered_texts)
+    self.min_distinct = 0.5 * min(self.distinct_share(unsteered_texts))
+    return threshold
+
+  def is_coherent(self, texts: Sequence[str]) -> list[bool]:
+    """Perplexity at or below the threshold and no more repetitive than the floor.
+
+    A text that repeats one token ("and and and ...") is easy to predict, so its perplexity under the base
+    model is low and perplexity alone would call the strongest steering coherent: the floor catches it.
+    """
+    ok = super().is_coherent(texts)
+    floor = getattr(self, "min_distinct", 0.0)
+    return [o and d >= floor for o, d in zip(ok, self.distinct_share(texts))]
 
   def relevant(self, tokens: Sequence[str]) -> list[bool]:
     """Whether each token (normalized: "Ġhive" -> "hive") is a word of the organism card's vocabulary."""

@@ -52,6 +52,20 @@ def test_calibration_sets_the_threshold_at_the_quantile(tiny_pair):
   assert g.is_coherent([""]) == [False]
 
 
+def test_repetition_is_incoherent_even_at_low_perplexity(tiny_pair):
+  g = graders.OfflineGrader(tiny_pair, quantile=1.0)
+  looped = " and" * 24
+  unsteered = TEXTS[:2]
+  g.calibrate(unsteered)
+  tok = tiny_pair.tokenizer
+  shares = [len(set(i)) / len(i) for i in (tok(t, add_special_tokens=False)["input_ids"] for t in unsteered)]
+  assert g.min_distinct == pytest.approx(0.5 * min(shares))
+  assert g.distinct_share([looped]) == [pytest.approx(1 / len(tok(looped, add_special_tokens=False)["input_ids"]))]
+  # Perplexity alone would pass it once the threshold is above its perplexity; the floor still does not.
+  g.threshold = max(g.coherence([looped])[0], g.threshold)
+  assert g.is_coherent([looped, TEXTS[0]]) == [False, True]
+
+
 def test_relevance_against_the_card(tiny_pair):
   g = graders.OfflineGrader(tiny_pair)
   tokens = ["Ġmill", "▁Grain", " the", "miller ", "bread", "mil"]
