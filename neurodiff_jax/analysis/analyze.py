@@ -46,6 +46,7 @@ from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.errors import CheckpointError
 from neurodiff_jax.utils.files import atomic_write_json
 from neurodiff_jax.utils.paths import neurodiff_home
+from neurodiff_jax.utils.results import stamp
 
 PARTS = ("pass", "table", "causal", "steering", "logit_lens", "report")
 
@@ -422,7 +423,7 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
       parts.finish("logit_lens", key)
 
   summary["seconds"] = round(time.time() - t_start, 1)
-  atomic_write_json(out / "summary.json", summary)
+  atomic_write_json(out / "summary.json", stamp(summary))
   if config.report.enabled:
     from neurodiff_jax.analysis import report
 

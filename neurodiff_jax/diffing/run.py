@@ -21,6 +21,7 @@ import ml_collections
 from neurodiff_jax.diffing.context import DiffContext, load_pair, resolve_datasets, resolve_model, results_dir
 from neurodiff_jax.utils.config import ConfigError, did_you_mean
 from neurodiff_jax.utils.files import atomic_write_json
+from neurodiff_jax.utils.results import stamp
 
 # Method name -> module (run order: cheap and model-free first).
 METHODS = {
@@ -88,6 +89,8 @@ def diff(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log) -
                     progress=bool(config.progress), seed=int(config.seed))
   log(f"{Path(base).name} -> {Path(ft).name} ({pair.num_layers} layers, d={pair.base.cfg.hidden_size}); "
       f"results in {root}")
+  atomic_write_json(out / "pair.json", stamp({"base": str(base), "finetuned": str(ft), "key": pair.key,
+                                              "card": pair.card, "datasets": [str(d) for d in datasets]}))
   summaries: dict[str, Any] = {}
   common = {"pair": pair.key, "datasets": datasets, "max_len": config.max_len, "max_documents": config.max_documents,
             "store": config.store, "seed": config.seed, "grader": config.grader.to_dict()}
