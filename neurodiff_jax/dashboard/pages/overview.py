@@ -1,0 +1,132 @@
+"""Overview: each crosscoder run's config, final FVE / L0 / dead fraction, Δnorm classes and training curves.
+
+Query parameter `run=NAME` shows only that run (default: all, one tab each). Diff results are listed below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from neurodiff_jax.dashboard.pages import fmt, query_param, run_read
+from neurodiff_jax.dashboard.results import ResultsRoot, Run
+
+CLASSES = ("chat_only", "base_only", "shared", "other", "dead")
+# Training curves: (title, metrics.jsonl columns drawn together).
+CURVES = (("loss", ("loss/total", "loss/reconstruction")), ("FVE", ("fve/0", "fve/1")), ("L0", ("l0",)),
+          ("dead fraction", ("dead_fraction",)))
+
+
+def config_rows(run: Run) -> dict[str, Any]:
+  """The config fields a reader compares runs by: sparsity, k or λ, dictionary size, layer, store, steps."""
+  cfg = run_read(run, "config")
+  sparsity = cfg.get("sparsity", cfg.get("crosscoder.sparsity"))
+  out: dict[str, Any] = {"sparsity": sparsity}
+  if sparsity == "l1":
+    out["λ (l1_lambda)"] = cfg.get("l1_lambda")
+  else:
+    out["k"] = cfg.get("k", cfg.get("crosscoder.k"))
+  out.update({"dict size": cfg.get("dict_size", cfg.get("crosscoder.dict_size")), "layer": cfg.get("layer"),
+              "store": cfg.get("store"), "steps": cfg.get("steps", cfg.get("checkpoint_step")),
+              "batch size": cfg.get("batch_size"), "lr": cfg.get("lr")})
+  return {k: v for k, v in out.items() if v is not None}
+
+
+def delta_norm_classes(run: Run) -> dict[str, int]:
+  """Latent counts per Δnorm class: the analysis summary's (live latents), else the final training metrics'."""
+  classes: dict[str, int] = {}
+  if run.analysis is not None and not run.error:
+    classes = dict(run_read(run, "summary").get("classes", {}))
+  if not classes:
+    classes = dict(run_read(run, "final_metrics").get("delta_norm_classes", {}))
+  return {c: int(classes[c]) for c in CLASSES if c in classes}
+
+
+def curves(history: pd.DataFrame) -> list[alt.Chart]:
+  """One interactive line chart per training curve present in `history` (metrics.jsonl)."""
+  charts = []
+  for title, cols in CURVES:
+    cols = [c for c in cols if c in history.columns]
+    if "step" not in history.columns or not cols:
+      continue
+    long = history[["step", *cols]].melt("step", var_name="metric", value_name="value").dropna()
+    charts.append(alt.Chart(long, title=title).mark_line(point=True).encode(
+        x=alt.X("step:Q"), y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False)),
+        color=alt.Color("metric:N"), tooltip=["step", "metric", alt.Tooltip("value:Q", format=".4f")],
+    ).properties(height=220).interactive())
+  return charts
+
+
+def render_run(run: Run) -> None:
+  """One run's section."""
+  st.subheader(run.name)
+  st.caption(f"`{run.path}`")
+  if run.error:
+    st.error(run.error)
+  elif run.analysis is None:
+    st.info(f"Not analysed yet: `python -m launch.analyze --config.workdir={run.path}` adds the latent table, "
+            "ν and contexts.")
+  metrics = run_read(run, "final_metrics")
+  cols = st.columns(5)
+  cols[0].metric("FVE base (fve/0)", fmt(metrics.get("fve/0")))
+  cols[1].metric("FVE chat (fve/1)", fmt(metrics.get("fve/1")))
+  cols[2].metric("L0", fmt(metrics.get("l0"), 2))
+  cols[3].metric("dead fraction", fmt(metrics.get("dead_fraction")))
+  cols[4].metric("step", fmt(metrics.get("step")))
+  left, right = st.columns(2)
+  with left:
+    st.markdown("**Config**")
+    st.table(pd.DataFrame({"value": [str(v) for v in config_rows(run).values()]}, index=list(config_rows(run))))
+  with right:
+    st.markdown("**Δnorm classes** (latents)")
+    classes = delta_norm_classes(run)
+    if classes:
+      st.table(pd.DataFrame({"latents": list(classes.values())}, index=list(classes)))
+    if run.analysis is not None and not run.error:
+      genuine = run_read(run, "summary").get("genuine", {})
+      if genuine:
+        st.caption(f"genuine chat-only latents: {genuine.get('genuine')} of {genuine.get('chat_only_live')} "
+                   f"({genuine.get('rule', '')})")
+  history = run_read(run, "metrics_history")
+  if history.empty:
+    st.info("No training curves (tensorboard/metrics.jsonl) in this run.")
+    return
+  charts = curves(history)
+  for i in range(0, len(charts), 2):
+    row = st.columns(2)
+    for col, chart in zip(row, charts[i:i + 2]):
+      col.altair_chart(chart, width="stretch")
+
+
+def render(root: ResultsRoot) -> None:
+  """The overview page."""
+  st.title("Overview")
+  st.caption(f"{root.path}")
+  if root.runs:
+    wanted = query_param("run")
+    runs = [r for r in root.runs if r.name == wanted] or root.runs
+    if len(runs) == 1:
+      render_run(runs[0])
+    else:
+      for tab, run in zip(st.tabs([r.name for r in runs]), runs):
+        with tab:
+          render_run(run)
+  else:
+    st.info("No crosscoder runs here: train one with `python -m launch.train` (or run `python -m launch.demo`).")
+  if root.diffs:
+    st.header("Diff results")
+    rows = []
+    for d in root.diffs:
+      models = d.models() or ("?", "?")
+      rows.append({"name": d.name, "base": models[0], "fine-tuned": models[1], "methods": ", ".join(d.methods),
+                   "status": d.error or "ok"})
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    for d in root.diffs:
+      if d.error:
+        st.error(d.error)
+
+
+__all__ = ["CLASSES", "CURVES", "config_rows", "curves", "delta_norm_classes", "render", "render_run"]
