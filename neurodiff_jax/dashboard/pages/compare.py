@@ -1,0 +1,107 @@
+"""Compare runs: Δnorm histograms and latent-scaling ν scatters of chosen runs side by side (e.g. L1 vs BatchTopK).
+
+Query parameter `runs=A,B` picks the runs (default: every analysed run). Charts are interactive (zoom, pan,
+tooltips with the latent index); the latents page opens one with `?page=latents&run=NAME&latent=N`.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from neurodiff_jax.dashboard.pages import fmt, query_param, run_read
+from neurodiff_jax.dashboard.results import ResultsRoot, Run
+
+TAG_ORDER = ["chat_only", "base_only", "shared", "other", "dead"]
+TAG_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#aaaaaa", "#000000"]
+NU_CLIP = (-0.5, 1.5)  # ν outside this range is drawn on its edge (a near-zero β^chat makes ν huge)
+
+
+def delta_norm_histogram(latents: pd.DataFrame, title: str, bins: int = 40) -> alt.Chart:
+  """Histogram of Δnorm, stacked by tag."""
+  df = latents[["latent", "delta_norm", "tag"]].dropna(subset=["delta_norm"]).copy()
+  df["tag"] = df["tag"].astype(str)
+  return alt.Chart(df, title=title).mark_bar().encode(
+      x=alt.X("delta_norm:Q", bin=alt.Bin(maxbins=bins, extent=[0, 1]), title="Δnorm (0 base-only, 1 chat-only)"),
+      y=alt.Y("count():Q", title="latents"),
+      color=alt.Color("tag:N", scale=alt.Scale(domain=TAG_ORDER, range=TAG_COLOURS)),
+      tooltip=["tag:N", alt.Tooltip("count():Q", title="latents")],
+  ).properties(height=260).interactive()
+
+
+def nu_points(latents: pd.DataFrame, chat_only: bool = True) -> pd.DataFrame:
+  """Latents with both ν finite (chat-only ones by default), ν clipped to NU_CLIP for drawing; `colour` column."""
+  df = latents if not chat_only else latents[latents["tag"].astype(str) == "chat_only"]
+  df = df[np.isfinite(df["nu_recon"].astype(float)) & np.isfinite(df["nu_error"].astype(float))].copy()
+  df["nu_recon_shown"] = df["nu_recon"].clip(*NU_CLIP)
+  df["nu_error_shown"] = df["nu_error"].clip(*NU_CLIP)
+  df["genuine"] = df["genuine"].astype("boolean").fillna(False).map({True: "genuine", False: "not genuine"})
+  df["tag"] = df["tag"].astype(str)
+  return df
+
+
+def nu_scatter(points: pd.DataFrame, title: str, colour: str = "genuine") -> alt.Chart:
+  """ν^ε against ν^r, one point per latent, coloured by `colour` (genuine or tag), with the latent in the tooltip."""
+  scale = alt.Scale(domain=["genuine", "not genuine"], range=["#2ca02c", "#d62728"]) if colour == "genuine" else \
+      alt.Scale(domain=TAG_ORDER, range=TAG_COLOURS)
+  return alt.Chart(points, title=title).mark_circle(size=40, opacity=0.7).encode(
+      x=alt.X("nu_recon_shown:Q", title="ν^r = β^r,base / β^r,chat", scale=alt.Scale(domain=list(NU_CLIP))),
+      y=alt.Y("nu_error_shown:Q", title="ν^ε = β^ε,base / β^ε,chat", scale=alt.Scale(domain=list(NU_CLIP))),
+      color=alt.Color(f"{colour}:N", scale=scale),
+      tooltip=[alt.Tooltip("latent:Q", title="latent"), "tag:N", "genuine:N",
+               alt.Tooltip("nu_recon:Q", format=".3f"), alt.Tooltip("nu_error:Q", format=".3f"),
+               alt.Tooltip("delta_norm:Q", format=".3f"), alt.Tooltip("freq:Q", format=".4f")],
+  ).properties(height=320).interactive()
+
+
+def class_table(runs: list[Run]) -> pd.DataFrame:
+  """Latents per tag (rows) and run (columns), with FVE and L0."""
+  cols = {}
+  for run in runs:
+    tags = run_read(run, "latents")["tag"].astype(str).value_counts()
+    metrics = run_read(run, "final_metrics")
+    col = {t: int(tags.get(t, 0)) for t in TAG_ORDER}
+    col.update({"fve/0": fmt(metrics.get("fve/0")), "fve/1": fmt(metrics.get("fve/1")),
+                "l0": fmt(metrics.get("l0"), 2)})
+    cols[run.name] = {k: str(v) for k, v in col.items()}
+  return pd.DataFrame(cols)
+
+
+def render(root: ResultsRoot) -> None:
+  """The compare page."""
+  st.title("Compare runs")
+  ready = [r for r in root.runs if r.analysis is not None and not r.error]
+  for r in root.runs:
+    if r.error:
+      st.error(r.error)
+  if not ready:
+    st.info("No analysed run to compare: run `python -m launch.analyze --config.workdir=RUN` on a training run.")
+    return
+  names = [r.name for r in ready]
+  wanted = [n for n in (query_param("runs") or "").split(",") if n in names] or names
+  chosen = st.multiselect("runs", names, default=wanted, key="compare_runs")
+  if ",".join(chosen) != query_param("runs", ""):
+    st.query_params["runs"] = ",".join(chosen)
+  colour = st.radio("colour ν points by", ["genuine", "tag"], horizontal=True, key="compare_colour")
+  all_latents = st.checkbox("ν of every live latent (not only chat-only)", value=False, key="compare_all")
+  runs = [root.run(n) for n in chosen]
+  if not runs:
+    return
+  st.table(class_table(runs))
+  cols = st.columns(len(runs))
+  for col, run in zip(cols, runs):
+    latents = run_read(run, "latents")
+    with col:
+      st.altair_chart(delta_norm_histogram(latents, f"{run.name}: Δnorm"), width="stretch")
+      points = nu_points(latents, chat_only=not all_latents)
+      st.altair_chart(nu_scatter(points, f"{run.name}: latent scaling ({len(points)} latents)", colour),
+                      width="stretch")
+      outside = int(((points["nu_recon"] != points["nu_recon_shown"]) |
+                     (points["nu_error"] != points["nu_error_shown"])).sum())
+      if outside:
+        st.caption(f"{outside} latent(s) with ν outside [{NU_CLIP[0]}, {NU_CLIP[1]}] drawn on the edge.")
+
+
+__all__ = ["NU_CLIP", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]

@@ -1,0 +1,235 @@
+"""Latent browser: filter a run's latent table, search it, and open a latent's page.
+
+Query parameters: `run=NAME` (the run), `latent=N` (open latent N's page). `/?page=latents&run=l1&latent=5`
+(or `/latents?run=l1&latent=5`) opens latent 5 of run l1 directly.
+
+A latent page follows the convention of SAE dashboards (STYLE.md): top-activating contexts with the firing
+token highlighted (and a few contexts per activation quantile), the activation histogram, decoder norms per
+model, the tokens its chat decoder direction promotes and suppresses (logit lens), its statistics. Contexts are
+HTML: each token escaped, its background coloured by the latent's activation on it, the firing token boxed
+(`class="firing"`).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from neurodiff_jax.dashboard.pages import fmt, pick, query_param, run_read, run_table
+from neurodiff_jax.dashboard.results import ResultsRoot, Run
+
+TABLE_COLUMNS = ["latent", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
+                 "genuine", "dec_cos"]
+STAT_COLUMNS = ["tag", "delta_norm", "dec_norm_base", "dec_norm_chat", "dec_cos", "freq", "count", "max_act",
+                "beta_recon_base", "beta_recon_chat", "beta_error_base", "beta_error_chat", "beta_act_base",
+                "beta_act_chat", "nu_recon", "nu_error", "template_share", "template_mass_share", "genuine",
+                "nu_rank", "nu_half"]
+QUANTILES = ("q4", "q3", "q2", "q1")  # highest activation quantile first
+
+
+def _shown(token: str) -> str:
+  """A token as text a reader can see: newlines and tabs drawn, everything else escaped."""
+  return html.escape(token).replace("\n", "↵").replace("\t", "⇥")
+
+
+def context_html(tokens: list[str], acts: list[float], index: int, scale: float) -> str:
+  """One context as HTML: each token's background by its activation / `scale`, the firing token (`index`) boxed."""
+  scale = scale if scale > 0 else 1.0
+  spans = []
+  for i, (tok, act) in enumerate(zip(tokens, acts)):
+    alpha = float(np.clip(act / scale, 0.0, 1.0)) if np.isfinite(act) else 0.0
+    style = f"background-color: rgba(255, 140, 0, {alpha:.2f}); white-space: pre;"
+    title = f'title="activation {act:.3f}"'
+    if i == index:
+      spans.append(f'<span class="firing" {title} style="{style} border: 2px solid #c00; font-weight: bold;">'
+                   f"{_shown(tok)}</span>")
+    else:
+      spans.append(f'<span class="tok" {title} style="{style}">{_shown(tok)}</span>')
+  return "<div class=\"context\" style=\"font-family: monospace; line-height: 1.9;\">" + "".join(spans) + "</div>"
+
+
+def _strip(token: str) -> str:
+  return token.strip().casefold()
+
+
+def search(latents: pd.DataFrame, examples: pd.DataFrame, query: str) -> pd.DataFrame:
+  """Latents matching `query`: an index (`12`, `#12`), else latents whose top contexts contain the token."""
+  query = query.strip()
+  if not query:
+    return latents
+  m = re.fullmatch(r"#?(\d+)", query)
+  if m:
+    return latents[latents["latent"] == int(m.group(1))]
+  top = examples[examples["group"].astype(str) == "top"]
+  want = _strip(query)
+  hit = top["context_tokens"].map(lambda toks: any(_strip(t) == want for t in toks))
+  if not hit.any():  # no whole-token match: a piece of one (a word split into pieces)
+    hit = top["context_tokens"].map(lambda toks: any(want in _strip(t) for t in toks))
+  return latents[latents["latent"].isin(set(top.loc[hit, "latent"].tolist()))]
+
+
+def _range(df: pd.DataFrame, col: str) -> tuple[float, float]:
+  vals = df[col].astype(float)
+  vals = vals[np.isfinite(vals)]
+  return (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
+
+
+def _within(df: pd.DataFrame, col: str, lo: float, hi: float) -> pd.Series:
+  vals = df[col].astype(float)
+  return (vals >= lo) & (vals <= hi)
+
+
+def filters(latents: pd.DataFrame) -> pd.DataFrame:
+  """The filter widgets (tag, ν, frequency, template share, genuine) and the rows they leave."""
+  tags = [t for t in ["chat_only", "base_only", "shared", "other", "dead"] if t in set(latents["tag"].astype(str))]
+  c1, c2, c3 = st.columns(3)
+  chosen = c1.multiselect("tag", tags, default=tags, key="latents_tag")
+  genuine_only = c1.checkbox("genuine only (chat-only latents that pass latent scaling)", key="latents_genuine")
+  lo_f, hi_f = _range(latents, "freq")
+  freq = c2.slider("firing frequency", lo_f, max(hi_f, lo_f + 1e-9), (lo_f, max(hi_f, lo_f + 1e-9)),
+                   format="%.4f", key="latents_freq")
+  share = c2.slider("template share", 0.0, 1.0, (0.0, 1.0), step=0.01, key="latents_template")
+  use_nu = c3.checkbox("filter by ν (drops latents without ν)", key="latents_use_nu")
+  nu_error = c3.slider("ν^ε range", -1.0, 2.0, (-1.0, 0.2), step=0.05, key="latents_nu_error", disabled=not use_nu)
+  nu_recon = c3.slider("ν^r range", -1.0, 2.0, (-1.0, 0.5), step=0.05, key="latents_nu_recon", disabled=not use_nu)
+  keep = latents["tag"].astype(str).isin(chosen)
+  if genuine_only:
+    keep &= latents["genuine"].astype("boolean").fillna(False).astype(bool)
+  if (freq[0], freq[1]) != (lo_f, max(hi_f, lo_f + 1e-9)):  # untouched: keep the latents without a frequency too
+    keep &= _within(latents, "freq", *freq)
+  if (share[0], share[1]) != (0.0, 1.0):
+    keep &= _within(latents, "template_share", *share)
+  if use_nu:
+    keep &= _within(latents, "nu_error", *nu_error) & _within(latents, "nu_recon", *nu_recon)
+  return latents[keep]
+
+
+def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
+  """One latent's page: contexts, histogram, decoder norms, logit lens, statistics (STYLE.md order)."""
+  rows = latents[latents["latent"] == latent]
+  if rows.empty:
+    st.error(f"Latent {latent} is not in run {run.name} (dictionary of {len(latents)} latents): pick 0..."
+             f"{len(latents) - 1}.")
+    return
+  row = rows.iloc[0]
+  st.header(f"Latent {latent}")
+  st.caption(f"run {run.name} · tag {row['tag']} · Δnorm {fmt(row['delta_norm'], 3)} · genuine "
+             f"{fmt(row['genuine'])} · freq {fmt(row['freq'], 5)}")
+  examples = run_read(run, "examples")
+  mine = examples[examples["latent"] == latent]
+  scale = float(row["max_act"]) if np.isfinite(row["max_act"]) and row["max_act"] > 0 else \
+      float(mine["activation"].max() if len(mine) else 1.0)
+
+  st.subheader("Top activating contexts")
+  top = mine[mine["group"].astype(str) == "top"].sort_values("rank")
+  if top.empty:
+    st.info("No contexts stored for this latent (`examples.context_latents` decides which latents get them; "
+            "chat-only latents come first).")
+  else:
+    st.html("".join(
+        f'<div class="example" style="margin-bottom: 0.4em;"><small>{fmt(e.activation, 3)} · token '
+        f"{html.escape(str(row_token(e)))}</small>"
+        f"{context_html(list(e.context_tokens), list(e.context_acts), int(e.context_index), scale)}</div>"
+        for e in top.head(10).itertuples()))
+    quantiles = [q for q in QUANTILES if (mine["group"].astype(str) == q).any()]
+    if quantiles:
+      st.subheader("Contexts per activation quantile")
+      for q in quantiles:
+        part = mine[mine["group"].astype(str) == q].sort_values("rank").head(3)
+        with st.expander(f"{q} (activations {fmt(part.activation.min(), 3)}–{fmt(part.activation.max(), 3)})"):
+          st.html("".join(context_html(list(e.context_tokens), list(e.context_acts), int(e.context_index), scale)
+                          for e in part.itertuples()))
+
+  left, right = st.columns(2)
+  with left:
+    st.subheader("Activation histogram")
+    if len(mine):
+      st.altair_chart(alt.Chart(mine[["activation", "group"]].assign(group=mine["group"].astype(str))).mark_bar()
+                      .encode(x=alt.X("activation:Q", bin=alt.Bin(maxbins=30)), y=alt.Y("count():Q"),
+                              color="group:N", tooltip=["group:N", "count():Q"]).properties(height=220),
+                      width="stretch")
+      st.caption("From the stored examples: the top activations and a uniform sample of firings (q1..q4).")
+  with right:
+    st.subheader("Decoder norm per model")
+    norms = {c.removeprefix("dec_norm_"): float(row[c]) for c in latents.columns if c.startswith("dec_norm_")}
+    st.altair_chart(alt.Chart(pd.DataFrame({"model": list(norms), "norm": list(norms.values())})).mark_bar()
+                    .encode(x=alt.X("model:N", sort=None), y=alt.Y("norm:Q", title="‖d_j‖"),
+                            tooltip=["model:N", alt.Tooltip("norm:Q", format=".4f")]).properties(height=220),
+                    width="stretch")
+
+  st.subheader("Logit lens of the chat decoder direction")
+  lens = run_read(run, "latent_logit_lens") if run.has("logit_lens.parquet") else pd.DataFrame()
+  lens = lens[lens["latent"] == latent] if len(lens) else lens
+  if lens.empty:
+    st.info("No logit lens for this latent (launch.analyze's logit_lens part reads the latents it shows).")
+  else:
+    c1, c2 = st.columns(2)
+    for col, direction in ((c1, "promoted"), (c2, "suppressed")):
+      part = lens[lens["direction"].astype(str) == direction].sort_values("rank")
+      col.markdown(f"**{direction}**")
+      col.dataframe(part[["token", "logit"]].assign(token=part["token"].astype(str).map(repr)), hide_index=True,
+                    key=f"lens_{direction}")
+
+  if run.has("steering.parquet"):
+    steer = run_table(run, "steering.parquet")
+    steer = steer[steer["latent"] == latent]
+    if len(steer):
+      st.subheader("Steering with the decoder direction")
+      st.dataframe(steer[["model", "prompt", "multiple", "strength", "completion"]], hide_index=True)
+
+  st.subheader("Statistics")
+  stats = {c: fmt(row[c], 5) for c in STAT_COLUMNS if c in latents.columns}
+  st.table(pd.DataFrame({"value": list(stats.values())}, index=list(stats)))
+
+
+def row_token(example: object) -> str:
+  """The firing token of an example row, as read."""
+  tokens = list(getattr(example, "context_tokens"))
+  index = int(getattr(example, "context_index"))
+  return repr(tokens[index]) if 0 <= index < len(tokens) else "?"
+
+
+def render(root: ResultsRoot) -> None:
+  """The latent browser."""
+  st.title("Latents")
+  ready = [r for r in root.runs if r.analysis is not None and not r.error]
+  for r in root.runs:
+    if r.error:
+      st.error(r.error)
+  if not ready:
+    st.info("No analysed run: `python -m launch.analyze --config.workdir=RUN` writes the latent table.")
+    return
+  name = pick("run", [r.name for r in ready], "run", key="latents_run")
+  run = root.run(name)
+  latents = run_read(run, "latents")
+  examples = run_read(run, "examples")
+
+  shown = filters(latents)
+  query = st.text_input("search: a latent index, or a token in its top contexts", key="latents_search")
+  shown = search(shown, examples, query)
+  st.caption(f"{len(shown)} of {len(latents)} latents")
+  sort = st.selectbox("sort by", ["delta_norm", "freq", "nu_error", "nu_recon", "template_share", "latent",
+                                  "max_act"], key="latents_sort")
+  shown = shown.sort_values(sort, ascending=sort in ("nu_error", "nu_recon", "latent"), na_position="last")
+  st.dataframe(shown[[c for c in TABLE_COLUMNS if c in shown.columns]], hide_index=True, key="latents_table")
+
+  options = [int(x) for x in shown["latent"].head(500)]
+  wanted = query_param("latent")
+  if wanted is not None and wanted.isdigit() and int(wanted) not in options:
+    options = [int(wanted), *options]
+  if not options:
+    return
+  index = options.index(int(wanted)) if wanted is not None and wanted.isdigit() else 0
+  latent = st.selectbox("open latent", options, index=index, key="latents_latent")
+  if query_param("latent") != str(latent):
+    st.query_params["latent"] = str(latent)
+  st.divider()
+  render_latent(run, latents, int(latent))
+
+
+__all__ = ["QUANTILES", "context_html", "filters", "render", "render_latent", "search"]
