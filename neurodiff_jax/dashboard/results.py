@@ -87,13 +87,15 @@ class Run:
   def config(self) -> dict[str, Any]:
     """The run's training config (from its checkpoint; else what the analysis summary and metrics record)."""
     if (self.path / "checkpoints").is_dir():
+      # Orbax is imported only when a run has checkpoints.
+      from neurodiff_jax.crosscoder.checkpoint import load_run_config
       try:
-        from neurodiff_jax.crosscoder.checkpoint import load_run_config  # orbax: only when a run has checkpoints
         step, saved = load_run_config(self.path)
+      except Exception:  # noqa: BLE001  an unreadable checkpoint still leaves the summary's account
+        saved = None
+      if saved is not None:
         return {**saved.get("run", {}), **{f"crosscoder.{k}": v for k, v in saved.get("crosscoder", {}).items()},
                 "checkpoint_step": step}
-      except Exception:  # noqa: BLE001  an unreadable checkpoint still leaves the summary's account
-        pass
     out: dict[str, Any] = {}
     if self.analysis is not None and (self.analysis / "summary.json").is_file() and not self.error:
       s = _read_json(self.analysis / "summary.json")

@@ -6,8 +6,9 @@ rerun (every widget change) reads nothing twice and a rerun of `launch.analyze` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

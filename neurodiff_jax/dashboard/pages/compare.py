@@ -98,6 +98,8 @@ def render(root: ResultsRoot) -> None:
       points = nu_points(latents, chat_only=not all_latents)
       st.altair_chart(nu_scatter(points, f"{run.name}: latent scaling ({len(points)} latents)", colour),
                       width="stretch")
+      if points.empty and not all_latents:
+        st.caption(f"{run.name} has no live chat-only latent with ν: tick 'ν of every live latent' to see the rest.")
       outside = int(((points["nu_recon"] != points["nu_recon_shown"]) |
                      (points["nu_error"] != points["nu_error_shown"])).sum())
       if outside:

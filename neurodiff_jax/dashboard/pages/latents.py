@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import re
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -187,10 +188,10 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   st.table(pd.DataFrame({"value": list(stats.values())}, index=list(stats)))
 
 
-def row_token(example: object) -> str:
+def row_token(example: Any) -> str:
   """The firing token of an example row, as read."""
-  tokens = list(getattr(example, "context_tokens"))
-  index = int(getattr(example, "context_index"))
+  tokens = list(example.context_tokens)
+  index = int(example.context_index)
   return repr(tokens[index]) if 0 <= index < len(tokens) else "?"
 
 
