@@ -1,0 +1,376 @@
+"""Live interaction with a model pair: next-token tables, greedy generations, steering, latent activations.
+
+The dashboard's Live page holds one `LiveSession` per model pair (Streamlit's `st.cache_resource`), so
+both models and the tokenizer load once per server session. Everything here is plain library code
+(no Streamlit) and is tested directly against independent references (`tests/dashboard/test_live.py`).
+
+Steering adds α · v to the residual after block L at every position (prompt and generated tokens),
+in both models, through the forward's `interventions`. v is one unit of strength of its source:
+
+- δ_p of a diff result's ADL (`adl/means.npz`): v = N_L · δ_p / ‖δ_p‖ with N_L the layer's typical
+  residual norm of the fine-tuned model, the scaling `diffing/adl.py` steers with (α = 1 adds a vector
+  as long as a typical residual);
+- a PCA component of a diff result (`pca/components.npy`, unit vectors v_i at `done.json`'s layer):
+  v = σ_i · v_i with σ_i = √variance_i (`pca_variance.parquet`), as the PCA section suggests;
+- a crosscoder latent j: v = max_act_j · d_j^chat, the chat decoder row in original units times the
+  latent's largest activation (`analysis/latents.parquet`), so α is a multiple of the latent's
+  strongest firing, the convention of `analysis/steering.py`.
+
+Latent activations on typed text are the crosscoder's inference codes of the residuals at the run's
+layer of both models, stacked [T, 2, d], normalised by the run's `norm_scale` and encoded with
+`encode_inference` at full precision, as `analysis/stream.py` encodes the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from flax import nnx
+
+from neurodiff_jax.crosscoder import Crosscoder
+from neurodiff_jax.crosscoder import load as load_crosscoder
+from neurodiff_jax.crosscoder.checkpoint import load_run_config
+from neurodiff_jax.crosscoder.model import encode_inference
+from neurodiff_jax.models import Transformer, load_model, load_tokenizer
+from neurodiff_jax.models.generate import encode_prompt, greedy_generate, stop_ids
+
+T_BUCKET = 16  # prompts are right-padded to a multiple of this: few shapes, few compilations
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LiveError(ValueError):
+  """A live request that cannot run (a steering vector of the wrong size, a layer the models lack, ...)."""
+
+
+# ------------------------------------------------------------------------------------------------ steering
+
+
+@dataclasses.dataclass(frozen=True)
+class Steering:
+  """Add `alpha · vector` ([d], one unit of strength) after block `layer` at every position."""
+
+  layer: int
+  vector: np.ndarray
+  alpha: float
+  label: str = ""
+
+  @property
+  def addition(self) -> np.ndarray:
+    """The vector added to the residual, [d] float32."""
+    return (float(self.alpha) * np.asarray(self.vector, np.float64)).astype(np.float32)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+  norm = float(np.linalg.norm(v))
+  return v / norm if norm > 0 else v
+
+
+def adl_positions(means: dict[str, np.ndarray]) -> list[int]:
+  """The position labels p of the δ_p rows (0..n-1 for means written before labels were kept)."""
+  pos = means.get("positions")
+  return [int(p) for p in (pos if pos is not None else range(np.asarray(means["delta"]).shape[1]))]
+
+
+def adl_steering(means: dict[str, np.ndarray], layer: int, position: int, alpha: float) -> Steering:
+  """Steering by δ_p of ADL's `means.npz` at `layer` and position label `position`: v = N_L · δ_p / ‖δ_p‖."""
+  layers = [int(l) for l in np.asarray(means["layers"]).reshape(-1)]
+  labels = adl_positions(means)
+  if int(layer) not in layers:
+    raise LiveError(f"ADL has no δ at layer {layer}; its means.npz holds layers {layers}: pick one of those.")
+  if int(position) not in labels:
+    raise LiveError(f"ADL has no δ at position {position}; its means.npz holds positions {labels}: pick one of those.")
+  li, pi = layers.index(int(layer)), labels.index(int(position))
+  delta = np.asarray(means["delta"], np.float64)[li, pi]  # [d]
+  norm = float(np.asarray(means["typical_norm_ft"], np.float64).reshape(-1)[li])
+  return Steering(int(layer), norm * _unit(delta), float(alpha), f"δ_p ADL layer {layer}, p={position}")
+
+
+def read_pca(pca_dir: str | Path) -> dict[str, Any]:
+  """A diff result's PCA outputs: {"layer", "components" [k, d], "std" [k]} from `<diff>/pca/`."""
+  pca_dir = Path(pca_dir)
+  comps = pca_dir / "components.npy"
+  done = pca_dir / "done.json"
+  if not comps.is_file() or not done.is_file():
+    raise LiveError(f"no finished PCA in {pca_dir} (components.npy and done.json): run "
+                    "`python -m launch.diff --config.methods='(\"pca\",)'` on this pair.")
+  layer = int(json.loads(done.read_text())["summary"]["layer"])
+  components = np.load(comps).astype(np.float64)
+  var = pca_dir / "pca_variance.parquet"
+  std = pd.read_parquet(var)["std"].to_numpy(np.float64)[:len(components)] if var.is_file() else \
+      np.ones(len(components))
+  return {"layer": layer, "components": components, "std": std}
+
+
+def pca_steering(pca: dict[str, Any], component: int, alpha: float) -> Steering:
+  """Steering by PCA component i of `read_pca`'s outputs: v = σ_i · v_i at the PCA's layer."""
+  k = len(pca["components"])
+  if not 0 <= int(component) < k:
+    raise LiveError(f"PCA component {component} does not exist; this PCA kept components 0..{k - 1}.")
+  i = int(component)
+  return Steering(int(pca["layer"]), float(pca["std"][i]) * pca["components"][i], float(alpha),
+                  f"PCA component {i} at layer {pca['layer']}")
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A crosscoder run for live use: the crosscoder, its layer and the latents' max activations (if analysed)."""
+
+  path: Path
+  crosscoder: Crosscoder
+  layer: int
+  max_act: np.ndarray | None  # [m] from analysis/latents.parquet, None without an analysis
+
+  @functools.cached_property
+  def _encode(self):
+    cc = self.crosscoder
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in cc.params.items()}
+    scale, theta, cfg = jnp.asarray(cc.scale)[:, None], jnp.float32(cc.theta), cc.cfg
+
+    @jax.jit
+    def encode(x):  # x [T, M, d] in original units → codes [T, m]
+      return encode_inference(params, x * scale, cfg, theta, precision=HIGHEST)
+
+    return encode
+
+  def encode(self, x: np.ndarray) -> np.ndarray:
+    """Codes [T, m] of activations [T, M, d] in original units, as the analysis pass encodes the store."""
+    return np.asarray(self._encode(jnp.asarray(x, jnp.float32)))
+
+
+def load_run(path: str | Path) -> LoadedRun:
+  """A crosscoder run's checkpoint (latest step), layer (analysis summary, else the run config) and max_act."""
+  path = Path(path)
+  cc = load_crosscoder(path)
+  summary = path / "analysis" / "summary.json"
+  layer = json.loads(summary.read_text()).get("layer") if summary.is_file() else None
+  if layer is None:
+    layer = load_run_config(path)[1]["run"]["layer"]
+  table = path / "analysis" / "latents.parquet"
+  max_act = None
+  if table.is_file():
+    lat = pd.read_parquet(table, columns=["latent", "max_act"])
+    max_act = np.zeros(cc.cfg.dict_size, np.float64)
+    max_act[lat.latent.to_numpy()] = lat.max_act.to_numpy(np.float64)
+  return LoadedRun(path, cc, int(layer), max_act)
+
+
+def latent_steering(run: LoadedRun, latent: int, alpha: float) -> Steering:
+  """Steering by latent j's chat decoder row at the run's layer: v = max_act_j · d_j^chat (d_j^chat without max_act)."""
+  m = run.crosscoder.cfg.dict_size
+  if not 0 <= int(latent) < m:
+    raise LiveError(f"latent {latent} does not exist; this crosscoder has latents 0..{m - 1}.")
+  j = int(latent)
+  d = run.crosscoder.decoder()[j, -1].astype(np.float64)  # [d]: the fine-tuned (chat) model's decoder row
+  unit = float(run.max_act[j]) if run.max_act is not None and run.max_act[j] > 0 else 1.0
+  what = "× max_act" if run.max_act is not None and run.max_act[j] > 0 else "× code units (no max_act)"
+  return Steering(run.layer, unit * d, float(alpha), f"latent {j} of {run.path.name} at layer {run.layer} ({what})")
+
+
+# ------------------------------------------------------------------------------------------------- session
+
+
+@dataclasses.dataclass
+class Generations:
+  """Greedy continuations (text) of both models, unsteered and (when asked) steered."""
+
+  prompt: str
+  base: str
+  ft: str
+  base_steered: str | None = None
+  ft_steered: str | None = None
+  ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LatentActivations:
+  """Per-token activations of chosen latents on a text: tokens [T], ids [T], acts [T, n] (columns = latents)."""
+
+  tokens: list[str]
+  token_ids: list[int]
+  latents: list[int]
+  acts: np.ndarray
+
+  def frame(self) -> pd.DataFrame:
+    """One row per token: position, token, token_id and one column `latent_<j>` per latent."""
+    df = pd.DataFrame({"position": np.arange(len(self.tokens)), "token": self.tokens, "token_id": self.token_ids})
+    for i, j in enumerate(self.latents):
+      df[f"latent_{j}"] = self.acts[:, i]
+    return df
+
+
+def _forward_fn(model: Transformer):
+  """A jitted forward over the model's state with an optional addition after one block (compiled per shape)."""
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnames=("capture", "layer"))
+  def run(state, ids, mask, add, capture=(), layer=-1):
+    interventions = {layer: lambda x: x + add.astype(x.dtype)[None, None, :]} if layer >= 0 else None
+    out = nnx.merge(graphdef, state)(ids, mask, capture=capture, interventions=interventions)
+    return out.logits, out.residuals
+
+  def forward(ids, mask, add=None, capture=(), layer=-1):
+    a = jnp.zeros((model.cfg.hidden_size,), jnp.float32) if add is None else jnp.asarray(add, jnp.float32)
+    return run(state, ids, mask, a, capture=tuple(capture), layer=int(layer))
+
+  return forward
+
+
+class LiveSession:
+  """Both models of a pair and the fine-tuned model's tokenizer, loaded once; prompts, generations, latents."""
+
+  def __init__(self, base_path: str, ft_path: str, dtype: str = "float32"):
+    self.base_path, self.ft_path, self.dtype = str(base_path), str(ft_path), str(dtype)
+    self.base = load_model(self.base_path, dtype)
+    self.ft = load_model(self.ft_path, dtype)
+    for what in ("hidden_size", "num_layers", "vocab_size"):
+      a, b = getattr(self.base.cfg, what), getattr(self.ft.cfg, what)
+      if a != b:
+        raise LiveError(f"the models differ in {what} ({a} vs {b}): {self.base_path} and {self.ft_path} are not a "
+                        "base / fine-tuned pair; pick a run or diff of one pair.")
+    self.tokenizer = load_tokenizer(self.ft_path)  # the fine-tuned model's: it has the chat template when any has
+    self.chat = bool(getattr(self.tokenizer, "chat_template", None))
+    self._stops = stop_ids(self.tokenizer)
+    self._fwd = {"base": _forward_fn(self.base), "ft": _forward_fn(self.ft)}
+
+  @property
+  def num_layers(self) -> int:
+    """Blocks per model."""
+    return int(self.base.cfg.num_layers)
+
+  @property
+  def hidden_size(self) -> int:
+    """Residual width d."""
+    return int(self.base.cfg.hidden_size)
+
+  def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+    """A prompt's ids: a user turn with the generation prompt when the tokenizer has a chat template, else BOS+text."""
+    if not isinstance(prompt, str) or not prompt.strip():
+      raise LiveError("the prompt is empty; type some text.")
+    ids = encode_prompt(self.tokenizer, prompt, self.chat if chat is None else bool(chat))
+    if not ids:
+      raise LiveError(f"the prompt {prompt!r} has no tokens; type some text.")
+    return ids
+
+  def _check_steer(self, steer: Steering | None) -> Steering | None:
+    if steer is None:
+      return None
+    v = np.asarray(steer.vector)
+    if v.shape != (self.hidden_size,):
+      raise LiveError(f"the steering vector ({steer.label or 'given'}) has shape {v.shape}, but these models' residual "
+                      f"has d={self.hidden_size}: steer with a diff or run of this model pair.")
+    if not 0 <= int(steer.layer) < self.num_layers:
+      raise LiveError(f"steering layer {steer.layer} is out of range for models with {self.num_layers} layers; "
+                      "steer with a diff or run of this model pair.")
+    return steer
+
+  def _batch(self, ids: Sequence[int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    t = len(ids)
+    tp = -(-t // T_BUCKET) * T_BUCKET
+    pad = getattr(self.tokenizer, "pad_token_id", None)
+    row = np.full((1, tp), 0 if pad is None else int(pad), np.int32)
+    row[0, :t] = ids
+    mask = np.zeros((1, tp), bool)
+    mask[0, :t] = True  # right padding: causal attention keeps the real tokens' outputs unchanged
+    return jnp.asarray(row), jnp.asarray(mask)
+
+  def next_token_probs(self, ids: Sequence[int], steer: Steering | None = None) -> dict[str, np.ndarray]:
+    """Each model's next-token distribution [V] (float64) after `ids`, steered when asked."""
+    steer = self._check_steer(steer)
+    x, mask = self._batch(ids)
+    out = {}
+    for name, fwd in self._fwd.items():
+      add, layer = (steer.addition, steer.layer) if steer is not None else (None, -1)
+      logits, _ = fwd(x, mask, add=add, layer=layer)
+      z = np.asarray(logits[0, len(ids) - 1], np.float64)
+      p = np.exp(z - z.max())
+      out[name] = p / p.sum()
+    return out
+
+  def next_token_table(self, prompt: str, top_k: int = 10, steer: Steering | None = None,
+                       chat: bool | None = None) -> pd.DataFrame:
+    """Both models' next tokens side by side: the union of each one's top k, by the larger probability.
+
+    Columns: token, token_id, p_base, p_ft, rank_base, rank_ft (1 = most likely), p_diff = p_ft − p_base.
+    """
+    if int(top_k) < 1:
+      raise LiveError(f"top_k={top_k} must be at least 1.")
+    probs = self.next_token_probs(self.encode(prompt, chat), steer)
+    ranks = {k: np.argsort(np.argsort(-p, kind="stable"), kind="stable") + 1 for k, p in probs.items()}
+    ids = sorted({int(i) for p in probs.values() for i in np.argsort(-p, kind="stable")[:int(top_k)]})
+    df = pd.DataFrame({"token": [self.tokenizer.decode([i]) for i in ids], "token_id": ids,
+                       "p_base": probs["base"][ids], "p_ft": probs["ft"][ids],
+                       "rank_base": ranks["base"][ids], "rank_ft": ranks["ft"][ids]})
+    df["p_diff"] = df.p_ft - df.p_base
+    order = np.maximum(df.p_base, df.p_ft).to_numpy()
+    return df.iloc[np.argsort(-order, kind="stable")].reset_index(drop=True)
+
+  def _generate(self, model: Transformer, ids: list[int], max_new_tokens: int,
+                steer: Steering | None) -> list[list[int]]:
+    """[unsteered] or [unsteered, steered] continuations of one model: both rows in one `greedy_generate` call."""
+    interventions = None
+    rows = [ids] if steer is None else [ids, ids]
+    if steer is not None:
+      # [2, d]: row 0 unsteered, row 1 steered
+      add = jnp.stack([jnp.zeros(self.hidden_size, jnp.float32), jnp.asarray(steer.addition)])
+      interventions = {int(steer.layer): lambda x: x + add.astype(x.dtype)[:, None, :]}
+    pad = getattr(self.tokenizer, "pad_token_id", None)
+    outs = greedy_generate(model, rows, int(max_new_tokens), eos_id=None, pad_id=0 if pad is None else int(pad),
+                           interventions=interventions)
+    return [out[:next((i for i, t in enumerate(out) if t in self._stops), len(out))] for out in outs]
+
+  def generate(self, prompt: str, max_new_tokens: int = 32, steer: Steering | None = None,
+               chat: bool | None = None) -> Generations:
+    """Greedy continuations of both models (cut at EOS / end of turn); steered ones too when `steer` is given."""
+    if int(max_new_tokens) < 1:
+      raise LiveError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+    steer = self._check_steer(steer)
+    ids = self.encode(prompt, chat)
+    dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)
+    out = {}
+    for name, model in (("base", self.base), ("ft", self.ft)):
+      rows = self._generate(model, ids, max_new_tokens, steer)
+      out[name] = rows[0]
+      if steer is not None:
+        out[f"{name}_steered"] = rows[1]
+    return Generations(prompt=prompt, base=dec(out["base"]), ft=dec(out["ft"]),
+                       base_steered=dec(out["base_steered"]) if steer is not None else None,
+                       ft_steered=dec(out["ft_steered"]) if steer is not None else None, ids=out)
+
+  def residuals(self, ids: Sequence[int], layer: int) -> np.ndarray:
+    """Both models' residuals after block `layer` on `ids`, stacked [T, 2, d] (base first), float32."""
+    if not 0 <= int(layer) < self.num_layers:
+      raise LiveError(f"layer {layer} is out of range for models with {self.num_layers} layers: this run was trained "
+                      "on another model pair; pick the run's own pair.")
+    x, mask = self._batch(ids)
+    acts = [np.asarray(self._fwd[n](x, mask, capture=(int(layer),))[1][int(layer)][0, :len(ids)], np.float32)
+            for n in ("base", "ft")]
+    return np.stack(acts, axis=1)
+
+  def latent_activations(self, text: str, run: LoadedRun, latents: Sequence[int],
+                         chat: bool = False) -> LatentActivations:
+    """Per-token activations of `latents` of `run`'s crosscoder on `text` (plain text after BOS by default)."""
+    cc = run.crosscoder
+    if cc.cfg.d_model != self.hidden_size or cc.cfg.num_models != 2:
+      raise LiveError(f"{run.path} is a crosscoder of {cc.cfg.num_models} models with d={cc.cfg.d_model}, not of "
+                      f"this pair (2 models, d={self.hidden_size}): pick the run's own model pair.")
+    chosen = [int(j) for j in latents]
+    bad = [j for j in chosen if not 0 <= j < cc.cfg.dict_size]
+    if bad:
+      raise LiveError(f"latent(s) {bad} do not exist; this crosscoder has latents 0..{cc.cfg.dict_size - 1}.")
+    ids = self.encode(text, chat)
+    codes = run.encode(self.residuals(ids, run.layer))  # [T, m]
+    return LatentActivations(tokens=[self.tokenizer.decode([i]) for i in ids], token_ids=list(ids), latents=chosen,
+                             acts=codes[:, chosen])
+
+
+__all__ = ["Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering", "adl_positions",
+           "adl_steering", "latent_steering", "load_run", "pca_steering", "read_pca"]

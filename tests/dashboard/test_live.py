@@ -1,0 +1,225 @@
+"""dashboard/live: next-token tables, generations, steering and latent activations against independent references."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from neurodiff_jax.crosscoder import Crosscoder, CrosscoderConfig
+from neurodiff_jax.crosscoder.checkpoint import Checkpointer
+from neurodiff_jax.crosscoder.model import init_params
+from neurodiff_jax.dashboard import live
+from neurodiff_jax.models.generate import stop_ids
+from neurodiff_jax.organisms.random_model import build_random_checkpoint
+
+PROMPT = "The miller counts his sacks of grain"
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+  """Two random Gemma 2 checkpoints (seeds 0 and 1) sharing one tokenizer (with a chat template)."""
+  root = tmp_path_factory.mktemp("live_pair")
+  return (build_random_checkpoint(root / "base", family="gemma2", seed=0),
+          build_random_checkpoint(root / "ft", family="gemma2", seed=1))
+
+
+@pytest.fixture(scope="module")
+def session(pair_dirs):
+  """One LiveSession on the pair (loaded once for the module, as the app does per server session)."""
+  return live.LiveSession(*pair_dirs)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+  z = np.asarray(z, np.float64)
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def _logits(model, ids, interventions=None) -> np.ndarray:
+  """Last-position logits of an unpadded forward [V] (the reference the padded, jitted path must equal)."""
+  out = model(jnp.asarray([ids], jnp.int32), interventions=interventions)
+  return np.asarray(out.logits[0, -1], np.float64)
+
+
+def _is_greedy(model, ids, out, n, stops, interventions=None) -> bool:
+  """Whether `out` is the greedy continuation of `ids`: one teacher-forced unpadded forward of prompt + out."""
+  seq = list(ids) + list(out)
+  logits = np.asarray(model(jnp.asarray([seq], jnp.int32), interventions=interventions).logits[0], np.float64)
+  best = logits[len(ids) - 1:].argmax(-1)  # [len(out) + 1]: the argmax after the prompt and each generated token
+  if any(t in stops for t in out) or best[:len(out)].tolist() != list(out):
+    return False
+  return len(out) == n or int(best[len(out)]) in stops  # stopped early only at a stop token
+
+
+def test_next_token_table_equals_softmax_of_a_direct_forward(session):
+  """p_base / p_ft and ranks equal numpy softmax of each model's own forward; rows = union of both top-k."""
+  k = 5
+  table = session.next_token_table(PROMPT, top_k=k)
+  ids = session.encode(PROMPT)
+  chat = session.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True,
+                                               add_generation_prompt=True, return_dict=True)["input_ids"]
+  assert ids == list(chat)  # a user turn with the generation prompt: the tokenizer has a chat template
+  p = {"base": _softmax(_logits(session.base, ids)), "ft": _softmax(_logits(session.ft, ids))}
+  want = set(np.argsort(-p["base"])[:k].tolist()) | set(np.argsort(-p["ft"])[:k].tolist())
+  assert set(table.token_id) == want
+  tid = table.token_id.to_numpy()
+  np.testing.assert_allclose(table.p_base, p["base"][tid], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(table.p_ft, p["ft"][tid], rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(table.p_diff, p["ft"][tid] - p["base"][tid], atol=1e-6)
+  for name in ("base", "ft"):
+    rank = {int(t): r + 1 for r, t in enumerate(np.argsort(-p[name], kind="stable"))}
+    assert table[f"rank_{name}"].tolist() == [rank[int(t)] for t in tid]
+  best = np.maximum(table.p_base, table.p_ft).to_numpy()
+  assert (np.diff(best) <= 1e-12).all()  # sorted by the larger probability
+  assert table.token.tolist() == [session.tokenizer.decode([int(t)]) for t in tid]
+  assert not np.allclose(table.p_base, table.p_ft)  # two different models
+
+
+def test_generate_equals_greedy_reference_and_steering(session):
+  """Both generations equal step-by-step argmax decoding; α = 0 steering is unsteered; α > 0 steers as a direct hook."""
+  n, layer = 8, 1
+  ids = session.encode(PROMPT)
+  stops = stop_ids(session.tokenizer)
+  gen = session.generate(PROMPT, max_new_tokens=n)
+  assert _is_greedy(session.base, ids, gen.ids["base"], n, stops)
+  assert _is_greedy(session.ft, ids, gen.ids["ft"], n, stops)
+  assert gen.ft == session.tokenizer.decode(gen.ids["ft"], skip_special_tokens=False)
+  assert gen.base_steered is None and gen.ft_steered is None
+
+  v = np.random.default_rng(0).normal(size=session.hidden_size)
+  zero = session.generate(PROMPT, max_new_tokens=n, steer=live.Steering(layer, v, 0.0))
+  assert zero.ids["base_steered"] == gen.ids["base"] and zero.ids["ft_steered"] == gen.ids["ft"]
+
+  alpha = 40.0
+  add = jnp.asarray(alpha * v, jnp.float32)
+  hook = {layer: lambda x: x + add}
+  strong = session.generate(PROMPT, max_new_tokens=n, steer=live.Steering(layer, v, alpha))
+  assert _is_greedy(session.ft, ids, strong.ids["ft_steered"], n, stops, hook)
+  assert _is_greedy(session.base, ids, strong.ids["base_steered"], n, stops, hook)
+  assert not _is_greedy(session.ft, ids, strong.ids["ft_steered"], n, stops)  # unsteered, the model would differ
+  assert strong.ids["ft_steered"] != gen.ids["ft"]  # the steer is strong enough to change the text
+
+  p = session.next_token_probs(ids, live.Steering(layer, v, alpha))
+  np.testing.assert_allclose(p["ft"], _softmax(_logits(session.ft, ids, hook)), rtol=1e-4, atol=1e-8)
+
+
+def test_adl_steering_is_typical_norm_times_unit_delta():
+  """v = N_L · δ_p / ‖δ_p‖ for the asked layer and position label (labels may be negative)."""
+  rng = np.random.default_rng(1)
+  delta = rng.normal(size=(2, 4, 16))
+  means = {"layers": np.array([1, 3]), "positions": np.array([-2, -1, 0, 1]), "delta": delta,
+           "typical_norm_ft": np.array([5.0, 9.0])}
+  s = live.adl_steering(means, 3, -1, 2.5)
+  assert s.layer == 3 and s.alpha == 2.5
+  np.testing.assert_allclose(s.vector, 9.0 * delta[1, 1] / np.linalg.norm(delta[1, 1]))
+  np.testing.assert_allclose(np.linalg.norm(s.addition), 2.5 * 9.0, rtol=1e-6)
+  old = {k: v for k, v in means.items() if k != "positions"}  # means written before labels: 0..n-1
+  np.testing.assert_allclose(live.adl_steering(old, 1, 2, 1.0).vector, 5.0 * delta[0, 2] / np.linalg.norm(delta[0, 2]))
+  with pytest.raises(live.LiveError, match=r"layers \[1, 3\]"):
+    live.adl_steering(means, 2, 0, 1.0)
+  with pytest.raises(live.LiveError, match="positions"):
+    live.adl_steering(means, 1, 5, 1.0)
+
+
+def test_pca_steering_reads_the_saved_components(tmp_path):
+  """v = σ_i · v_i from components.npy and pca_variance.parquet at done.json's layer."""
+  rng = np.random.default_rng(2)
+  comps = np.linalg.qr(rng.normal(size=(16, 3)))[0].T.astype(np.float32)  # [k, d] unit rows
+  std = np.array([3.0, 2.0, 0.5])
+  np.save(tmp_path / "components.npy", comps)
+  pd.DataFrame({"component": range(3), "variance": std**2, "std": std}).to_parquet(tmp_path / "pca_variance.parquet")
+  (tmp_path / "done.json").write_text(json.dumps({"key": "x", "summary": {"layer": 2}}))
+  pca = live.read_pca(tmp_path)
+  s = live.pca_steering(pca, 1, -3.0)
+  assert s.layer == 2
+  np.testing.assert_allclose(s.vector, 2.0 * comps[1], rtol=1e-6)
+  np.testing.assert_allclose(s.addition, -6.0 * comps[1], rtol=1e-5)
+  with pytest.raises(live.LiveError, match="components 0..2"):
+    live.pca_steering(pca, 3, 1.0)
+  with pytest.raises(live.LiveError, match="launch.diff"):
+    live.read_pca(tmp_path / "missing")
+
+
+def _crosscoder(d: int, m: int, sparsity: str, seed: int) -> Crosscoder:
+  cfg = CrosscoderConfig(num_models=2, d_model=d, dict_size=m, sparsity=sparsity, k=4)
+  params = init_params(jax.random.key(seed), cfg)
+  params["w_enc"] = params["w_enc"] * 40.0  # codes of order one on the models' residuals
+  params["b_enc"] = jnp.full((m,), -0.1, jnp.float32)
+  return Crosscoder(cfg=cfg, params=params, theta=0.05 if sparsity == "batchtopk" else 0.0,
+                    norm_scale=np.array([0.7, 1.3], np.float32))
+
+
+@pytest.mark.parametrize("sparsity", ["batchtopk", "l1"])
+def test_latent_activations_equal_encode_of_separately_captured_residuals(session, tmp_path, sparsity):
+  """Codes of chosen latents on typed text equal Crosscoder.encode of both models' residuals stacked [T, 2, d]."""
+  layer, m = 1, 64
+  cc = _crosscoder(session.hidden_size, m, sparsity, seed=3)
+  run = live.LoadedRun(tmp_path, cc, layer, None)
+  text = "A ship sails out of the harbour at night."
+  ids = session.tokenizer(text, add_special_tokens=False)["input_ids"]
+  ids = [session.tokenizer.bos_token_id] + list(ids)
+  x = np.stack([np.asarray(mdl(jnp.asarray([ids]), capture=(layer,)).residuals[layer][0]) for mdl in
+                (session.base, session.ft)], axis=1)  # [T, 2, d]
+  want = np.asarray(cc.encode(x))  # [T, m]
+  fired = np.flatnonzero((want > 0).any(axis=0))
+  assert len(fired) >= 2, "the test crosscoder must fire on this text"
+  chosen = [int(fired[0]), int(fired[-1]), int(np.flatnonzero(~(want > 0).any(axis=0))[0])]
+  acts = session.latent_activations(text, run, chosen)
+  assert acts.token_ids == ids and acts.latents == chosen
+  assert acts.tokens == [session.tokenizer.decode([i]) for i in ids]
+  np.testing.assert_allclose(acts.acts, want[:, chosen], rtol=1e-4, atol=1e-5)
+  frame = acts.frame()
+  assert list(frame.columns) == ["position", "token", "token_id"] + [f"latent_{j}" for j in chosen]
+  with pytest.raises(live.LiveError, match="latents 0..63"):
+    session.latent_activations(text, run, [m])
+
+
+def _save_run(workdir, cc: Crosscoder, layer: int) -> None:
+  """A training run's checkpoint as launch.train writes it (Orbax model/train/data/config items)."""
+  ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+  state = {"model": {"params": cc.params, "theta": jnp.float32(cc.theta), "norm_scale": jnp.asarray(cc.norm_scale)},
+           "train": {"step": jnp.int32(10)}}
+  ckpt.save(10, state, {"next_index": 0}, {"run": {"layer": layer, "name": "t"}, "crosscoder": cc.cfg.to_dict()})
+  ckpt.close()
+
+
+def test_load_run_and_latent_steering(session, tmp_path):
+  """load_run reads the checkpoint, layer (config, then analysis) and max_act; latent steering = max_act · d_chat."""
+  cc = _crosscoder(session.hidden_size, 32, "batchtopk", seed=4)
+  _save_run(tmp_path, cc, layer=2)
+  run = live.load_run(tmp_path)
+  assert run.layer == 2 and run.max_act is None
+  np.testing.assert_allclose(run.crosscoder.decoder(), cc.decoder(), rtol=1e-6)
+  assert run.crosscoder.theta == pytest.approx(cc.theta)
+  s = live.latent_steering(run, 5, 3.0)
+  np.testing.assert_allclose(s.vector, cc.decoder()[5, 1], rtol=1e-5)  # no max_act: code units
+
+  (tmp_path / "analysis").mkdir()
+  (tmp_path / "analysis" / "summary.json").write_text(json.dumps({"layer": 1}))
+  max_act = np.linspace(0.5, 2.0, 32)
+  pd.DataFrame({"latent": np.arange(32)[::-1], "max_act": max_act[::-1]}).to_parquet(
+      tmp_path / "analysis" / "latents.parquet")
+  run = live.load_run(tmp_path)
+  assert run.layer == 1
+  np.testing.assert_allclose(run.max_act, max_act)
+  s = live.latent_steering(run, 5, 3.0)
+  np.testing.assert_allclose(s.addition, 3.0 * max_act[5] * cc.decoder()[5, 1], rtol=1e-5)
+  with pytest.raises(live.LiveError, match="latents 0..31"):
+    live.latent_steering(run, 32, 1.0)
+
+
+def test_errors_name_the_fix(session):
+  """A vector of another width, a layer past the model, an empty prompt: one LiveError each."""
+  with pytest.raises(live.LiveError, match="this model pair"):
+    session.generate(PROMPT, 2, steer=live.Steering(0, np.ones(session.hidden_size + 1), 1.0))
+  with pytest.raises(live.LiveError, match="out of range"):
+    session.next_token_table(PROMPT, 3, steer=live.Steering(session.num_layers, np.ones(session.hidden_size), 1.0))
+  with pytest.raises(live.LiveError, match="empty"):
+    session.next_token_table("  ", 3)
+  with pytest.raises(live.LiveError, match="top_k"):
+    session.next_token_table(PROMPT, 0)
