@@ -3,8 +3,10 @@
 The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
 each in `pages/` with `render(root)`): Overview, Compare runs, Latents, ADL, Live.
 
-URLs (query parameters; a page's own path works too, e.g. `/latents?run=l1&latent=5`):
-  ?page=overview|compare|latents|adl|live   the page to open (the default page becomes that one)
+URLs (query parameters; a page's own path works too, e.g. `/latent-browser?run=l1&latent=5`):
+  ?page=overview|compare|latents|adl|live   the page to open (the default page becomes that one); its URL
+                                            path (run-overview, compare-runs, latent-browser, adl-lens,
+                                            live-models) is accepted too
   &run=NAME                                 overview / latents: the run (names as in the sidebar)
   &latent=N                                 latents: open latent N's page
   &runs=A,B                                 compare: the runs side by side
@@ -29,6 +31,11 @@ from neurodiff_jax.dashboard.results import NoResults, OldResults, ResultsRoot, 
 
 PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("adl", "ADL"),
          ("live", "Live"))
+# The URL path of each page. Never a module name of `pages/`: Streamlit treats a `pages/` folder beside the main
+# script as v1 multipage scripts and, on a session's first run (and on every AppTest run), would execute
+# `pages/<url path>.py` itself, which only defines `render` and shows nothing.
+URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "adl": "adl-lens",
+             "live": "live-models"}
 
 
 def results_dir(argv: list[str] | None = None) -> str | None:
@@ -82,8 +89,9 @@ def main() -> None:
     st.error(str(e))
     st.stop()
   wanted = st.query_params.get("page")
-  wanted = wanted if wanted in dict(PAGES) else "overview"
-  pages = [st.Page(_page(slug, root), title=title, url_path=slug, default=slug == wanted) for slug, title in PAGES]
+  wanted = {**{v: k for k, v in URL_PATHS.items()}, **{k: k for k in URL_PATHS}}.get(wanted, "overview")
+  pages = [st.Page(_page(slug, root), title=title, url_path=URL_PATHS[slug], default=slug == wanted)
+           for slug, title in PAGES]
   nav = st.navigation(pages)
   with st.sidebar:
     st.caption(f"Results: `{root.path}`")
@@ -94,7 +102,7 @@ def main() -> None:
   nav.run()
 
 
-__all__ = ["PAGES", "load_root", "main", "results_dir"]
+__all__ = ["PAGES", "URL_PATHS", "load_root", "main", "results_dir"]
 
 if __name__ == "__main__":  # streamlit runs the script as __main__; importing it shows nothing
   main()

@@ -21,7 +21,7 @@ def _root(request) -> Path:
     return Path(request.getfixturevalue("demo_root"))
   except pytest.FixtureLookupError:
     path = os.environ.get("NEURODIFF_TEST_DEMO_ROOT")
-    assert path, "set NEURODIFF_TEST_DEMO_ROOT to a results root (runs/<name>, diffs/<name>) until conftest has demo_root"
+    assert path, "set NEURODIFF_TEST_DEMO_ROOT to a results root (runs/<name>, diffs/<name>)"
     return Path(path)
 
 

@@ -1,7 +1,7 @@
 """Latent browser: filter a run's latent table, search it, and open a latent's page.
 
 Query parameters: `run=NAME` (the run), `latent=N` (open latent N's page). `/?page=latents&run=l1&latent=5`
-(or `/latents?run=l1&latent=5`) opens latent 5 of run l1 directly.
+(or `/latent-browser?run=l1&latent=5`) opens latent 5 of run l1 directly.
 
 A latent page follows the convention of SAE dashboards (STYLE.md): top-activating contexts with the firing
 token highlighted (and a few contexts per activation quantile), the activation histogram, decoder norms per

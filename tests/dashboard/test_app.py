@@ -1,0 +1,201 @@
+"""The dashboard's pages driven headless with Streamlit's AppTest; every check is against the results files.
+
+A page is opened as a browser would open `/?page=NAME&run=...&latent=N`: `at.query_params` before the first run.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def _root(request) -> Path:
+  """The results root under test: the lead's `demo_root` fixture when it exists, else $NEURODIFF_TEST_DEMO_ROOT."""
+  try:
+    return Path(request.getfixturevalue("demo_root"))
+  except pytest.FixtureLookupError:
+    path = os.environ.get("NEURODIFF_TEST_DEMO_ROOT")
+    assert path, "set NEURODIFF_TEST_DEMO_ROOT to a results root (runs/<name>, diffs/<name>)"
+    return Path(path)
+
+
+def open_page(root: Path, page: str, monkeypatch, **params: str) -> AppTest:
+  """The app on `root`, opened at `page` with query parameters `params`, after its first run."""
+  monkeypatch.setenv("NEURODIFF_RESULTS", str(root))
+  at = AppTest.from_file(APP, default_timeout=120)
+  at.query_params["page"] = page
+  for k, v in params.items():
+    at.query_params[k] = str(v)
+  at.run()
+  assert not at.exception, [e.value for e in at.exception]
+  return at
+
+
+def _runs(root: Path) -> list[Path]:
+  return sorted(p for p in (root / "runs").iterdir() if (p / "analysis" / "latents.parquet").is_file())
+
+
+def _diff(root: Path) -> Path:
+  return min(p for p in (root / "diffs").iterdir() if (p / "diff" / "adl" / "logit_lens.parquet").is_file())
+
+
+def _table(at: AppTest, *columns: str, which: int = 0) -> pd.DataFrame:
+  """The `which`-th st.dataframe shown that has all of `columns` (AppTest does not expose a dataframe's key)."""
+  found = [d.value for d in at.dataframe if set(columns) <= set(d.value.columns)]
+  assert len(found) > which, f"no dataframe {which} with {columns}: {[list(d.value.columns) for d in at.dataframe]}"
+  return found[which]
+
+
+def test_overview_shows_each_runs_metrics(_root, monkeypatch):
+  at = open_page(_root, "overview", monkeypatch)
+  assert not at.error, [e.value for e in at.error]
+  shown = {}
+  for m in at.metric:
+    shown.setdefault(m.label, []).append(m.value)
+  runs = _runs(_root)
+  metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+  # Tabs in discovery order (sorted directory names under runs/).
+  assert shown["FVE base (fve/0)"] == [f"{m['fve/0']:.4f}" for m in metrics]
+  assert shown["FVE chat (fve/1)"] == [f"{m['fve/1']:.4f}" for m in metrics]
+  assert shown["L0"] == [f"{m['l0']:.2f}" for m in metrics]
+  assert shown["dead fraction"] == [f"{m['dead_fraction']:.4f}" for m in metrics]
+  tables = [t.value for t in at.table]
+  for run, config, classes in zip(runs, tables[0::2], tables[1::2]):
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert config.loc["sparsity", "value"] == summary["sparsity"]
+    assert config.loc["dict size", "value"] == str(summary["dict_size"])
+    tags = pd.read_parquet(run / "analysis" / "latents.parquet")["tag"].astype(str).value_counts()
+    assert {k: int(v) for k, v in classes["latents"].items() if int(v)} == {k: int(v) for k, v in tags.items()}
+  # Training curves: four altair charts per run from metrics.jsonl.
+  charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+  assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead fraction"] * len(runs)
+
+
+def test_compare_plots_each_runs_latents(_root, monkeypatch):
+  runs = _runs(_root)
+  at = open_page(_root, "compare", monkeypatch)
+  (counts,) = [t.value for t in at.table]
+  assert list(counts.columns) == [r.name for r in runs]
+  titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
+  for run in runs:
+    lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+    tags = lat["tag"].astype(str).value_counts()
+    for tag in ("chat_only", "shared", "dead"):
+      assert int(counts.loc[tag, run.name]) == int(tags.get(tag, 0))
+    chat = lat[(lat["tag"].astype(str) == "chat_only") & np.isfinite(lat["nu_error"]) & np.isfinite(lat["nu_recon"])]
+    assert f"{run.name}: latent scaling ({len(chat)} latents)" in titles
+    assert f"{run.name}: Δnorm" in titles
+  # Every live latent instead of the chat-only ones.
+  at.checkbox(key="compare_all").check().run()
+  titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
+  for run in runs:
+    lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+    n = int((np.isfinite(lat["nu_error"]) & np.isfinite(lat["nu_recon"])).sum())
+    assert f"{run.name}: latent scaling ({n} latents)" in titles
+
+
+def test_latent_browser_filters_and_searches(_root, monkeypatch):
+  run = _runs(_root)[-1]
+  lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+  at = open_page(_root, "latents", monkeypatch, run=run.name)
+  assert at.selectbox(key="latents_run").value == run.name
+  assert len(_table(at, "latent", "tag", "delta_norm")) == len(lat)
+  tag = lat["tag"].astype(str).value_counts().index[-1]  # the rarest tag
+  at.multiselect(key="latents_tag").set_value([tag]).run()
+  shown = _table(at, "latent", "tag", "delta_norm")
+  assert set(shown["tag"].astype(str)) == {tag}
+  assert sorted(shown["latent"]) == sorted(lat.loc[lat["tag"].astype(str) == tag, "latent"])
+  at.multiselect(key="latents_tag").set_value(sorted(set(lat["tag"].astype(str)))).run()
+  at.slider(key="latents_template").set_range(0.5, 1.0).run()
+  shown = _table(at, "latent", "tag", "delta_norm")
+  assert sorted(shown["latent"]) == sorted(lat.loc[lat["template_share"].between(0.5, 1.0), "latent"])
+  at.slider(key="latents_template").set_range(0.0, 1.0).run()
+  # Search by index, then by a token of a latent's top context.
+  at.text_input(key="latents_search").input("12").run()
+  assert _table(at, "latent", "tag", "delta_norm")["latent"].tolist() == [12]
+  ex = pd.read_parquet(run / "analysis" / "examples.parquet")
+  top = ex[ex["group"].astype(str) == "top"]
+  word = next(t.strip() for toks in top["context_tokens"] for t in toks if t.strip().isalpha() and len(t.strip()) > 3)
+  expected = {int(r.latent) for r in top.itertuples()
+              if any(t.strip().casefold() == word.casefold() for t in r.context_tokens)}
+  at.text_input(key="latents_search").input(word).run()
+  assert set(_table(at, "latent", "tag", "delta_norm")["latent"]) == expected
+
+
+def test_latent_page_from_the_url(_root, monkeypatch):
+  run = _runs(_root)[-1]
+  ex = pd.read_parquet(run / "analysis" / "examples.parquet")
+  top = ex[ex["group"].astype(str) == "top"].sort_values(["latent", "rank"])
+  latent = int(top["latent"].iloc[0])
+  first = top[top["latent"] == latent].iloc[0]
+  at = open_page(_root, "latents", monkeypatch, run=run.name, latent=latent)
+  assert not at.error, [e.value for e in at.error]
+  assert [h.value for h in at.header] == [f"Latent {latent}"]
+  assert at.query_params["latent"] == str(latent) and at.query_params["run"] == run.name
+  contexts = at.get("html")[0].value
+  firing = html.escape(first["context_tokens"][first["context_index"]]).replace("\n", "↵").replace("\t", "⇥")
+  # The first context's boxed token is its firing token; every context has exactly one.
+  head = contexts.split('class="example"')[1]
+  assert f">{firing}</span>" in head.split('class="firing"')[1].split("</span>")[0] + "</span>"
+  assert contexts.count('class="firing"') == min(10, int((top["latent"] == latent).sum()))
+  lens = pd.read_parquet(run / "analysis" / "logit_lens.parquet")
+  mine = lens[(lens["latent"] == latent) & (lens["direction"].astype(str) == "promoted")].sort_values("rank")
+  if len(mine):
+    assert _table(at, "token", "logit")["token"].tolist() == [repr(t) for t in mine["token"]]
+  row = pd.read_parquet(run / "analysis" / "latents.parquet").set_index("latent").loc[latent]
+  (stats,) = [t.value for t in at.table]
+  assert stats.loc["delta_norm", "value"] == f"{row['delta_norm']:.5f}"
+  assert stats.loc["tag", "value"] == row["tag"]
+
+
+def test_adl_page_shows_the_tables(_root, monkeypatch):
+  diff = _diff(_root)
+  at = open_page(_root, "adl", monkeypatch, diff=diff.name)
+  assert not at.error, [e.value for e in at.error]
+  lens = pd.read_parquet(diff / "diff" / "adl" / "logit_lens.parquet")
+  shown = _table(at, "promoted (+δ)")
+  groups = lens.groupby(["layer", "position"]).size()
+  assert len(shown) == len(groups)
+  first = lens[(lens["sign"] == "+") & (lens["rank"] == 0)].sort_values(["layer", "position"]).iloc[0]
+  assert shown.iloc[0]["promoted (+δ)"].split(" · ")[0].removesuffix(" ✓") == first["token"]
+  rel = pd.read_parquet(diff / "diff" / "adl" / "relevance.parquet")
+  np.testing.assert_allclose(_table(at, "source", "share")["share"].to_numpy(float), rel["share"].to_numpy(float))
+  steer = pd.read_parquet(diff / "diff" / "adl" / "steering.parquet")
+  assert len(_table(at, "unsteered", "steered")) == int((steer["steered"] & steer["chosen"]).sum())
+  with np.load(diff / "diff" / "adl" / "means.npz") as f:
+    norms = np.linalg.norm(f["delta"], axis=-1) / f["typical_norm_ft"][:, None]
+  (chart,) = at.get("vega_lite_chart")
+  assert json.loads(chart.proto.spec)["encoding"]["y"]["field"] == "relative"
+  assert norms.size == len(lens.groupby(["layer", "position"]))
+
+
+def test_old_results_and_no_results_are_messages(_root, tmp_path, monkeypatch):
+  run = _runs(_root)[0]
+  old = tmp_path / "old" / "runs" / "r"
+  (old / "analysis").mkdir(parents=True)
+  for f in (run / "analysis").iterdir():
+    if f.name != "summary.json":
+      (old / "analysis" / f.name).symlink_to(f.resolve())
+  summary = json.loads((run / "analysis" / "summary.json").read_text())
+  summary.pop("format_version")
+  (old / "analysis" / "summary.json").write_text(json.dumps(summary))
+  (old / "metrics.json").symlink_to((run / "metrics.json").resolve())
+  rerun = f"python -m launch.analyze --config.workdir={old} --config.force=True"
+  for page in ("overview", "latents"):
+    at = open_page(tmp_path / "old", page, monkeypatch)
+    assert any(rerun in e.value for e in at.error), [e.value for e in at.error]
+  (tmp_path / "empty").mkdir()
+  for root in (tmp_path / "empty", tmp_path / "missing"):
+    at = open_page(root, "overview", monkeypatch)
+    (err,) = at.error
+    assert "python -m launch.demo" in err.value and str(root) in err.value
