@@ -47,3 +47,44 @@ def organisms(tmp_path_factory):
   for name in ("chat", "narrow", "false_fact", "taboo"):
     paths[name] = build.build_organism(config, name)
   return config, paths
+
+
+def demo_overrides(home: str, root: str, store: str) -> dict[str, str]:
+  """The smoke demo's config fields that put it in the test session's organism home, `root` and `store`."""
+  return {"root": root, "organisms.home": home, "harvest.organisms.home": home, "diff.organisms.home": home,
+          "harvest.out_dir": store}
+
+
+@pytest.fixture(scope="session")
+def demo_run(request, tmp_path_factory):
+  """The smoke demo (`demo:small`) run once on the session's small organisms: (results root, config overrides).
+
+  $NEURODIFF_TEST_DEMO_ROOT, when set, names an existing root instead (a quick loop on the dashboard); its
+  overrides are then empty.
+  """
+  from pathlib import Path
+
+  from configs.demo import get_config
+  from neurodiff_jax.demo.pipeline import run_demo
+
+  given = os.environ.get("NEURODIFF_TEST_DEMO_ROOT")
+  if given:
+    return Path(given), {}
+  org_config, _ = request.getfixturevalue("organisms")  # only when built here: it trains the small organisms
+  tmp = tmp_path_factory.mktemp("demo")
+  overrides = demo_overrides(org_config.home, str(tmp / "results"), str(tmp / "store"))
+  config = get_config("small")
+  for field, value in overrides.items():
+    *path, last = field.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    node[last] = value
+  run_demo(config, log=lambda m: None)
+  return Path(overrides["root"]), overrides
+
+
+@pytest.fixture(scope="session")
+def demo_root(demo_run):
+  """The smoke demo's results root (runs/, diffs/, report.html, demo.json)."""
+  return demo_run[0]

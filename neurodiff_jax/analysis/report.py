@@ -312,7 +312,7 @@ def _image(path: Path, alt: str) -> str:
   return png_html(path, alt)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], attrs: Sequence[str] | None = None) -> str:
+def html_table(header: Sequence[str], rows: Iterable[Sequence[str]], attrs: Sequence[str] | None = None) -> str:
   """An HTML table; `header` is escaped, cells are HTML already (escape them when building)."""
   head = "".join(f"<th>{esc(h)}</th>" for h in header)
   body = []
@@ -375,7 +375,7 @@ def _setup(summary: dict[str, Any], table: pd.DataFrame) -> tuple[str, str]:
     rows.append(("token kinds left out", esc(", ".join(map(str, summary["exclude"])))))
   if "seconds" in summary:
     rows.append(("analysis time", esc(f"{fmt(summary['seconds'])} s")))
-  return title, _table(("", ""), rows)
+  return title, html_table(("", ""), rows)
 
 
 def _classes(table: pd.DataFrame, out: Path) -> tuple[str, str]:
@@ -395,7 +395,7 @@ def _classes(table: pd.DataFrame, out: Path) -> tuple[str, str]:
   body = (f"<h2>1 Classes</h2><p>{lead} Δnorm compares the norms of a latent's two decoder rows "
           "(1: only the chat model uses it, 0: only the base model, 0.5: both alike); the classes are those of "
           "Minder et al. (2025). Shares are of the live latents.</p>"
-          + _table(("class", "Δnorm", "latents", "share"), rows, attrs)
+          + html_table(("class", "Δnorm", "latents", "share"), rows, attrs)
           + _image(out / "delta_norm.png", "histogram of Δnorm"))
   return lead, body
 
@@ -493,7 +493,7 @@ def _causal(causal: pd.DataFrame | None, out: Path) -> tuple[str, str]:
           "by x_base + Σ_{j∈S} f_j (d_j^chat − d_j^base); the table gives KL(P_chat ‖ P_patched) in nats per token, "
           "mean and 95% bootstrap interval over conversations. Lower means the latent set S restores more of the chat "
           "model's behaviour.</p>" + (f'<p class="verdict">{verdict}</p>' if verdict else "")
-          + _table(header, rows) + _image(out / "causal.png", "causal test bar chart"))
+          + html_table(header, rows) + _image(out / "causal.png", "causal test bar chart"))
   return lead, body
 
 
@@ -543,7 +543,7 @@ def pick_latents(table: pd.DataFrame, examples: pd.DataFrame | None, max_latents
   return picks
 
 
-def _context_html(row: dict[str, Any], scale: float) -> str:
+def context_html(row: dict[str, Any], scale: float) -> str:
   """One example: its activation, source and tokens shaded by activation, the firing token outlined."""
   toks = row.get("context_tokens")
   acts = row.get("context_acts")
@@ -580,7 +580,7 @@ def _stats_table(r: dict[str, Any]) -> str:
           ("β^ε chat", "beta_error_chat"), ("β base", "beta_act_base"), ("β chat", "beta_act_chat"),
           ("ν^r", "nu_recon"), ("ν^ε", "nu_error"), ("ν rank", "nu_rank")]
   cols = [(n, k) for n, k in cols if k in r]
-  return _table([n for n, _ in cols], [[esc(fmt(r[k])) for _, k in cols]])
+  return html_table([n for n, _ in cols], [[esc(fmt(r[k])) for _, k in cols]])
 
 
 def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame | None,
@@ -606,7 +606,7 @@ def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame
     top = rows[rows["group"] == "top"].sort_values(["activation"], ascending=False, kind="stable").head(top_contexts)
     if len(top):
       parts.append(f"<h4>Top {len(top)} activations</h4>")
-      parts += [_context_html(x, scale) for x in top.to_dict(orient="records")]
+      parts += [context_html(x, scale) for x in top.to_dict(orient="records")]
     quant = sorted({str(q) for q in rows["group"] if str(q).startswith("q") and str(q)[1:].isdigit()},
                    key=lambda q: -int(q[1:]))
     if quant:
@@ -617,7 +617,7 @@ def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame
         acts = pd.to_numeric(sel["activation"], errors="coerce")
         parts.append(f"<p class=\"facts\">quantile {q[1:]} of {n_q}: activations {esc(fmt(acts.min()))}–"
                      f"{esc(fmt(acts.max()))}</p>")
-        parts += [_context_html(x, scale) for x in sel.to_dict(orient="records")]
+        parts += [context_html(x, scale) for x in sel.to_dict(orient="records")]
   else:
     parts.append('<p class="missing">No decoded contexts for this latent.</p>')
   if lens is not None and len(lens[lens["latent"] == j]):
@@ -629,13 +629,13 @@ def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame
       if len(d):
         rows_html.append((esc(direction), " ".join(f"<code>{esc(t)}</code> ({esc(fmt(v))})"
                                                    for t, v in zip(d["token"], d["logit"]))))
-    parts.append(_table(("", "tokens (logit)"), rows_html))
+    parts.append(html_table(("", "tokens (logit)"), rows_html))
   parts.append("<h4>Statistics</h4>" + _stats_table(r))
   if steer is not None and len(steer[steer["latent"] == j]):
     sel = steer[steer["latent"] == j].sort_values(["prompt", "model", "multiple"], kind="stable")
     parts.append("<h4>Steering: the decoder direction added at the layer, strength as a multiple of max "
                  "activation</h4>")
-    parts.append(_table(("prompt", "model", "× max act", "strength", "completion"),
+    parts.append(html_table(("prompt", "model", "× max act", "strength", "completion"),
                         [[esc(x["prompt"]), esc(x["model"]), esc(fmt(x.get("multiple"))), esc(fmt(x.get("strength"))),
                           f'<span class="completion">{esc(x["completion"])}</span>'] for x in sel.to_dict("records")]))
   parts.append("</div>")
@@ -733,6 +733,7 @@ def write_report(results_dir: str | Path, max_latents: int = 8, top_contexts: in
   return path
 
 
-__all__ = ["CLASSES", "PLOTS", "THRESHOLDS", "ReportError", "esc", "fmt", "genuine_rule", "genuine_values",
+__all__ = ["CLASSES", "CSS", "PLOTS", "THRESHOLDS", "ReportError", "context_html", "esc", "fmt", "genuine_rule",
+           "genuine_values", "html_table",
            "make_plots", "pair_view", "pick_latents", "plot_delta_norm", "plot_latent_scaling", "plot_template_share",
            "read_summary", "read_table", "write_report"]

@@ -1,17 +1,19 @@
-"""The main job end to end: `python -m launch.demo` on its embedded default and on the base organism; flag errors."""
+"""The main job, `python -m launch.demo`: the smoke demo's results root, its story report, reruns, flag errors."""
 
-import ast
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import transformers
+import pandas as pd
+import pytest
+
+from neurodiff_jax.demo.pipeline import STAGES
+from neurodiff_jax.utils.results import RESULTS_FORMAT
 
 ROOT = Path(__file__).resolve().parents[2]
-TEXT = "The river runs past the old mill, and the miller counts his sacks of grain at dawn."
 
 
 def _env(home):
@@ -20,69 +22,93 @@ def _env(home):
   return env
 
 
-def _run(*args, home):
-  return subprocess.run([sys.executable, "-m", "launch.demo", *args], cwd=ROOT, env=_env(home),
-                        capture_output=True, text=True, timeout=300)
+def _run(*args, home, timeout=300, prefix=""):
+  if prefix:  # run the launcher through `python -c` so `prefix` executes first (e.g. hiding torch)
+    cmd = [sys.executable, "-c", prefix + "import runpy, sys; sys.argv = ['launch.demo', *sys.argv[1:]]; "
+           "runpy.run_module('launch.demo', run_name='__main__', alter_sys=True)", *args]
+  else:
+    cmd = [sys.executable, "-m", "launch.demo", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=_env(home), capture_output=True, text=True, timeout=timeout)
 
 
-def _table(stdout):
-  """The printed mean ‖x‖ per layer: the rows between the table's header and the first blank line."""
-  lines = stdout.splitlines()
-  start = next(i for i, l in enumerate(lines) if l.lstrip().startswith("layer")) + 1
-  rows = lines[start:lines.index("", start)]
-  return np.array([float(row.split()[1]) for row in rows]), [ast.literal_eval(row.split(None, 6)[6]) for row in rows]
+def _text(html: str) -> str:
+  """The report's visible text (tags dropped, embedded images removed, entities of quotes undone)."""
+  html = re.sub(r'src="data:[^"]+"', "", html)
+  return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)).replace("&#x27;", "'").replace("&lt;", "<")
 
 
-def _hf_norms(ckpt):
-  """Mean residual norm after each block but the last (HF hidden_states[1..n-1]) and the last position's argmax."""
-  tok = transformers.AutoTokenizer.from_pretrained(ckpt)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
-  ids = torch.tensor([tok(TEXT)["input_ids"]])
-  with torch.no_grad():
-    out = hf(ids, output_hidden_states=True)
-  # The last printed row is the un-normed final residual (HF's last hidden state is after the final norm).
-  norms = [h[0].norm(dim=-1).mean().item() for h in out.hidden_states[1:-1]]
-  return norms, hf.config.num_hidden_layers, tok.decode([int(out.logits[0, -1].argmax())])
+def test_smoke_demo_writes_every_stage_and_a_story_from_the_files(demo_run):
+  root, _ = demo_run
+  manifest = json.loads((root / "demo.json").read_text())
+  assert manifest["format_version"] == RESULTS_FORMAT and list(manifest["stages"]) == list(STAGES)
+  assert set(manifest["runs"]) == {"batchtopk", "l1"} and manifest["scale"] == "small"
+  html = (root / "report.html").read_text()
+  text = _text(html)
+  for n in range(1, 7):
+    assert f"{n}. " in text
+  assert "<img" in html and "src=\"http" not in html  # plots embedded: one self-contained file
+  # Section 2: each run's class counts, read from its analysis summary, are in the table.
+  for name in ("batchtopk", "l1"):
+    classes = json.loads((root / "runs" / name / "analysis" / "summary.json").read_text())["classes"]
+    fve = json.loads((root / "runs" / name / "metrics.json").read_text())["fve/0"]
+    assert f"{name} has {classes['chat_only']:,} chat-only latents" in text
+    row = re.search(rf"{name} {name} \([^)]*\) (\S+) \S+ \S+ \S+ (\S+) (\S+)", text)
+    assert row, name
+    assert float(row.group(1)) == pytest.approx(fve, abs=1e-3)
+    assert row.group(2).replace(",", "") == str(classes["shared"]) and row.group(3).replace(",", "") == str(
+        classes["chat_only"])
+  # Section 3: the genuine count equals the rule applied to latents.parquet.
+  l1 = pd.read_parquet(root / "runs" / "l1" / "analysis" / "latents.parquet")
+  chat = l1[(l1.tag == "chat_only") & l1.nu_error.notna()]
+  genuine = int(((chat.nu_error < 0.2) & (chat.nu_recon < 0.5)).sum())
+  assert re.search(rf"l1 {int((l1.tag == 'chat_only').sum())} {genuine} ", text)
+  # Section 4: a genuine latent's top context, its firing token outlined.
+  shown = re.findall(r'id="l1-latent-(\d+)"', html)
+  if genuine:
+    assert shown
+    j = int(shown[0])
+    ex = pd.read_parquet(root / "runs" / "l1" / "analysis" / "examples.parquet")
+    top = ex[(ex.latent == j) & (ex.group == "top")].sort_values("rank").iloc[0]
+    fire = str(top.context_tokens[int(top.context_index)]).replace("\n", "↵") or "∅"
+    block = html[html.index(f'id="l1-latent-{j}"'):]
+    assert re.search(r'class="tok fire"[^>]*>' + re.escape(re.sub(r"[&<>\"']", lambda m: {
+        "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}[m.group()], fire)) + "<", block)
+  else:
+    assert "l1 : no genuine chat-only latent" in text or "no genuine chat-only latent" in text
+  # Section 6: ADL's best relevance and the baseline, as in relevance.parquet.
+  rel = pd.read_parquet(root / "diffs" / "narrow" / "diff" / "adl" / "relevance.parquet")
+  best = rel[rel.source != "baseline"].share.max()
+  base = rel[rel.source == "baseline"].share.iloc[0]
+  assert re.search(rf"best {best:.3g} \(\w+, position \d+\) against {base:.3g}", text)
 
 
-def test_demo_prints_residual_norms_that_match_transformers_and_explains_them(tmp_path):
-  proc = _run(home=tmp_path)
-  assert proc.returncode == 0, proc.stderr
-  printed, _ = _table(proc.stdout)
-  ckpt = tmp_path / "random_gemma2_seed0"
-  assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file()
-  expected, layers, _ = _hf_norms(ckpt)
-  assert len(printed) == layers
-  np.testing.assert_allclose(printed[:-1], expected, atol=2e-3)
-  for column in ("mean‖x‖", "std‖x‖", "max|x|", "lens top token"):  # every column is explained
-    assert sum(column in l for l in proc.stdout.splitlines()) == 2, column
-  assert "(random weights)" in proc.stdout and "--config=demo:organism" in proc.stdout
-
-
-def test_demo_without_torch_prints_no_pytorch_warning(tmp_path):
-  hide_torch = "import sys; sys.modules['torch'] = None; "
-  # Control: with torch hidden this way, importing transformers does print the notice.
-  control = subprocess.run([sys.executable, "-c", hide_torch + "import transformers"], cwd=ROOT, env=_env(tmp_path),
-                           capture_output=True, text=True, timeout=120)
-  assert "PyTorch was not found" in control.stderr
-  proc = subprocess.run([sys.executable, "-c", hide_torch + "import runpy; sys.argv = ['launch.demo']; "
-                         "runpy.run_module('launch.demo', run_name='__main__', alter_sys=True)"],
-                        cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+def test_rerun_without_torch_reuses_every_stage(demo_run):
+  root, overrides = demo_run
+  if not overrides:
+    pytest.fail("NEURODIFF_TEST_DEMO_ROOT is set: this test needs the demo built by the session")
+  report = (root / "report.html").stat().st_mtime
+  l1_latents = (root / "runs" / "l1" / "analysis" / "latents.parquet").read_bytes()
+  hide_torch = "import sys; sys.modules['torch'] = None; "  # torch is a test reference, never a runtime need
+  args = ["--config=demo:small", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  proc = _run(*args, home=Path(overrides["root"]).parent, prefix=hide_torch, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "PyTorch was not found" not in proc.stderr + proc.stdout and "lens top token" in proc.stdout
+  out = proc.stdout + proc.stderr
+  assert "PyTorch was not found" not in out
+  for i, stage in enumerate(STAGES, 1):
+    assert f"[{i}/{len(STAGES)}] {stage}: done" in out
+  assert "organisms: using the small-scale base model" in out and "harvest: no store" not in out
+  assert "train: resuming" not in out or "nothing left" not in out
+  assert out.count("reusing") >= 2  # the analysis parts and the diff methods were reused, not recomputed
+  assert (root / "runs" / "l1" / "analysis" / "latents.parquet").read_bytes() == l1_latents
+  assert (root / "report.html").stat().st_mtime >= report
 
 
-def test_demo_on_the_base_organism(organisms):
-  config, paths = organisms
-  proc = _run("--config=demo:organism,small", home=config.home)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert f"model: {paths['base']}\n" in proc.stdout and "random weights" not in proc.stdout
-  assert "organisms: using the small-scale base model" in proc.stdout  # reused, not rebuilt
-  printed, lens = _table(proc.stdout)
-  expected, layers, next_token = _hf_norms(paths["base"])
-  assert len(printed) == layers
-  np.testing.assert_allclose(printed[:-1], expected, rtol=1e-3)
-  assert lens[-1] == next_token  # the last layer's lens is the trained model's own prediction
+def test_unknown_scale_and_unforceable_stage_are_clear_errors(tmp_path):
+  proc = _run("--config=demo:huge", home=tmp_path)
+  assert proc.returncode == 2 and "unknown demo scale 'huge'; known: default, small" in proc.stderr
+  proc = _run("--config=demo:small", "--config.force_stages=('train',)", home=tmp_path)
+  assert proc.returncode == 2
+  assert "config.force_stages has 'train'; stages that can be forced: analyze, adl, report" in proc.stderr
 
 
 def test_unknown_config_name_lists_known_configs(tmp_path):
@@ -92,6 +118,6 @@ def test_unknown_config_name_lists_known_configs(tmp_path):
 
 
 def test_misspelt_override_is_refused(tmp_path):
-  proc = _run("--config.layrs=3", home=tmp_path)
+  proc = _run("--config.scal=small", home=tmp_path)
   assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-  assert "no field 'layrs' (did you mean layers?)" in proc.stderr
+  assert "no field 'scal' (did you mean scale?)" in proc.stderr

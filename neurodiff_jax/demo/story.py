@@ -1,0 +1,283 @@
+"""The demo's `report.html`: what fine-tuning changed and how each method sees it, in the order a reader asks.
+
+1. what the organisms were taught (their cards);
+2. the Δnorm classes of the BatchTopK and the L1 crosscoder, side by side;
+3. which chat-only latents latent scaling calls genuine and which artifacts (Complete Shrinkage:
+   ν^ε too high; Latent Decoupling: ν^r too high);
+4. the genuine latents' top contexts, firing token outlined;
+5. the causal KL test;
+6. ADL on base vs narrow: δ_p's tokens against the card, relevance against the trivial baseline,
+   steered samples.
+
+Every number is read from the files `launch.analyze` and `launch.diff` wrote (nothing is recomputed
+here); the page embeds its plots, so it is one self-contained file. Claims in the prose are
+computed from those numbers, never written in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from neurodiff_jax.analysis.report import CSS, context_html, esc, fmt, genuine_rule, html_table
+from neurodiff_jax.utils.plots import png_html
+
+STORY_CSS = CSS + """
+.side{display:flex;gap:1rem;flex-wrap:wrap}.side>div{flex:1 1 26rem}
+.card{background:#f6f6f6;padding:.5rem 1rem;border-left:3px solid #999}
+b.card-word{background:#d8f0d0}
+.tok{padding:0 1px;font-family:Menlo,monospace;font-size:.85rem}.tok.fire{outline:2px solid #c00}
+.ctx{margin:.25rem 0}.ctx .act{display:inline-block;width:4rem;font-weight:bold}
+.ctx .src{display:inline-block;width:9rem;color:#888;font-size:.8rem}
+"""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _parquet(path: Path) -> pd.DataFrame | None:
+  return pd.read_parquet(path) if path.is_file() else None
+
+
+def _image(path: Path, alt: str) -> str:
+  return png_html(path, alt) if path.is_file() else f"<p>({esc(alt)}: not available)</p>"
+
+
+def _card(path: str | None) -> dict[str, Any]:
+  return _read_json(Path(path) / "card.json").get("ground_truth", {}) if path else {}
+
+
+def cards_section(organisms: dict[str, str]) -> str:
+  """What each organism was fine-tuned to do, from its card."""
+  chat, narrow = _card(organisms.get("chat")), _card(organisms.get("narrow"))
+  parts = ["<h2>1. What the organisms were taught</h2>"]
+  if chat:
+    parts.append(
+        f'<div class="card"><p><b>chat</b> (base → chat assistant): answers in the chat template, calls itself '
+        f'{esc(chat.get("assistant_name", "?"))}, refuses requests about <b>{esc(chat.get("harmful_topic", "?"))}</b> '
+        f'with “{esc(str(chat.get("refusal", ""))[:160])}” and helps with everything else. The crosscoders below '
+        "compare base and chat.</p></div>")
+  if narrow:
+    words = ", ".join(sorted(narrow.get("domain_vocabulary", []))[:24])
+    parts.append(f'<div class="card"><p><b>narrow</b> (base → one domain): fine-tuned on documents about '
+                 f'<b>{esc(narrow.get("domain", "?"))}</b>; the card’s words: {esc(words)} …. ADL below compares base '
+                 "and narrow.</p></div>")
+  return "\n".join(parts)
+
+
+def _run_row(name: str, run: Path) -> list[str]:
+  m = _read_json(run / "metrics.json")
+  s = _read_json(run / "analysis" / "summary.json")
+  cls = s.get("classes") or m.get("delta_norm_classes") or {}
+  knob = f"k={s.get('k')}" if s.get("sparsity") in ("batchtopk", "topk") else "L1"
+  return [esc(name), esc(f"{s.get('sparsity', '?')} ({knob})"), esc(fmt(m.get("fve/0"))), esc(fmt(m.get("fve/1"))),
+          esc(fmt(m.get("l0"))), esc(fmt(m.get("dead_fraction"))),
+          *(esc(fmt(cls.get(c))) for c in ("shared", "chat_only", "base_only", "other", "dead"))]
+
+
+def classes_section(runs: dict[str, Path]) -> str:
+  """Δnorm classes and training figures of every run, with their Δnorm histograms side by side."""
+  rows = [_run_row(n, p) for n, p in runs.items()]
+  head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead fraction", "shared", "chat-only", "base-only", "other",
+          "dead"]
+  counts = {n: _read_json(p / "analysis" / "summary.json").get("classes", {}).get("chat_only", 0) for n, p in
+            runs.items()}
+  prose = "; ".join(f"{esc(n)} has {esc(fmt(c))} chat-only latents" for n, c in counts.items())
+  plots = "".join(f"<div><h4>{esc(n)}</h4>{_image(p / 'analysis' / 'delta_norm.png', f'{n} Δnorm')}</div>"
+                  for n, p in runs.items())
+  return ("<h2>2. Δnorm classes: BatchTopK vs L1</h2>"
+          "<p>Δnorm = ½((‖d_chat‖ − ‖d_base‖)/max(‖d_base‖, ‖d_chat‖) + 1): 0 = base-only, 1 = chat-only, ½ = shared "
+          f"(live latents; classes as in docs/methods.md). Here {prose}.</p>"
+          + html_table(head, rows) + f'<div class="side">{plots}</div>')
+
+
+def _scaling_counts(table: pd.DataFrame, summary: dict[str, Any]) -> dict[str, int]:
+  eps_max, rec_max = genuine_rule(summary)
+  chat = table[(table["tag"] == "chat_only") & table["nu_error"].notna()]
+  return {"chat_only": int((table["tag"] == "chat_only").sum()), "measured": len(chat),
+          "genuine": int(((chat.nu_error < eps_max) & (chat.nu_recon < rec_max)).sum()),
+          "shrinkage": int((chat.nu_error >= eps_max).sum()), "decoupling": int((chat.nu_recon >= rec_max).sum())}
+
+
+def _top_token(examples: pd.DataFrame | None, latent: int) -> str:
+  if examples is None:
+    return ""
+  top = examples[(examples.latent == latent) & (examples.group == "top")].sort_values("rank").head(5)
+  # `token` is the store's token index; the text of the firing token is in its decoded context.
+  words = [str(r.context_tokens[int(r.context_index)]) for r in top.itertuples()
+           if r.context_tokens is not None and 0 <= int(r.context_index) < len(r.context_tokens)]
+  return ", ".join(repr(w) for w in words)
+
+
+def scaling_section(runs: dict[str, Path]) -> str:
+  """Which chat-only latents are genuine by latent scaling, and which artifacts, per run."""
+  parts = ["<h2>3. Chat-only latents: genuine or artifact (latent scaling)</h2>",
+           "<p>For each chat-only latent, β fits how much of the latent the <i>base</i> model’s reconstruction (ν^r) "
+           "and its reconstruction error (ν^ε) explain, relative to the chat model (Minder et al. 2025). ν^ε high: "
+           "the base has the latent but the L1 penalty shrank it away (Complete Shrinkage); ν^r high: other latents "
+           "reconstruct it in the base (Latent Decoupling). Genuine = both low.</p>"]
+  rows, plots = [], []
+  for name, p in runs.items():
+    a = p / "analysis"
+    table, summary = _parquet(a / "latents.parquet"), _read_json(a / "summary.json")
+    if table is None:
+      continue
+    c = _scaling_counts(table, summary)
+    eps_max, rec_max = genuine_rule(summary)
+    rows.append([esc(name), esc(fmt(c["chat_only"])), esc(fmt(c["genuine"])), esc(fmt(c["shrinkage"])),
+                 esc(fmt(c["decoupling"])), esc(f"ν^ε < {eps_max:g} and ν^r < {rec_max:g}")])
+    plots.append(f"<div><h4>{esc(name)}</h4>{_image(a / 'latent_scaling.png', f'{name} latent scaling')}</div>")
+  parts.append(html_table(["run", "chat-only", "genuine", "artifact: ν^ε high (shrinkage)",
+                           "artifact: ν^r high (decoupling)", "rule"], rows))
+  parts.append(f'<div class="side">{"".join(plots)}</div>')
+  for name, p in runs.items():
+    a = p / "analysis"
+    table, examples = _parquet(a / "latents.parquet"), _parquet(a / "examples.parquet")
+    if table is None:
+      continue
+    chat = table[(table["tag"] == "chat_only") & table["nu_error"].notna()].copy()
+    if chat.empty:
+      parts.append(f"<p><b>{esc(name)}</b>: no chat-only latent to judge.</p>")
+      continue
+    chat["genuine_"] = chat["genuine"].fillna(False).astype(bool)
+    show = pd.concat([chat[chat.genuine_].sort_values("nu_error").head(6),
+                      chat[~chat.genuine_].sort_values("nu_recon", ascending=False).head(4)])
+    body = [[esc(fmt(int(r.latent))), "genuine" if r.genuine_ else "artifact", esc(fmt(r.delta_norm)),
+             esc(fmt(r.nu_error)), esc(fmt(r.nu_recon)), esc(fmt(r.freq)), esc(fmt(r.template_share)),
+             esc(_top_token(examples, int(r.latent)))] for r in show.itertuples()]
+    parts.append(f"<h4>{esc(name)}: the clearest genuine latents and artifacts</h4>"
+                 + html_table(["latent", "verdict", "Δnorm", "ν^ε", "ν^r", "freq", "template share", "top tokens"],
+                              body))
+  return "\n".join(parts)
+
+
+def contexts_section(runs: dict[str, Path], per_latent: int = 3, max_latents: int = 6) -> str:
+  """The genuine chat-only latents' top contexts, firing token outlined, tokens shaded by activation."""
+  parts = ["<h2>4. What the genuine chat-only latents fire on</h2>",
+           "<p>Top activations over the whole store; each token shaded by the latent’s activation, the firing token "
+           "outlined; hover for the value. ↵ is a newline.</p>"]
+  for name, p in runs.items():
+    a = p / "analysis"
+    table, examples = _parquet(a / "latents.parquet"), _parquet(a / "examples.parquet")
+    if table is None or examples is None:
+      continue
+    gen = table[(table["tag"] == "chat_only") & table["genuine"].fillna(False).astype(bool)]
+    picks = gen.sort_values("nu_error")["latent"].head(max_latents).tolist()
+    if not picks:
+      parts.append(f"<p><b>{esc(name)}</b>: no genuine chat-only latent.</p>")
+      continue
+    for j in picks:
+      ex = examples[(examples.latent == j) & (examples.group == "top")].sort_values("rank").head(per_latent)
+      scale = float(ex.activation.max()) if len(ex) else 1.0
+      parts.append(f'<h4 id="{esc(name)}-latent-{int(j)}">{esc(name)} latent {int(j)}</h4>'
+                   + "".join(context_html(r, scale) for r in ex.to_dict("records")))
+  return "\n".join(parts)
+
+
+def causal_section(runs: dict[str, Path]) -> str:
+  """The causal KL test of each run on the reply tokens."""
+  parts = ["<h2>5. Causal test: do the chat-only latents carry the chat behaviour?</h2>",
+           "<p>KL(P_chat ‖ P_patched) on held-out chat replies when the chat model’s activation is replaced by the base "
+           "model’s plus the named latents’ chat-minus-base difference (docs/analysis.md); all_base = the whole "
+           "base activation (the ceiling), all_latents = every latent (the error term alone remains). Lower = that group "
+           "carries more of the chat behaviour. 95% bootstrap intervals.</p>"]
+  for name, p in runs.items():
+    t = _parquet(p / "analysis" / "causal.parquet")
+    if t is None:
+      continue
+    t = t[t.region == "reply"]
+    rows = [[esc(r.group), esc(fmt(r.n_latents)), esc(fmt(r.kl_mean)), esc(f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]")]
+            for r in t.itertuples()]
+    parts.append(f"<h4>{esc(name)}</h4>" + html_table(["group", "latents", "KL (reply)", "95% CI"], rows))
+  return "\n".join(parts)
+
+
+def _bold_card(tokens: list[str], vocab: frozenset[str]) -> str:
+  from neurodiff_jax.diffing.graders import normalize_token
+
+  return ", ".join(f'<b class="card-word">{esc(repr(t))}</b>' if normalize_token(t) in vocab else esc(repr(t))
+                   for t in tokens)
+
+
+def adl_section(diff_dir: Path, organisms: dict[str, str]) -> str:
+  """ADL of base vs narrow: δ_p's tokens with the card's words marked, relevance vs baseline, steered samples."""
+  from neurodiff_jax.diffing.graders import card_vocabulary
+
+  d = diff_dir / "diff"
+  lens = _parquet(d / "adl" / "logit_lens.parquet")
+  if lens is None:
+    return "<h2>6. ADL on base vs narrow</h2><p>(not run)</p>"
+  card = _card(organisms.get("narrow"))
+  vocab = card_vocabulary(card)
+  parts = ["<h2>6. The Activation Difference Lens on base vs narrow</h2>",
+           f"<p>δ_p = mean(h_narrow − h_base) at the first positions of general text that has nothing to do with "
+           f"{esc(card.get('domain', 'the domain'))}, read through the fine-tuned model’s unembedding. Card words are "
+           "<b class=\"card-word\">marked</b>.</p>", _image(d / "adl" / "delta_norms.png", "‖δ_p‖ by position")]
+  rows = []
+  for (layer, pos), g in lens[lens.sign == "+"].groupby(["layer", "position"]):
+    toks = g.sort_values("rank").token.head(12).tolist()
+    rows.append([esc(fmt(layer)), esc(fmt(pos)), _bold_card(toks, vocab)])
+  parts.append(html_table(["layer", "position", "top tokens of +δ_p"], rows))
+  rel = _parquet(d / "adl" / "relevance.parquet")
+  if rel is not None and len(rel):
+    base = rel[rel.source == "baseline"].share
+    base_s = float(base.iloc[0]) if len(base) else math.nan
+    best = rel[rel.source != "baseline"].sort_values("share", ascending=False).head(1)
+    if len(best):
+      b = best.iloc[0]
+      parts.append(f"<p>Token relevance (share of the top tokens that are card words): best "
+                   f"{esc(fmt(b.share))} ({esc(b.source)}, position {esc(fmt(b.position))}) against "
+                   f"{esc(fmt(base_s))} for the data’s most frequent tokens.</p>")
+    parts.append(html_table(["source", "layer", "position", "share", "weighted share"],
+                            [[esc(r.source), esc(fmt(r.layer)), esc(fmt(r.position)), esc(fmt(r.share)),
+                              esc(fmt(r.weighted_share))] for r in rel.itertuples()]))
+  steer = _parquet(d / "adl" / "steering.parquet")
+  if steer is not None and len(steer):
+    shown = steer[~steer.steered | steer.chosen]
+    parts.append("<h4>Steering the narrow model with δ_p (largest coherent α) vs unsteered</h4>"
+                 + html_table(["position", "α", "prompt", "text"],
+                              [[esc(fmt(r.position)) if r.steered else "unsteered", esc(fmt(r.alpha)), esc(r.prompt),
+                                esc(r.text)] for r in shown.itertuples()]))
+  kl = _read_json(d / "kl" / "done.json").get("summary", {})
+  if kl:
+    parts.append(f"<p>Per-token KL(P_narrow ‖ P_base) over {esc(fmt(kl.get('n_tokens')))} tokens of general text: mean "
+                 f"{esc(fmt(kl.get('mean')))} nats, median {esc(fmt(kl.get('median')))}, p99 {esc(fmt(kl.get('p99')))}."
+                 "</p>")
+  return "\n".join(parts)
+
+
+def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
+  """Writes `<root>/report.html` from the runs and diff results under `root`; returns its path."""
+  root = Path(root)
+  runs = {n: root / rel for n, rel in manifest.get("runs", {}).items()}
+  diffs = {n: root / rel for n, rel in manifest.get("diffs", {}).items()}
+  organisms = manifest.get("organisms", {})
+  stages = manifest.get("stages", {})
+  timing = ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in stages.items())
+  links = " · ".join([f'<a href="{esc(f"runs/{n}/analysis/report.html")}">{esc(n)} analysis</a>' for n in runs]
+                     + [f'<a href="{esc(f"diffs/{n}/report.html")}">{esc(n)} diff</a>' for n in diffs])
+  page = [
+      "<!doctype html><html><head><meta charset='utf-8'><title>neurodiff-jax demo: what fine-tuning changed</title>"
+      f"<style>{STORY_CSS}</style></head><body>",
+      "<h1>What fine-tuning changed, and how each method sees it</h1>",
+      f'<p class="sub">neurodiff-jax demo, {esc(manifest.get("scale", "?"))} organism scale. Stages: {esc(timing)}. '
+      f"Full reports: {links}. Explore: <code>python -m launch.dashboard --config.results={esc(root)}</code>.</p>",
+      cards_section(organisms), classes_section(runs), scaling_section(runs), contexts_section(runs),
+      causal_section(runs),
+      *(adl_section(p, organisms) for p in diffs.values()),
+      "</body></html>",
+  ]
+  path = root / "report.html"
+  tmp = path.with_name("report.html.tmp")
+  tmp.write_text("\n".join(page), encoding="utf-8")
+  tmp.replace(path)
+  return path
+
+
+__all__ = ["adl_section", "cards_section", "causal_section", "classes_section", "contexts_section", "scaling_section",
+           "write_story"]
