@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetuned_model = "google/gemma-2-2b-it"
   c.base_revision = ""
   c.finetuned_revision = ""
-  c.datasets = ["fineweb_sample.parquet", "lmsys_chat.jsonl"]  # override with your local paths
+  c.datasets = ("fineweb_sample.parquet", "lmsys_chat.jsonl")  # override: --config.datasets='("/data/a.parquet",)'
   c.num_documents = 0
   c.layers = (13,)
   c.out_dir = "gemma2b_l13_acts"  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)

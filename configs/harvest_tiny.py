@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetuned_revision = ""
   c.organisms = organisms_config(f"chat,{scale}")  # how organism:NAME models and datasets are built
   # Each entry: a path, or a dict with path/format/text_field/messages_field/split/max_documents.
-  c.datasets = ["organism:general", "organism:chat"]
+  c.datasets = ("organism:general", "organism:chat")
   c.num_documents = 600  # documents per generated organism dataset
   c.layers = _LAYERS[scale]
   c.out_dir = ""  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)
