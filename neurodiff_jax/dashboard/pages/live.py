@@ -1,0 +1,290 @@
+"""Live page: type a prompt, read both models' next-token distributions and generations side by side, steer them.
+
+The model pair is one of those the results' runs and diffs were made from (`?run=NAME` or `?diff=NAME` picks
+the pair of that run or diff). Both models and the tokenizer load once per server session
+(`st.cache_resource`, `dashboard/live.py`'s `LiveSession`). Steering adds α · v after a layer at every
+position of both models; v is one of: δ_p of a diff result's ADL at a layer and position, a PCA component
+of a diff result, a latent's chat decoder row of a crosscoder run (units in `dashboard/live.py`). The
+chosen latents' activations on the prompt are shown token by token (background by activation, the
+strongest token boxed, `class="firing"`).
+
+Widget keys (for AppTest and the browser test): live_pair, live_steer_source, live_steer_diff,
+live_steer_layer, live_steer_position, live_steer_component, live_steer_run, live_steer_latent, live_alpha,
+live_act_run, live_act_latents, live_prompt, live_top_k, live_max_new_tokens, live_chat, live_submit;
+outputs: dataframes live_next_tokens(_steered), containers live_gen_base, live_gen_ft, live_gen_base_steered,
+live_gen_ft_steered, live_latent_acts.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from neurodiff_jax.dashboard import live
+from neurodiff_jax.dashboard.pages import adl_means, query_param
+from neurodiff_jax.dashboard.results import ResultsRoot
+
+SOURCES = ("none", "δ_p (ADL)", "PCA component", "crosscoder latent")
+DEFAULT_PROMPT = "Tell me something you know well."
+# Errors a bad choice raises while loading or running: shown on the page instead of a traceback.
+_ERRORS = (live.LiveError, OSError, ValueError, KeyError)
+
+
+@st.cache_resource(show_spinner="Loading both models (once per server session)…", max_entries=2)
+def session_for(base: str, ft: str, dtype: str) -> live.LiveSession:
+  """The pair's LiveSession, shared by every browser tab of this server."""
+  return live.LiveSession(base, ft, dtype)
+
+
+@st.cache_resource(show_spinner="Loading the crosscoder…", max_entries=4)
+def run_for(path: str, stamp: float) -> live.LoadedRun:
+  """A crosscoder run's checkpoint and layer (reloaded when its checkpoints change)."""
+  return live.load_run(path)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def pca_for(path: str, stamp: float) -> dict[str, Any]:
+  """A diff result's PCA outputs."""
+  return live.read_pca(path)
+
+
+def _stamp(path: Path) -> float:
+  try:
+    return path.stat().st_mtime
+  except OSError:
+    return 0.0
+
+
+def model_pairs(root: ResultsRoot) -> dict[str, tuple[str, str, list[str]]]:
+  """{label: (base, fine-tuned, names of the runs/diffs made from it)} for each distinct pair in the root."""
+  out: dict[tuple[str, str], list[str]] = {}
+  for kind, items in (("run", root.runs), ("diff", root.diffs)):
+    for item in items:
+      try:
+        pair = item.models()
+      except (OSError, ValueError):
+        pair = None
+      if pair is not None:
+        out.setdefault(pair, []).append(f"{kind}:{item.name}")
+  return {f"{Path(b).name} → {Path(f).name} ({', '.join(names)})": (b, f, names) for (b, f), names in out.items()}
+
+
+def _default_pair(pairs: dict[str, tuple[str, str, list[str]]]) -> int:
+  wanted = [f"run:{query_param('run')}" if query_param("run") else None,
+            f"diff:{query_param('diff')}" if query_param("diff") else None]
+  for i, (_, _, names) in enumerate(pairs.values()):
+    if any(w in names for w in wanted if w):
+      return i
+  return 0
+
+
+def _runs_with_checkpoints(root: ResultsRoot) -> dict[str, Any]:
+  return {r.name: r for r in root.runs if (r.path / "checkpoints").is_dir()}
+
+
+def steering_widgets(root: ResultsRoot) -> tuple[live.Steering | None, dict[str, Any]]:
+  """The steering source and strength the user picked (None for no steering), and what was chosen."""
+  chosen: dict[str, Any] = {}
+  source = st.radio("Steering", SOURCES, horizontal=True, key="live_steer_source")
+  chosen["source"] = source
+  if source == "none":
+    return None, chosen
+  c1, c2, c3, c4 = st.columns(4)
+  if source == SOURCES[1]:
+    diffs = {d.name: d for d in root.diffs if d.has("adl", "means.npz")}
+    if not diffs:
+      st.info("No diff result has ADL means (diff/adl/means.npz): run `python -m launch.diff` (or `python -m "
+              "launch.demo`) to steer by δ_p.")
+      return None, chosen
+    name = c1.selectbox("diff result", list(diffs), key="live_steer_diff")
+    means = adl_means(diffs[name])
+    layer = c2.selectbox("layer", [int(l) for l in np.asarray(means["layers"]).reshape(-1)], key="live_steer_layer")
+    position = c3.selectbox("position p", live.adl_positions(means), key="live_steer_position")
+    alpha = c4.number_input("α (× typical residual norm)", value=1.0, step=0.25, key="live_alpha")
+    chosen.update(diff=name, layer=layer, position=position)
+    return live.adl_steering(means, layer, position, alpha), chosen
+  if source == SOURCES[2]:
+    diffs = {d.name: d for d in root.diffs if d.has("pca", "components.npy")}
+    if not diffs:
+      st.info("No diff result has PCA components (diff/pca/components.npy): run `python -m launch.diff "
+              "--config.methods='(\"pca\",)'` to steer by a principal component.")
+      return None, chosen
+    name = c1.selectbox("diff result", list(diffs), key="live_steer_diff")
+    pca_dir = diffs[name].diff_dir / "pca"
+    pca = pca_for(str(pca_dir), _stamp(pca_dir / "components.npy"))
+    comp = c2.number_input(f"component (0..{len(pca['components']) - 1}; layer {pca['layer']})", min_value=0,
+                           max_value=len(pca["components"]) - 1, value=0, key="live_steer_component")
+    alpha = c4.number_input("α (× the component's σ)", value=4.0, step=0.5, key="live_alpha")
+    chosen.update(diff=name, component=int(comp))
+    return live.pca_steering(pca, int(comp), alpha), chosen
+  runs = _runs_with_checkpoints(root)
+  if not runs:
+    st.info("No crosscoder run with checkpoints: train one with `python -m launch.train` (or `python -m "
+            "launch.demo`) to steer by a latent.")
+    return None, chosen
+  names = list(runs)
+  wanted = query_param("run")
+  name = c1.selectbox("run", names, index=names.index(wanted) if wanted in names else 0, key="live_steer_run")
+  run = run_for(str(runs[name].path), _stamp(runs[name].path / "checkpoints"))
+  default = int(query_param("latent", "0")) if (query_param("latent") or "").isdigit() else 0
+  latent = c2.number_input(f"latent (0..{run.crosscoder.cfg.dict_size - 1}; layer {run.layer})", min_value=0,
+                           max_value=run.crosscoder.cfg.dict_size - 1,
+                           value=min(default, run.crosscoder.cfg.dict_size - 1), key="live_steer_latent")
+  unit = "× max activation" if run.max_act is not None else "code units"
+  alpha = c4.number_input(f"α ({unit})", value=1.0, step=0.5, key="live_alpha")
+  chosen.update(run=name, latent=int(latent))
+  return live.latent_steering(run, int(latent), alpha), chosen
+
+
+def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any]) -> tuple[str | None, list[int]]:
+  """The run and latents whose activations on the prompt are shown (none when no run has checkpoints)."""
+  runs = _runs_with_checkpoints(root)
+  if not runs:
+    return None, []
+  names = list(runs)
+  wanted = steer_choice.get("run") or query_param("run")
+  c1, c2 = st.columns([1, 2])
+  name = c1.selectbox("activations of latents of run", names, index=names.index(wanted) if wanted in names else 0,
+                      key="live_act_run")
+  default = steer_choice.get("latent", query_param("latent") or "")
+  text = c2.text_input("latents (comma-separated; empty: none)", value=str(default), key="live_act_latents")
+  try:
+    latents = [int(t) for t in text.replace(" ", "").split(",") if t]
+  except ValueError:
+    st.error(f"latents {text!r} are not integers: give indices like `12, 40`.")
+    latents = []
+  return name, latents
+
+
+def tokens_html(acts: live.LatentActivations, column: int) -> str:
+  """The text's tokens, each on a background by latent `column`'s activation / its max, the strongest boxed."""
+  a = np.asarray(acts.acts[:, column], np.float64)
+  top = float(a.max()) if len(a) else 0.0
+  spans = []
+  for i, (tok, v) in enumerate(zip(acts.tokens, a)):
+    shown = html.escape(tok).replace("\n", "↵").replace("\t", "⇥")
+    alpha = 0.0 if top <= 0 else max(0.0, float(v)) / top
+    style = f"background: rgba(255, 120, 0, {alpha:.3f}); padding: 1px 0; white-space: pre;"
+    cls = "live-token firing" if top > 0 and i == int(a.argmax()) else "live-token"
+    extra = " border: 2px solid #c00; font-weight: bold;" if "firing" in cls else ""
+    spans.append(f'<span class="{cls}" title="{float(v):.4f}" style="{style}{extra}">{shown}</span>')
+  j = acts.latents[column]
+  return (f'<div class="live-latent" data-latent="{j}"><b>latent {j}</b> (max {top:.4f}): '
+          f'{"".join(spans)}</div>')
+
+
+def _run(session: live.LiveSession, root: ResultsRoot, prompt: str, top_k: int, max_new: int, chat: bool,
+         steer: live.Steering | None, act_run: str | None, latents: list[int]) -> dict[str, Any]:
+  """Everything the page shows for one submitted prompt."""
+  out: dict[str, Any] = {"prompt": prompt, "steer": steer.label if steer is not None else None,
+                         "pair": (session.base_path, session.ft_path, session.dtype)}
+  out["table"] = session.next_token_table(prompt, top_k, chat=chat)
+  if steer is not None:
+    out["table_steered"] = session.next_token_table(prompt, top_k, steer=steer, chat=chat)
+  out["gen"] = session.generate(prompt, max_new, steer=steer, chat=chat)
+  if act_run is not None and latents:
+    run = root.run(act_run)
+    loaded = run_for(str(run.path), _stamp(run.path / "checkpoints"))
+    out["acts"] = session.latent_activations(prompt, loaded, latents)
+  return out
+
+
+def _probs_table(df: pd.DataFrame) -> pd.DataFrame:
+  show = df[["token", "p_base", "p_ft", "p_diff", "rank_base", "rank_ft", "token_id"]].copy()
+  show["token"] = [repr(t) for t in show.token]
+  return show
+
+
+def show_outputs(out: dict[str, Any]) -> None:
+  """Next-token tables, generations side by side (steered under them), latent activations."""
+  st.subheader("Next token")
+  st.caption("Each model's probability of the next token after the prompt: the union of both top-k, by the larger.")
+  st.dataframe(_probs_table(out["table"]), hide_index=True, key="live_next_tokens")
+  if "table_steered" in out:
+    st.caption(f"Steered ({out['steer']}):")
+    st.dataframe(_probs_table(out["table_steered"]), hide_index=True, key="live_next_tokens_steered")
+  st.subheader("Generations (greedy)")
+  gen = out["gen"]
+  left, right = st.columns(2)
+  with left:
+    st.markdown("**Base model**")
+    with st.container(border=True, key="live_gen_base"):
+      st.text(gen.base)
+  with right:
+    st.markdown("**Fine-tuned model**")
+    with st.container(border=True, key="live_gen_ft"):
+      st.text(gen.ft)
+  if gen.ft_steered is not None:
+    st.caption(f"Steered: {out['steer']}")
+    left, right = st.columns(2)
+    with left:
+      st.markdown("**Base model, steered**")
+      with st.container(border=True, key="live_gen_base_steered"):
+        st.text(gen.base_steered)
+    with right:
+      st.markdown("**Fine-tuned model, steered**")
+      with st.container(border=True, key="live_gen_ft_steered"):
+        st.text(gen.ft_steered)
+  if "acts" in out:
+    acts = out["acts"]
+    st.subheader("Latent activations on the prompt")
+    st.caption("Plain text after BOS, as the crosscoder's training data was read; hover a token for its activation.")
+    with st.container(key="live_latent_acts"):
+      st.html("".join(tokens_html(acts, i) for i in range(len(acts.latents))))
+    with st.expander("as a table"):
+      st.dataframe(acts.frame(), hide_index=True, key="live_latent_table")
+
+
+def render(root: ResultsRoot) -> None:
+  """The Live page."""
+  st.header("Live: prompt both models")
+  pairs = model_pairs(root)
+  if not pairs:
+    st.info("No run or diff in these results records its model pair (analysis/summary.json `models`, "
+            "diff/pair.json): rerun `python -m launch.analyze` or `python -m launch.diff`, or `python -m launch.demo`.")
+    return
+  labels = list(pairs)
+  c1, c2 = st.columns([4, 1])
+  label = c1.selectbox("model pair", labels, index=_default_pair(pairs), key="live_pair")
+  dtype = c2.selectbox("dtype", ["float32", "bfloat16"], key="live_dtype")
+  base, ft, _ = pairs[label]
+  try:
+    session = session_for(base, ft, dtype)
+  except Exception as e:  # noqa: BLE001  a missing or unreadable checkpoint: say which, keep the other pages
+    st.error(f"Could not load the models {base} and {ft}: {e}")
+    return
+  st.caption(f"{session.num_layers} layers, d={session.hidden_size}; prompts are "
+             f"{'a user turn of the chat template' if session.chat else 'plain text after BOS'} unless unticked.")
+  try:
+    steer, choice = steering_widgets(root)
+  except _ERRORS as e:
+    st.error(str(e))
+    steer, choice = None, {}
+  act_run, latents = latent_widgets(root, choice)
+  with st.form("live_form"):
+    prompt = st.text_area("Prompt", value=DEFAULT_PROMPT, key="live_prompt")
+    c1, c2, c3 = st.columns(3)
+    top_k = c1.number_input("next tokens per model (top k)", min_value=1, max_value=100, value=10, key="live_top_k")
+    max_new = c2.number_input("new tokens", min_value=1, max_value=512, value=32, key="live_max_new_tokens")
+    chat = c3.checkbox("chat template", value=session.chat, disabled=not session.chat, key="live_chat")
+    submitted = st.form_submit_button("Run both models", type="primary", key="live_submit")
+  if submitted:
+    try:
+      with st.spinner("Running both models…"):
+        st.session_state["live_out"] = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer,
+                                            act_run, latents)
+    except _ERRORS as e:
+      st.session_state.pop("live_out", None)
+      st.error(str(e))
+  out = st.session_state.get("live_out")
+  if out is not None and out["pair"] == (base, ft, dtype):  # a result of another pair is not shown under this one
+    show_outputs(out)
+
+
+__all__ = ["SOURCES", "latent_widgets", "model_pairs", "render", "run_for", "session_for", "show_outputs",
+           "steering_widgets", "tokens_html"]
