@@ -223,3 +223,53 @@ def test_errors_name_the_fix(session):
     session.next_token_table("  ", 3)
   with pytest.raises(live.LiveError, match="top_k"):
     session.next_token_table(PROMPT, 0)
+
+
+@pytest.mark.slow
+def test_live_page_in_apptest(demo_root, monkeypatch):
+  """The Live page (AppTest): a prompt steered by a latent shows both models' generations, steered and not, as
+  LiveSession computes them, the next-token table, and the latent's activations with its strongest token boxed."""
+  from pathlib import Path
+
+  from streamlit.testing.v1 import AppTest
+
+  from neurodiff_jax.dashboard.pages.live import model_pairs
+  from neurodiff_jax.dashboard.results import discover
+
+  app = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
+  monkeypatch.setenv("NEURODIFF_RESULTS", str(demo_root))
+  at = AppTest.from_file(app, default_timeout=300)
+  at.query_params["page"] = "live"
+  at.run()
+  assert not at.exception, [e.value for e in at.exception]
+  at.radio(key="live_steer_source").set_value("crosscoder latent").run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+  run_name = at.selectbox(key="live_steer_run").value
+  at.number_input(key="live_steer_latent").set_value(3)
+  at.number_input(key="live_alpha").set_value(20.0)
+  at.text_area(key="live_prompt").input(PROMPT)
+  at.number_input(key="live_max_new_tokens").set_value(12)
+  at.text_input(key="live_act_latents").input("3, 7")
+  at.button(key="live_submit").click().run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+
+  root = discover(demo_root)
+  base, ft, _ = next(iter(model_pairs(root).values()))
+  ref = live.LiveSession(base, ft)
+  steer = live.latent_steering(live.load_run(root.run(run_name).path), 3, 20.0)
+  want = ref.generate(PROMPT, 12, steer=steer)
+  assert [t.value for t in at.text] == [want.base, want.ft, want.base_steered, want.ft_steered]
+  assert want.ft_steered != want.ft or want.base_steered != want.base  # the steer changed something
+  (table, steered) = [d.value for d in at.dataframe][:2]
+  ntt = ref.next_token_table(PROMPT, 10)
+  np.testing.assert_allclose(table["p_ft"], ntt["p_ft"], rtol=1e-4)
+  assert table["token"].tolist() == [repr(t) for t in ntt.token]
+  assert not np.allclose(steered["p_ft"].to_numpy()[:3], table["p_ft"].to_numpy()[:3])
+  shown = at.get("html")[-1].value
+  acts = ref.latent_activations(PROMPT, live.load_run(root.run(run_name).path), [3, 7])
+  for i, part in enumerate(shown.split('class="live-latent"')[1:]):
+    assert f'data-latent="{acts.latents[i]}"' in part
+    a = acts.acts[:, i]
+    assert part.count('class="live-token firing"') == int(a.max() > 0)
+    titles = [float(t.split('"')[0]) for t in part.split('title="')[1:]]
+    np.testing.assert_allclose(titles, a, atol=1e-4)
