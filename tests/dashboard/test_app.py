@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
-
-
-@pytest.fixture(scope="module")
-def _root(request) -> Path:
-  """The results root under test: the lead's `demo_root` fixture when it exists, else $NEURODIFF_TEST_DEMO_ROOT."""
-  try:
-    return Path(request.getfixturevalue("demo_root"))
-  except pytest.FixtureLookupError:
-    path = os.environ.get("NEURODIFF_TEST_DEMO_ROOT")
-    assert path, "set NEURODIFF_TEST_DEMO_ROOT to a results root (runs/<name>, diffs/<name>)"
-    return Path(path)
 
 
 def open_page(root: Path, page: str, monkeypatch, **params: str) -> AppTest:
@@ -56,13 +43,13 @@ def _table(at: AppTest, *columns: str, which: int = 0) -> pd.DataFrame:
   return found[which]
 
 
-def test_overview_shows_each_runs_metrics(_root, monkeypatch):
-  at = open_page(_root, "overview", monkeypatch)
+def test_overview_shows_each_runs_metrics(demo_root, monkeypatch):
+  at = open_page(demo_root, "overview", monkeypatch)
   assert not at.error, [e.value for e in at.error]
   shown = {}
   for m in at.metric:
     shown.setdefault(m.label, []).append(m.value)
-  runs = _runs(_root)
+  runs = _runs(demo_root)
   metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
   # Tabs in discovery order (sorted directory names under runs/).
   assert shown["FVE base (fve/0)"] == [f"{m['fve/0']:.4f}" for m in metrics]
@@ -81,9 +68,9 @@ def test_overview_shows_each_runs_metrics(_root, monkeypatch):
   assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead fraction"] * len(runs)
 
 
-def test_compare_plots_each_runs_latents(_root, monkeypatch):
-  runs = _runs(_root)
-  at = open_page(_root, "compare", monkeypatch)
+def test_compare_plots_each_runs_latents(demo_root, monkeypatch):
+  runs = _runs(demo_root)
+  at = open_page(demo_root, "compare", monkeypatch)
   (counts,) = [t.value for t in at.table]
   assert list(counts.columns) == [r.name for r in runs]
   titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
@@ -104,10 +91,10 @@ def test_compare_plots_each_runs_latents(_root, monkeypatch):
     assert f"{run.name}: latent scaling ({n} latents)" in titles
 
 
-def test_latent_browser_filters_and_searches(_root, monkeypatch):
-  run = _runs(_root)[-1]
+def test_latent_browser_filters_and_searches(demo_root, monkeypatch):
+  run = _runs(demo_root)[-1]
   lat = pd.read_parquet(run / "analysis" / "latents.parquet")
-  at = open_page(_root, "latents", monkeypatch, run=run.name)
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name)
   assert at.selectbox(key="latents_run").value == run.name
   assert len(_table(at, "latent", "tag", "delta_norm")) == len(lat)
   tag = lat["tag"].astype(str).value_counts().index[-1]  # the rarest tag
@@ -132,15 +119,15 @@ def test_latent_browser_filters_and_searches(_root, monkeypatch):
   assert set(_table(at, "latent", "tag", "delta_norm")["latent"]) == expected
 
 
-def test_latent_page_from_the_url(_root, monkeypatch):
-  run = _runs(_root)[-1]
+def test_latent_page_from_the_url(demo_root, monkeypatch):
+  run = _runs(demo_root)[-1]
   ex = pd.read_parquet(run / "analysis" / "examples.parquet")
   top = ex[ex["group"].astype(str) == "top"].sort_values(["latent", "rank"])
   lens = pd.read_parquet(run / "analysis" / "logit_lens.parquet")
   both = set(top["latent"]) & set(lens["latent"])  # a latent with contexts and a logit lens, when one has both
   latent = int(min(both or set(top["latent"])))
   first = top[top["latent"] == latent].iloc[0]
-  at = open_page(_root, "latents", monkeypatch, run=run.name, latent=latent)
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=latent)
   assert not at.error, [e.value for e in at.error]
   assert [h.value for h in at.header] == [f"Latent {latent}"]
   assert at.query_params["latent"] == str(latent) and at.query_params["run"] == run.name
@@ -160,9 +147,9 @@ def test_latent_page_from_the_url(_root, monkeypatch):
   assert stats.loc["tag", "value"] == row["tag"]
 
 
-def test_adl_page_shows_the_tables(_root, monkeypatch):
-  diff = _diff(_root)
-  at = open_page(_root, "adl", monkeypatch, diff=diff.name)
+def test_adl_page_shows_the_tables(demo_root, monkeypatch):
+  diff = _diff(demo_root)
+  at = open_page(demo_root, "adl", monkeypatch, diff=diff.name)
   assert not at.error, [e.value for e in at.error]
   lens = pd.read_parquet(diff / "diff" / "adl" / "logit_lens.parquet")
   shown = _table(at, "promoted (+δ)")
@@ -181,8 +168,8 @@ def test_adl_page_shows_the_tables(_root, monkeypatch):
   assert norms.size == len(lens.groupby(["layer", "position"]))
 
 
-def test_old_results_and_no_results_are_messages(_root, tmp_path, monkeypatch):
-  run = _runs(_root)[0]
+def test_old_results_and_no_results_are_messages(demo_root, tmp_path, monkeypatch):
+  run = _runs(demo_root)[0]
   old = tmp_path / "old" / "runs" / "r"
   (old / "analysis").mkdir(parents=True)
   for f in (run / "analysis").iterdir():

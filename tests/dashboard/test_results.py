@@ -14,17 +14,6 @@ import pytest
 from neurodiff_jax.dashboard.results import NoResults, OldResults, discover
 
 
-@pytest.fixture(scope="module")
-def _root(request) -> Path:
-  """The results root under test: the lead's `demo_root` fixture when it exists, else $NEURODIFF_TEST_DEMO_ROOT."""
-  try:
-    return Path(request.getfixturevalue("demo_root"))
-  except pytest.FixtureLookupError:
-    path = os.environ.get("NEURODIFF_TEST_DEMO_ROOT")
-    assert path, "set NEURODIFF_TEST_DEMO_ROOT to a results root (runs/<name>, diffs/<name>)"
-    return Path(path)
-
-
 def _run_dirs(root: Path) -> list[Path]:
   """Independent of discover: the run directories the demo layout puts under runs/."""
   return sorted(p for p in (root / "runs").iterdir() if (p / "analysis" / "summary.json").is_file())
@@ -52,9 +41,9 @@ def _link_tree(src: Path, dst: Path, replace: dict[str, dict] | None = None) -> 
         (dst / rel / f).symlink_to((Path(dirpath) / f).resolve())
 
 
-def test_discover_finds_runs_and_diffs_with_their_tables(_root):
-  root = discover(_root)
-  runs = _run_dirs(_root)
+def test_discover_finds_runs_and_diffs_with_their_tables(demo_root):
+  root = discover(demo_root)
+  runs = _run_dirs(demo_root)
   assert sorted(r.path.resolve() for r in root.runs) == sorted(p.resolve() for p in runs)
   for run in root.runs:
     assert run.error is None, run.error
@@ -74,7 +63,7 @@ def test_discover_finds_runs_and_diffs_with_their_tables(_root):
     cfg = run.config()
     assert cfg["sparsity"] == summary["sparsity"] and cfg["dict_size"] == summary["dict_size"]
     assert cfg["layer"] == summary["layer"]
-  assert sorted(d.path.resolve() for d in root.diffs) == sorted(p.resolve() for p in _diff_dirs(_root))
+  assert sorted(d.path.resolve() for d in root.diffs) == sorted(p.resolve() for p in _diff_dirs(demo_root))
   for diff in root.diffs:
     assert diff.error is None, diff.error
     assert diff.methods == sorted(p.name for p in (diff.path / "diff").iterdir() if (p / "done.json").is_file())
@@ -89,9 +78,9 @@ def test_discover_finds_runs_and_diffs_with_their_tables(_root):
   assert len(pairs) == len(set(pairs)) and all(len(p) == 2 for p in pairs)
 
 
-def test_discover_any_layout_names_from_demo_json(_root, tmp_path):
+def test_discover_any_layout_names_from_demo_json(demo_root, tmp_path):
   """Runs and diffs nested at other depths are found; demo.json, when present, gives their names."""
-  run, diff = _run_dirs(_root)[0], _diff_dirs(_root)[0]
+  run, diff = _run_dirs(demo_root)[0], _diff_dirs(demo_root)[0]
   (tmp_path / "deep" / "er").mkdir(parents=True)
   (tmp_path / "deep" / "er" / "myrun").symlink_to(run.resolve())
   (tmp_path / "elsewhere").mkdir()
@@ -105,8 +94,8 @@ def test_discover_any_layout_names_from_demo_json(_root, tmp_path):
   assert root.run("nice").latents().shape == pd.read_parquet(run / "analysis" / "latents.parquet").shape
 
 
-def test_old_results_keep_their_place_with_the_rerun_command(_root, tmp_path):
-  run, diff = _run_dirs(_root)[0], _diff_dirs(_root)[0]
+def test_old_results_keep_their_place_with_the_rerun_command(demo_root, tmp_path):
+  run, diff = _run_dirs(demo_root)[0], _diff_dirs(demo_root)[0]
   summary = json.loads((run / "analysis" / "summary.json").read_text())
   summary.pop("format_version")
   _link_tree(run, tmp_path / "runs" / "old", {"analysis/summary.json": summary})
@@ -128,8 +117,8 @@ def test_old_results_keep_their_place_with_the_rerun_command(_root, tmp_path):
     bad.table("adl", "relevance")
 
 
-def test_run_without_analysis_and_missing_or_empty_roots(_root, tmp_path):
-  run = _run_dirs(_root)[0]
+def test_run_without_analysis_and_missing_or_empty_roots(demo_root, tmp_path):
+  run = _run_dirs(demo_root)[0]
   work = tmp_path / "root" / "trained"
   (work / "tensorboard").mkdir(parents=True)
   shutil.copy(run / "tensorboard" / "metrics.jsonl", work / "tensorboard" / "metrics.jsonl")
