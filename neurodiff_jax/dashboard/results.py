@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,17 @@ def _names(root: Path, dirs: list[Path], given: dict[str, str]) -> list[str]:
   return out
 
 
+def _read_error(read: Callable[[], Any], path: Path, rerun: str) -> str | None:
+  """None when `read()` (of the file at `path`) works, else the message the pages show, naming `rerun`."""
+  try:
+    read()
+  except OldResults as e:
+    return str(e)
+  except (OSError, json.JSONDecodeError) as e:
+    return f"{path} cannot be read ({e}). Rerun: {rerun}"
+  return None
+
+
 def discover(path: str | Path) -> ResultsRoot:
   """Every crosscoder run and diff result under `path` (NoResults, naming the command to run, when there are none)."""
   root = Path(path).expanduser()
@@ -331,23 +343,13 @@ def discover(path: str | Path) -> ResultsRoot:
     analysis = d / "analysis" if (d / "analysis" / "summary.json").is_file() else None
     run = Run(name=name, path=d, analysis=analysis)
     if analysis is not None:
-      try:
-        run.summary()
-      except OldResults as e:
-        run.error = str(e)
-      except (OSError, json.JSONDecodeError) as e:
-        run.error = f"{analysis / 'summary.json'} cannot be read ({e}). Rerun: {analyze_command(d)}"
+      run.error = _read_error(run.summary, analysis / "summary.json", analyze_command(d))
     runs.append(run)
   diffs = []
   for name, d in zip(_names(root, diff_dirs, (demo or {}).get("diffs", {})), diff_dirs):
     methods = sorted(e.name for e in os.scandir(d / "diff") if e.is_dir() and (Path(e.path) / "done.json").is_file())
     result = DiffResult(name=name, path=d, methods=methods)
-    try:
-      result.pair()
-    except OldResults as e:
-      result.error = str(e)
-    except (OSError, json.JSONDecodeError) as e:
-      result.error = f"{d / 'diff' / 'pair.json'} cannot be read ({e}). Rerun: {diff_command(d)}"
+    result.error = _read_error(result.pair, d / "diff" / "pair.json", diff_command(d))
     diffs.append(result)
   return ResultsRoot(path=root, runs=runs, diffs=diffs, demo=demo)
 
