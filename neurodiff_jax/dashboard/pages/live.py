@@ -210,26 +210,10 @@ def show_outputs(out: dict[str, Any]) -> None:
     st.dataframe(_probs_table(out["table_steered"]), hide_index=True, key="live_next_tokens_steered")
   st.subheader("Generations (greedy)")
   gen = out["gen"]
-  left, right = st.columns(2)
-  with left:
-    st.markdown("**Base model**")
-    with st.container(border=True, key="live_gen_base"):
-      st.text(gen.base)
-  with right:
-    st.markdown("**Fine-tuned model**")
-    with st.container(border=True, key="live_gen_ft"):
-      st.text(gen.ft)
+  _generations(gen.base, gen.ft, "", "")
   if gen.ft_steered is not None:
     st.caption(f"Steered: {out['steer']}")
-    left, right = st.columns(2)
-    with left:
-      st.markdown("**Base model, steered**")
-      with st.container(border=True, key="live_gen_base_steered"):
-        st.text(gen.base_steered)
-    with right:
-      st.markdown("**Fine-tuned model, steered**")
-      with st.container(border=True, key="live_gen_ft_steered"):
-        st.text(gen.ft_steered)
+    _generations(gen.base_steered, gen.ft_steered, ", steered", "_steered")
   if "acts" in out:
     acts = out["acts"]
     st.subheader("Latent activations on the prompt")
@@ -238,6 +222,15 @@ def show_outputs(out: dict[str, Any]) -> None:
       st.html("".join(tokens_html(acts, i) for i in range(len(acts.latents))))
     with st.expander("as a table"):
       st.dataframe(acts.frame(), hide_index=True, key="live_latent_table")
+
+
+def _generations(base: str, ft: str, label: str, key: str) -> None:
+  """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`."""
+  for column, title, name, text in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft"), (base, ft)):
+    with column:
+      st.markdown(f"**{title}{label}**")
+      with st.container(border=True, key=f"live_gen_{name}{key}"):
+        st.text(text)
 
 
 def render(root: ResultsRoot) -> None:
