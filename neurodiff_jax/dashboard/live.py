@@ -41,7 +41,7 @@ from neurodiff_jax.crosscoder import load as load_crosscoder
 from neurodiff_jax.crosscoder.checkpoint import load_run_config
 from neurodiff_jax.crosscoder.model import encode_inference
 from neurodiff_jax.models import Transformer, load_model, load_tokenizer
-from neurodiff_jax.models.generate import encode_prompt, greedy_generate, stop_ids
+from neurodiff_jax.models.generate import GreedyGenerator, encode_prompt, stop_ids
 
 T_BUCKET = 16  # prompts are right-padded to a multiple of this: few shapes, few compilations
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -240,6 +240,7 @@ class LiveSession:
     self.chat = bool(getattr(self.tokenizer, "chat_template", None))
     self._stops = stop_ids(self.tokenizer)
     self._fwd = {"base": _forward_fn(self.base), "ft": _forward_fn(self.ft)}
+    self._gen = {"base": GreedyGenerator(self.base, T_BUCKET), "ft": GreedyGenerator(self.ft, T_BUCKET)}
 
   @property
   def num_layers(self) -> int:
@@ -313,18 +314,14 @@ class LiveSession:
     order = np.maximum(df.p_base, df.p_ft).to_numpy()
     return df.iloc[np.argsort(-order, kind="stable")].reset_index(drop=True)
 
-  def _generate(self, model: Transformer, ids: list[int], max_new_tokens: int,
-                steer: Steering | None) -> list[list[int]]:
-    """[unsteered] or [unsteered, steered] continuations of one model: both rows in one `greedy_generate` call."""
-    interventions = None
-    rows = [ids] if steer is None else [ids, ids]
-    if steer is not None:
-      # [2, d]: row 0 unsteered, row 1 steered
-      add = jnp.stack([jnp.zeros(self.hidden_size, jnp.float32), jnp.asarray(steer.addition)])
-      interventions = {int(steer.layer): lambda x: x + add.astype(x.dtype)[:, None, :]}
+  def _generate(self, name: str, ids: list[int], max_new_tokens: int, steer: Steering | None) -> list[list[int]]:
+    """[unsteered] or [unsteered, steered] continuations of one model: both rows in one compiled call."""
     pad = getattr(self.tokenizer, "pad_token_id", None)
-    outs = greedy_generate(model, rows, int(max_new_tokens), eos_id=None, pad_id=0 if pad is None else int(pad),
-                           interventions=interventions)
+    if steer is None:
+      rows, add, layer = [ids], None, -1
+    else:  # [2, d]: row 0 unsteered, row 1 steered
+      rows, add, layer = [ids, ids], np.stack([np.zeros(self.hidden_size, np.float32), steer.addition]), steer.layer
+    outs = self._gen[name](rows, int(max_new_tokens), add=add, layer=int(layer), pad_id=0 if pad is None else int(pad))
     return [out[:next((i for i, t in enumerate(out) if t in self._stops), len(out))] for out in outs]
 
   def generate(self, prompt: str, max_new_tokens: int = 32, steer: Steering | None = None,
@@ -336,8 +333,8 @@ class LiveSession:
     ids = self.encode(prompt, chat)
     dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)
     out = {}
-    for name, model in (("base", self.base), ("ft", self.ft)):
-      rows = self._generate(model, ids, max_new_tokens, steer)
+    for name in ("base", "ft"):
+      rows = self._generate(name, ids, max_new_tokens, steer)
       out[name] = rows[0]
       if steer is not None:
         out[f"{name}_steered"] = rows[1]

@@ -2,7 +2,8 @@
 
 Without a KV cache: every step re-runs the fixed-shape buffer, all steps inside one jitted
 `fori_loop`, so the whole generation compiles once. Right for the small models and short
-completions of tests, organisms and steering demos.
+completions of tests, organisms and steering demos. `GreedyGenerator` keeps its compiled program
+across calls (the dashboard's live page).
 """
 
 from __future__ import annotations
@@ -42,6 +43,46 @@ def stop_ids(tokenizer: Any) -> set[int]:
   return stops
 
 
+def _left_padded(prompts: Sequence[Sequence[int]], width: int, total: int,
+                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts left-padded so each ends at column `width` - 1, in a [B, total] buffer, and their mask."""
+  ids = np.full((len(prompts), total), pad_id, np.int32)
+  mask = np.zeros((len(prompts), total), bool)
+  for i, prompt in enumerate(prompts):
+    ids[i, width - len(prompt) : width] = prompt
+    mask[i, width - len(prompt) : width] = True
+  return ids, mask
+
+
+def _decode(m: Transformer, ids: jax.Array, mask: jax.Array, width: int, max_new_tokens: int,
+            interventions: Mapping[int, Intervention] | None) -> jax.Array:
+  """The greedy loop (traced): fills columns width .. width + max_new_tokens - 1 of `ids`, one forward per token."""
+
+  def step(i, carry):
+    ids, mask = carry
+    logits = m(ids, mask, interventions=interventions).logits  # [B, total, V]
+    nxt = jnp.argmax(logits[:, width + i - 1], axis=-1).astype(ids.dtype)
+    return ids.at[:, width + i].set(nxt), mask.at[:, width + i].set(True)
+
+  return jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))[0]
+
+
+def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
+  results = []
+  for row in out.tolist():
+    if eos_id is not None and eos_id in row:
+      row = row[: row.index(eos_id) + 1]
+    results.append(row)
+  return results
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token.")
+  if int(max_new_tokens) < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+
+
 def greedy_generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -52,36 +93,64 @@ def greedy_generate(
     interventions: Mapping[int, Intervention] | None = None,
 ) -> list[list[int]]:
   """Greedy continuations (token ids, cut after `eos_id`) of each prompt."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token.")
-  b, p = len(prompts), max(len(x) for x in prompts)
-  total = p + max_new_tokens
-  ids = np.full((b, total), pad_id, np.int32)
-  mask = np.zeros((b, total), bool)
-  for i, prompt in enumerate(prompts):  # left padding: every prompt ends at column p - 1
-    ids[i, p - len(prompt) : p] = prompt
-    mask[i, p - len(prompt) : p] = True
+  _check_prompts(prompts, max_new_tokens)
+  p = max(len(x) for x in prompts)
+  ids, mask = _left_padded(prompts, p, p + max_new_tokens, pad_id)
   graphdef, state = nnx.split(model)
 
+  # Compiled per call: `interventions` are closures, part of the traced program.
   @jax.jit
   def run(state, ids, mask):
-    m = nnx.merge(graphdef, state)
+    return _decode(nnx.merge(graphdef, state), ids, mask, p, max_new_tokens, interventions)
 
-    def step(i, carry):
-      ids, mask = carry
-      logits = m(ids, mask, interventions=interventions).logits  # [B, total, V]
-      nxt = jnp.argmax(logits[:, p + i - 1], axis=-1).astype(ids.dtype)
-      return ids.at[:, p + i].set(nxt), mask.at[:, p + i].set(True)
-
-    return jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))[0]
-
-  out = np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask)))[:, p:]
-  results = []
-  for row in out.tolist():
-    if eos_id is not None and eos_id in row:
-      row = row[: row.index(eos_id) + 1]
-    results.append(row)
-  return results
+  return _cut(np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask)))[:, p:], eos_id)
 
 
-__all__ = ["END_OF_TURN_TOKENS", "encode_prompt", "greedy_generate", "stop_ids"]
+class GreedyGenerator:
+  """Greedy decoding of one model for interactive use: compiled once per shape, the steering vector an argument.
+
+  `greedy_generate` traces its interventions into the program, so every call compiles. Here the only
+  intervention is a per-row addition after one block, passed as data, and prompts are left-padded to a
+  multiple of `bucket`: a session compiles once per (rows, prompt bucket, new tokens, layer) and later
+  prompts and steering strengths of those shapes reuse it. Outputs equal `greedy_generate`'s with the
+  same addition (positions come from the mask, so the extra left padding changes nothing).
+  """
+
+  def __init__(self, model: Transformer, bucket: int = 16):
+    if int(bucket) < 1:
+      raise ValueError(f"bucket={bucket} must be at least 1.")
+    self.bucket = int(bucket)
+    self.hidden_size = int(model.cfg.hidden_size)
+    self._graphdef, self._state = nnx.split(model)
+    graphdef = self._graphdef
+
+    def run(state, ids, mask, add, width, max_new_tokens, layer):
+      interventions = None if layer < 0 else {layer: lambda x: x + add.astype(x.dtype)[:, None, :]}
+      return _decode(nnx.merge(graphdef, state), ids, mask, width, max_new_tokens, interventions)
+
+    self._run = jax.jit(run, static_argnames=("width", "max_new_tokens", "layer"))
+
+  def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, add: Any = None, layer: int = -1,
+               eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of `prompts`, with `add` [B, d] (or [d], every row) added after block `layer` if given."""
+    _check_prompts(prompts, max_new_tokens)
+    width = -(-max(len(x) for x in prompts) // self.bucket) * self.bucket
+    ids, mask = _left_padded(prompts, width, width + int(max_new_tokens), pad_id)
+    b = len(prompts)
+    if add is None:
+      vec, layer = jnp.zeros((b, self.hidden_size), jnp.float32), -1
+    else:
+      vec = np.asarray(add, np.float32)
+      if vec.shape == (self.hidden_size,):
+        vec = np.broadcast_to(vec, (b, self.hidden_size))
+      if vec.shape != (b, self.hidden_size):
+        raise ValueError(f"the addition has shape {np.shape(add)}; give [d] or [{b}, d] with d={self.hidden_size}.")
+      vec = jnp.asarray(vec)
+      if int(layer) < 0:
+        raise ValueError(f"layer={layer}: name the block after which the addition is made.")
+    out = self._run(self._state, jnp.asarray(ids), jnp.asarray(mask), vec, width=width,
+                    max_new_tokens=int(max_new_tokens), layer=int(layer))
+    return _cut(np.asarray(out)[:, width:], eos_id)
+
+
+__all__ = ["END_OF_TURN_TOKENS", "GreedyGenerator", "encode_prompt", "greedy_generate", "stop_ids"]
