@@ -1,7 +1,11 @@
 """Shared pieces of the dashboard's pages: cached table reads and widgets that follow the URL's query parameters.
 
-Every table read goes through `st.cache_data`, keyed by the file's path and modification time, so a page
-rerun (every widget change) reads nothing twice and a rerun of `launch.analyze` is picked up.
+Every table read goes through `st.cache_resource`, keyed by the file's path and modification time, so a page
+rerun (every widget change) reads nothing twice and a rerun of `launch.analyze` is picked up. Not
+`st.cache_data`: it hands out a copy by unpickling the result on every hit, which for a run's
+examples table (tens of thousands of rows of token lists) cost most of a latent page's rerun
+(benchmarks/dashboard.py). The cached tables are shared, so pages treat them as read-only: every
+change goes into a copy.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import streamlit as st
 
 from neurodiff_jax.dashboard.results import DiffResult, Run
 
+TAG_ORDER = ("chat_only", "base_only", "shared", "other", "dead")  # the Δnorm classes, in the order pages show them
+
 
 def _stamp(path: Path) -> float:
   try:
@@ -24,7 +30,7 @@ def _stamp(path: Path) -> float:
     return 0.0
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def _run_read(path: str, what: str, stamp: float, _run: Run) -> Any:
   return getattr(_run, what)()
 
@@ -37,7 +43,7 @@ def run_read(run: Run, what: str) -> Any:
   return _run_read(str(run.path), what, _stamp(run.path / files[what]), run)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def _run_table(path: str, file: str, stamp: float, _run: Run) -> pd.DataFrame:
   return _run.table(file)
 
@@ -47,7 +53,7 @@ def run_table(run: Run, file: str) -> pd.DataFrame:
   return _run_table(str(run.path), file, _stamp(run.path / "analysis" / file), run)
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def _diff_table(path: str, method: str, file: str, stamp: float, _diff: DiffResult) -> pd.DataFrame:
   return _diff.table(method, file)
 
@@ -57,7 +63,7 @@ def diff_table(diff: DiffResult, method: str, file: str) -> pd.DataFrame:
   return _diff_table(str(diff.path), method, file, _stamp(diff.diff_dir / method / file), diff)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
+@st.cache_resource(show_spinner=False, max_entries=16)
 def _adl_means(path: str, stamp: float, _diff: DiffResult) -> dict[str, np.ndarray] | None:
   return _diff.adl_means()
 
@@ -86,6 +92,11 @@ def pick(label: str, options: Sequence[str], param: str, key: str) -> str | None
   return choice
 
 
+def flag(column: pd.Series) -> pd.Series:
+  """A nullable boolean column (e.g. `genuine`, missing where not judged) as plain bools, missing = False."""
+  return column.astype("boolean").fillna(False).astype(bool)
+
+
 def fmt(value: Any, digits: int = 4) -> str:
   """A number for display (— for missing)."""
   if value is None or value is pd.NA or (isinstance(value, float) and not np.isfinite(value)):
@@ -99,4 +110,4 @@ def fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-__all__ = ["adl_means", "diff_table", "fmt", "pick", "query_param", "run_read", "run_table"]
+__all__ = ["TAG_ORDER", "adl_means", "diff_table", "flag", "fmt", "pick", "query_param", "run_read", "run_table"]

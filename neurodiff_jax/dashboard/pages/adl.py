@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import adl_means, diff_table, fmt, pick
+from neurodiff_jax.dashboard.pages import adl_means, diff_table, flag, fmt, pick
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 
@@ -55,7 +55,7 @@ def patchscope_summary(patch: pd.DataFrame, vocabulary: set[str], top: int = 10)
     part = part.sort_values("rank").head(top)
     rows.append({"layer": int(layer), "position": int(pos), "scale": float(part["scale"].iloc[0]),
                  "tokens": " · ".join(_mark(part["token"], vocabulary)),
-                 "relevant": int(part["relevant"].astype("boolean").fillna(False).sum())})
+                 "relevant": int(flag(part["relevant"]).sum())})
   return pd.DataFrame(rows)
 
 

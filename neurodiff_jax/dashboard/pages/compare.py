@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import fmt, query_param, run_read
+from neurodiff_jax.dashboard.pages import TAG_ORDER, flag, fmt, query_param, run_read
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
-TAG_ORDER = ["chat_only", "base_only", "shared", "other", "dead"]
 TAG_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#aaaaaa", "#000000"]
 NU_CLIP = (-0.5, 1.5)  # ν outside this range is drawn on its edge (a near-zero β^chat makes ν huge)
 
@@ -26,7 +25,7 @@ def delta_norm_histogram(latents: pd.DataFrame, title: str, bins: int = 40) -> a
   return alt.Chart(df, title=title).mark_bar().encode(
       x=alt.X("delta_norm:Q", bin=alt.Bin(maxbins=bins, extent=[0, 1]), title="Δnorm (0 base-only, 1 chat-only)"),
       y=alt.Y("count():Q", title="latents"),
-      color=alt.Color("tag:N", scale=alt.Scale(domain=TAG_ORDER, range=TAG_COLOURS)),
+      color=alt.Color("tag:N", scale=alt.Scale(domain=list(TAG_ORDER), range=TAG_COLOURS)),
       tooltip=["tag:N", alt.Tooltip("count():Q", title="latents")],
   ).properties(height=260).interactive()
 
@@ -37,7 +36,7 @@ def nu_points(latents: pd.DataFrame, chat_only: bool = True) -> pd.DataFrame:
   df = df[np.isfinite(df["nu_recon"].astype(float)) & np.isfinite(df["nu_error"].astype(float))].copy()
   df["nu_recon_shown"] = df["nu_recon"].clip(*NU_CLIP)
   df["nu_error_shown"] = df["nu_error"].clip(*NU_CLIP)
-  df["genuine"] = df["genuine"].astype("boolean").fillna(False).map({True: "genuine", False: "not genuine"})
+  df["genuine"] = flag(df["genuine"]).map({True: "genuine", False: "not genuine"})
   df["tag"] = df["tag"].astype(str)
   return df
 
@@ -45,7 +44,7 @@ def nu_points(latents: pd.DataFrame, chat_only: bool = True) -> pd.DataFrame:
 def nu_scatter(points: pd.DataFrame, title: str, colour: str = "genuine") -> alt.Chart:
   """ν^ε against ν^r, one point per latent, coloured by `colour` (genuine or tag), with the latent in the tooltip."""
   scale = alt.Scale(domain=["genuine", "not genuine"], range=["#2ca02c", "#d62728"]) if colour == "genuine" else \
-      alt.Scale(domain=TAG_ORDER, range=TAG_COLOURS)
+      alt.Scale(domain=list(TAG_ORDER), range=TAG_COLOURS)
   return alt.Chart(points, title=title).mark_circle(size=40, opacity=0.7).encode(
       x=alt.X("nu_recon_shown:Q", title="ν^r = β^r,base / β^r,chat", scale=alt.Scale(domain=list(NU_CLIP))),
       y=alt.Y("nu_error_shown:Q", title="ν^ε = β^ε,base / β^ε,chat", scale=alt.Scale(domain=list(NU_CLIP))),
@@ -106,4 +105,4 @@ def render(root: ResultsRoot) -> None:
         st.caption(f"{outside} latent(s) with ν outside [{NU_CLIP[0]}, {NU_CLIP[1]}] drawn on the edge.")
 
 
-__all__ = ["NU_CLIP", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]
+__all__ = ["NU_CLIP", "TAG_COLOURS", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import fmt, pick, query_param, run_read, run_table
+from neurodiff_jax.dashboard.pages import TAG_ORDER, flag, fmt, pick, query_param, run_read, run_table
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
 TABLE_COLUMNS = ["latent", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
@@ -87,7 +87,7 @@ def _within(df: pd.DataFrame, col: str, lo: float, hi: float) -> pd.Series:
 
 def filters(latents: pd.DataFrame) -> pd.DataFrame:
   """The filter widgets (tag, ν, frequency, template share, genuine) and the rows they leave."""
-  tags = [t for t in ["chat_only", "base_only", "shared", "other", "dead"] if t in set(latents["tag"].astype(str))]
+  tags = [t for t in TAG_ORDER if t in set(latents["tag"].astype(str))]
   c1, c2, c3 = st.columns(3)
   chosen = c1.multiselect("tag", tags, default=tags, key="latents_tag")
   genuine_only = c1.checkbox("genuine only (chat-only latents that pass latent scaling)", key="latents_genuine")
@@ -100,7 +100,7 @@ def filters(latents: pd.DataFrame) -> pd.DataFrame:
   nu_recon = c3.slider("ν^r range", -1.0, 2.0, (-1.0, 0.5), step=0.05, key="latents_nu_recon", disabled=not use_nu)
   keep = latents["tag"].astype(str).isin(chosen)
   if genuine_only:
-    keep &= latents["genuine"].astype("boolean").fillna(False).astype(bool)
+    keep &= flag(latents["genuine"])
   if (freq[0], freq[1]) != (lo_f, max(hi_f, lo_f + 1e-9)):  # untouched: keep the latents without a frequency too
     keep &= _within(latents, "freq", *freq)
   if (share[0], share[1]) != (0.0, 1.0):

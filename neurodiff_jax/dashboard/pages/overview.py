@@ -11,10 +11,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import fmt, query_param, run_read
+from neurodiff_jax.dashboard.pages import TAG_ORDER, fmt, query_param, run_read
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
-CLASSES = ("chat_only", "base_only", "shared", "other", "dead")
 # Training curves: (title, metrics.jsonl columns drawn together).
 CURVES = (("loss", ("loss/total", "loss/reconstruction")), ("FVE", ("fve/0", "fve/1")), ("L0", ("l0",)),
           ("dead fraction", ("dead_fraction",)))
@@ -42,7 +41,7 @@ def delta_norm_classes(run: Run) -> dict[str, int]:
     classes = dict(run_read(run, "summary").get("classes", {}))
   if not classes:
     classes = dict(run_read(run, "final_metrics").get("delta_norm_classes", {}))
-  return {c: int(classes[c]) for c in CLASSES if c in classes}
+  return {c: int(classes[c]) for c in TAG_ORDER if c in classes}
 
 
 def curves(history: pd.DataFrame) -> list[alt.Chart]:
@@ -129,4 +128,4 @@ def render(root: ResultsRoot) -> None:
         st.error(d.error)
 
 
-__all__ = ["CLASSES", "CURVES", "config_rows", "curves", "delta_norm_classes", "render", "render_run"]
+__all__ = ["CURVES", "config_rows", "curves", "delta_norm_classes", "render", "render_run"]
