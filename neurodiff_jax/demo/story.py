@@ -16,6 +16,7 @@ computed from those numbers, never written in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from neurodiff_jax.analysis.report import CSS, context_html, esc, fmt, genuine_rule, html_table
+from neurodiff_jax.demo.pipeline import STAGES
 from neurodiff_jax.utils.plots import png_html
 
 STORY_CSS = CSS + """
@@ -48,6 +50,29 @@ def _image(path: Path, alt: str) -> str:
   return png_html(path, alt) if path.is_file() else f"<p>({esc(alt)}: not available)</p>"
 
 
+@dataclasses.dataclass(frozen=True)
+class RunFiles:
+  """One crosscoder run's files the story reads, each read once (None / {} where the run has not written it)."""
+
+  path: Path
+  metrics: dict[str, Any]
+  summary: dict[str, Any]
+  latents: pd.DataFrame | None
+  examples: pd.DataFrame | None
+  causal: pd.DataFrame | None
+
+  @classmethod
+  def read(cls, run: Path) -> RunFiles:
+    """Reads `run`'s metrics.json and its analysis' summary and tables."""
+    a = run / "analysis"
+    return cls(run, _read_json(run / "metrics.json"), _read_json(a / "summary.json"), _parquet(a / "latents.parquet"),
+               _parquet(a / "examples.parquet"), _parquet(a / "causal.parquet"))
+
+  def plot(self, name: str, alt: str) -> str:
+    """The analysis plot `name` embedded, or a note that it is missing."""
+    return _image(self.path / "analysis" / name, alt)
+
+
 def _card(path: str | None) -> dict[str, Any]:
   return _read_json(Path(path) / "card.json").get("ground_truth", {}) if path else {}
 
@@ -70,9 +95,8 @@ def cards_section(organisms: dict[str, str]) -> str:
   return "\n".join(parts)
 
 
-def _run_row(name: str, run: Path) -> list[str]:
-  m = _read_json(run / "metrics.json")
-  s = _read_json(run / "analysis" / "summary.json")
+def _run_row(name: str, run: RunFiles) -> list[str]:
+  m, s = run.metrics, run.summary
   cls = s.get("classes") or m.get("delta_norm_classes") or {}
   knob = f"k={s.get('k')}" if s.get("sparsity") in ("batchtopk", "topk") else "L1"
   return [esc(name), esc(f"{s.get('sparsity', '?')} ({knob})"), esc(fmt(m.get("fve/0"))), esc(fmt(m.get("fve/1"))),
@@ -80,16 +104,14 @@ def _run_row(name: str, run: Path) -> list[str]:
           *(esc(fmt(cls.get(c))) for c in ("shared", "chat_only", "base_only", "other", "dead"))]
 
 
-def classes_section(runs: dict[str, Path]) -> str:
+def classes_section(runs: dict[str, RunFiles]) -> str:
   """Δnorm classes and training figures of every run, with their Δnorm histograms side by side."""
-  rows = [_run_row(n, p) for n, p in runs.items()]
+  rows = [_run_row(n, r) for n, r in runs.items()]
   head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead fraction", "shared", "chat-only", "base-only", "other",
           "dead"]
-  counts = {n: _read_json(p / "analysis" / "summary.json").get("classes", {}).get("chat_only", 0) for n, p in
-            runs.items()}
+  counts = {n: r.summary.get("classes", {}).get("chat_only", 0) for n, r in runs.items()}
   prose = "; ".join(f"{esc(n)} has {esc(fmt(c))} chat-only latents" for n, c in counts.items())
-  plots = "".join(f"<div><h4>{esc(n)}</h4>{_image(p / 'analysis' / 'delta_norm.png', f'{n} Δnorm')}</div>"
-                  for n, p in runs.items())
+  plots = "".join(f"<div><h4>{esc(n)}</h4>{r.plot('delta_norm.png', f'{n} Δnorm')}</div>" for n, r in runs.items())
   return ("<h2>2. Δnorm classes: BatchTopK vs L1</h2>"
           "<p>Δnorm = ½((‖d_chat‖ − ‖d_base‖)/max(‖d_base‖, ‖d_chat‖) + 1): 0 = base-only, 1 = chat-only, ½ = shared "
           f"(live latents; classes as in docs/methods.md). Here {prose}.</p>"
@@ -114,7 +136,7 @@ def _top_token(examples: pd.DataFrame | None, latent: int) -> str:
   return ", ".join(repr(w) for w in words)
 
 
-def scaling_section(runs: dict[str, Path]) -> str:
+def scaling_section(runs: dict[str, RunFiles]) -> str:
   """Which chat-only latents are genuine by latent scaling, and which artifacts, per run."""
   parts = ["<h2>3. Chat-only latents: genuine or artifact (latent scaling)</h2>",
            "<p>For each chat-only latent, β fits how much of the latent the <i>base</i> model’s reconstruction (ν^r) "
@@ -122,22 +144,19 @@ def scaling_section(runs: dict[str, Path]) -> str:
            "the base has the latent but the L1 penalty shrank it away (Complete Shrinkage); ν^r high: other latents "
            "reconstruct it in the base (Latent Decoupling). Genuine = both low.</p>"]
   rows, plots = [], []
-  for name, p in runs.items():
-    a = p / "analysis"
-    table, summary = _parquet(a / "latents.parquet"), _read_json(a / "summary.json")
-    if table is None:
+  for name, r in runs.items():
+    if r.latents is None:
       continue
-    c = _scaling_counts(table, summary)
-    eps_max, rec_max = genuine_rule(summary)
+    c = _scaling_counts(r.latents, r.summary)
+    eps_max, rec_max = genuine_rule(r.summary)
     rows.append([esc(name), esc(fmt(c["chat_only"])), esc(fmt(c["genuine"])), esc(fmt(c["shrinkage"])),
                  esc(fmt(c["decoupling"])), esc(f"ν^ε < {eps_max:g} and ν^r < {rec_max:g}")])
-    plots.append(f"<div><h4>{esc(name)}</h4>{_image(a / 'latent_scaling.png', f'{name} latent scaling')}</div>")
+    plots.append(f"<div><h4>{esc(name)}</h4>{r.plot('latent_scaling.png', f'{name} latent scaling')}</div>")
   parts.append(html_table(["run", "chat-only", "genuine", "artifact: ν^ε high (shrinkage)",
                            "artifact: ν^r high (decoupling)", "rule"], rows))
   parts.append(f'<div class="side">{"".join(plots)}</div>')
-  for name, p in runs.items():
-    a = p / "analysis"
-    table, examples = _parquet(a / "latents.parquet"), _parquet(a / "examples.parquet")
+  for name, r in runs.items():
+    table, examples = r.latents, r.examples
     if table is None:
       continue
     chat = table[(table["tag"] == "chat_only") & table["nu_error"].notna()].copy()
@@ -156,14 +175,13 @@ def scaling_section(runs: dict[str, Path]) -> str:
   return "\n".join(parts)
 
 
-def contexts_section(runs: dict[str, Path], per_latent: int = 3, max_latents: int = 6) -> str:
+def contexts_section(runs: dict[str, RunFiles], per_latent: int = 3, max_latents: int = 6) -> str:
   """The genuine chat-only latents' top contexts, firing token outlined, tokens shaded by activation."""
   parts = ["<h2>4. What the genuine chat-only latents fire on</h2>",
            "<p>Top activations over the whole store; each token shaded by the latent’s activation, the firing token "
            "outlined; hover for the value. ↵ is a newline.</p>"]
-  for name, p in runs.items():
-    a = p / "analysis"
-    table, examples = _parquet(a / "latents.parquet"), _parquet(a / "examples.parquet")
+  for name, r in runs.items():
+    table, examples = r.latents, r.examples
     if table is None or examples is None:
       continue
     gen = table[(table["tag"] == "chat_only") & table["genuine"].fillna(False).astype(bool)]
@@ -179,15 +197,15 @@ def contexts_section(runs: dict[str, Path], per_latent: int = 3, max_latents: in
   return "\n".join(parts)
 
 
-def causal_section(runs: dict[str, Path]) -> str:
+def causal_section(runs: dict[str, RunFiles]) -> str:
   """The causal KL test of each run on the reply tokens."""
   parts = ["<h2>5. Causal test: do the chat-only latents carry the chat behaviour?</h2>",
            "<p>KL(P_chat ‖ P_patched) on held-out chat replies when the chat model’s activation is replaced by the base "
            "model’s plus the named latents’ chat-minus-base difference (docs/analysis.md); all_base = the whole "
            "base activation (the ceiling), all_latents = every latent (the error term alone remains). Lower = that group "
            "carries more of the chat behaviour. 95% bootstrap intervals.</p>"]
-  for name, p in runs.items():
-    t = _parquet(p / "analysis" / "causal.parquet")
+  for name, r in runs.items():
+    t = r.causal
     if t is None:
       continue
     t = t[t.region == "reply"]
@@ -254,11 +272,12 @@ def adl_section(diff_dir: Path, organisms: dict[str, str]) -> str:
 def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   """Writes `<root>/report.html` from the runs and diff results under `root`; returns its path."""
   root = Path(root)
-  runs = {n: root / rel for n, rel in manifest.get("runs", {}).items()}
+  runs = {n: RunFiles.read(root / rel) for n, rel in manifest.get("runs", {}).items()}
   diffs = {n: root / rel for n, rel in manifest.get("diffs", {}).items()}
   organisms = manifest.get("organisms", {})
   stages = manifest.get("stages", {})
-  timing = ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in stages.items())
+  order = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))  # demo.json sorts its keys
+  timing = ", ".join(f"{k} {stages[k].get('seconds', 0):.0f} s" for k in order)
   links = " · ".join([f'<a href="{esc(f"runs/{n}/analysis/report.html")}">{esc(n)} analysis</a>' for n in runs]
                      + [f'<a href="{esc(f"diffs/{n}/report.html")}">{esc(n)} diff</a>' for n in diffs])
   page = [
@@ -279,5 +298,5 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   return path
 
 
-__all__ = ["adl_section", "cards_section", "causal_section", "classes_section", "contexts_section", "scaling_section",
+__all__ = ["RunFiles", "adl_section", "cards_section", "causal_section", "classes_section", "contexts_section", "scaling_section",
            "write_story"]
