@@ -23,7 +23,6 @@ import argparse
 import datetime
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,15 +57,7 @@ def build_pair(root: Path, d: int, layers: int, vocab: int) -> tuple[str, str]:
 
 def fastest(call: Callable[[], object], reps: int) -> tuple[float, float]:
   """(first call s, fastest of `reps` later calls s)."""
-  t = time.perf_counter()
-  call()
-  first = time.perf_counter() - t
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    call()
-    best = min(best, time.perf_counter() - t)
-  return first, best
+  return harness.first_and_fastest(call, reps)[:2]
 
 
 def main(argv: list[str] | None = None) -> None:

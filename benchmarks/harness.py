@@ -154,6 +154,19 @@ def spread(times: Sequence[float], unit: str = "reps") -> str:
   return f"min/median/max {ms(t[0])}/{ms(median(t))}/{ms(t[-1])} ms over {len(t)} {unit}"
 
 
+def first_and_fastest(call: Callable[[], Any], reps: int) -> tuple[float, float, Any]:
+  """(first call s, fastest of `reps` later calls s, the last call's result): compile cost and steady cost."""
+  t = time.perf_counter()
+  out = call()
+  first = time.perf_counter() - t
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = call()
+    best = min(best, time.perf_counter() - t)
+  return first, best, out
+
+
 def ms(seconds: float) -> str:
   """Seconds as milliseconds: whole above 100 ms, two decimals below."""
   return f"{seconds * 1e3:,.0f}" if seconds >= 0.1 else f"{seconds * 1e3:.2f}"
