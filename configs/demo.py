@@ -1,7 +1,7 @@
 """The main job: the whole story on the model organisms, on CPU, in one command.
 
-  python -m launch.demo                              # default organism scale, ≈ 13 min on 2 CPU cores from nothing
-  python -m launch.demo --config=demo:small          # the small (smoke / test) scale, ≈ 4 min
+  python -m launch.demo                              # default organism scale: 626 s on 2 CPU cores from nothing
+  python -m launch.demo --config=demo:small          # the small (smoke / test) scale: 445 s from nothing
   python -m launch.demo --config.root=/tmp/story     # results root elsewhere
   python -m launch.demo --config.force_stages='("report",)'
 
