@@ -1,4 +1,4 @@
-"""models.generate: GreedyGenerator against transformers' greedy decoding and a token-by-token loop; no recompiles."""
+"""models.generate: GreedyGenerator against transformers' greedy decoding and teacher-forced forwards; no recompiles."""
 
 from __future__ import annotations
 
@@ -29,17 +29,15 @@ def prompts(checkpoint):
   return [tok(t)["input_ids"] for t in ("The river runs", "Where are the stars tonight, and why", "Count")]
 
 
-def loop_reference(model, prompt: list[int], n: int, add: np.ndarray | None = None) -> list[int]:
-  """One unpadded full forward per new token, the addition made by a Python closure: no shared code path."""
+def is_greedy(model, prompt: list[int], out: list[int], add: np.ndarray | None = None) -> bool:
+  """Whether `out` is the greedy continuation of `prompt`: one unpadded teacher-forced forward of prompt + out, the
+  addition made by a Python closure (no code shared with the generator)."""
   import jax.numpy as jnp
 
-  ids = list(prompt)
   interventions = None if add is None else {LAYER: lambda x: x + jnp.asarray(add, x.dtype)[None, None, :]}
-  for _ in range(n):
-    x = jnp.asarray([ids], jnp.int32)
-    logits = model(x, jnp.ones_like(x, bool), interventions=interventions).logits
-    ids.append(int(np.argmax(np.asarray(logits[0, -1]))))
-  return ids[len(prompt):]
+  x = jnp.asarray([list(prompt) + list(out)], jnp.int32)
+  logits = np.asarray(model(x, jnp.ones_like(x, bool), interventions=interventions).logits[0])
+  return len(out) == NEW and all(int(np.argmax(logits[len(prompt) - 1 + i])) == t for i, t in enumerate(out))
 
 
 def test_unsteered_matches_transformers_generate(checkpoint, model, prompts):
@@ -55,16 +53,17 @@ def test_unsteered_matches_transformers_generate(checkpoint, model, prompts):
     assert out == ref[0, len(prompt):].tolist()
 
 
-def test_steered_rows_match_a_token_by_token_loop(model, prompts):
+def test_steered_rows_are_greedy_under_their_addition(model, prompts):
   d = model.cfg.hidden_size
   rng = np.random.default_rng(0)
   push = (8.0 * rng.standard_normal(d)).astype(np.float32)
   gen = GreedyGenerator(model, bucket=8)
   adds = np.stack([np.zeros(d, np.float32), push, -push])
   got = gen(prompts, NEW, add=adds, layer=LAYER)
-  want = [loop_reference(model, p, NEW, a if a.any() else None) for p, a in zip(prompts, adds)]
-  assert got == want
-  assert want[1] != loop_reference(model, prompts[1], NEW), "the push must change the sample for the test to bite"
+  for prompt, out, add in zip(prompts, got, adds):
+    assert is_greedy(model, prompt, out, add if add.any() else None)
+  assert got[1] != gen([prompts[1]], NEW)[0], "the push must change the sample for the test to bite"
+  assert not is_greedy(model, prompts[1], got[1]), "without its addition the steered row is not greedy"
   # The same as greedy_generate with the addition traced in as a closure.
   import jax.numpy as jnp
   closure = {LAYER: lambda x: x + jnp.asarray(adds, x.dtype)[:, None, :]}
