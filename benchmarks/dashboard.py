@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
   if not (root / "runs").is_dir():
     sys.exit(f"{root} is not a results root with runs/: make one with `python -m launch.demo` or pass --root.")
   print(f"# Dashboard on {root} — {harness.machine()}, {datetime.date.today()}\n")
-  print(harness.markdown_table(["page", "first render", f"rerun (fastest of {args.reps})"], page_times(root, args.reps)))
+  pages = page_times(root, args.reps)
+  print(harness.markdown_table(["page", "first render", f"rerun (fastest of {args.reps})"], pages))
   rows, notes = live_times(root, args.reps)
   print()
   print(harness.markdown_table(["Live page call", "first", f"later (fastest of {args.reps})"], rows))

@@ -298,5 +298,5 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   return path
 
 
-__all__ = ["RunFiles", "adl_section", "cards_section", "causal_section", "classes_section", "contexts_section", "scaling_section",
-           "write_story"]
+__all__ = ["RunFiles", "adl_section", "cards_section", "causal_section", "classes_section", "contexts_section",
+           "scaling_section", "write_story"]
