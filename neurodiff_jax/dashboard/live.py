@@ -41,7 +41,7 @@ from neurodiff_jax.crosscoder import load as load_crosscoder
 from neurodiff_jax.crosscoder.checkpoint import load_run_config
 from neurodiff_jax.crosscoder.model import encode_inference
 from neurodiff_jax.models import Transformer, load_model, load_tokenizer
-from neurodiff_jax.models.generate import GreedyGenerator, encode_prompt, stop_ids
+from neurodiff_jax.models.generate import GreedyGenerator, cut_at_stop, encode_prompt, stop_ids
 
 T_BUCKET = 16  # prompts are right-padded to a multiple of this: few shapes, few compilations
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -322,7 +322,7 @@ class LiveSession:
     else:  # [2, d]: row 0 unsteered, row 1 steered
       rows, add, layer = [ids, ids], np.stack([np.zeros(self.hidden_size, np.float32), steer.addition]), steer.layer
     outs = self._gen[name](rows, int(max_new_tokens), add=add, layer=int(layer), pad_id=0 if pad is None else int(pad))
-    return [out[:next((i for i, t in enumerate(out) if t in self._stops), len(out))] for out in outs]
+    return [cut_at_stop(out, self._stops) for out in outs]
 
   def generate(self, prompt: str, max_new_tokens: int = 32, steer: Steering | None = None,
                chat: bool | None = None) -> Generations:

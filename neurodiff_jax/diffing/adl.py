@@ -43,7 +43,7 @@ from jaxtyping import Array, Float
 
 from neurodiff_jax.activations.datasets import KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, layers_of
-from neurodiff_jax.models.generate import encode_prompt, greedy_generate
+from neurodiff_jax.models.generate import cut_at_stop, encode_prompt, greedy_generate, stop_ids
 from neurodiff_jax.models.lens import logit_lens
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.config import ConfigError
@@ -398,13 +398,8 @@ def steering(ctx: DiffContext, means: dict[str, np.ndarray], cfg: ml_collections
           meta.append((int(layers[li]), pos, float(a), pi))
   pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
   out = steered_generate(ctx.pair.ft, rows, row_layer, np.stack(adds), int(cfg.steering_tokens), int(pad))
-  stops = {int(tok.eos_token_id)} if getattr(tok, "eos_token_id", None) is not None else set()
-  vocab = tok.get_vocab()
-  stops |= {vocab[t] for t in ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>") if t in vocab}
-  samples = []
-  for ids in out:
-    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
-    samples.append(tok.decode(ids[:cut], skip_special_tokens=False))
+  stops = stop_ids(tok)
+  samples = [tok.decode(cut_at_stop(ids, stops), skip_special_tokens=False) for ids in out]
   table = pd.DataFrame([{"layer": m[0], "position": m[1], "alpha": m[2], "steered": m[0] >= 0,
                          "prompt": texts[m[3]], "text": s} for m, s in zip(meta, samples)])
   table["position"] = table.position.astype("Int64")  # <NA> for unsteered rows (labels may be negative)

@@ -35,7 +35,7 @@ from jaxtyping import Array, Bool, Int
 
 from neurodiff_jax.diffing.context import DiffContext, ModelPair
 from neurodiff_jax.diffing.kl import fmt, padded
-from neurodiff_jax.models.generate import END_OF_TURN_TOKENS, encode_prompt, stop_ids
+from neurodiff_jax.models.generate import END_OF_TURN_TOKENS, cut_at_stop, encode_prompt, stop_ids
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.plots import figure, png_html, save_png
 
@@ -89,16 +89,6 @@ def amplified_generate(pair: ModelPair, prompts: Sequence[Sequence[int]], alphas
 
   out = run(sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(alphas, jnp.float32))
   return np.asarray(out)[:, p:]
-
-
-def cut_at_stop(tokens: Sequence[int], stops: set[int]) -> list[int]:
-  """The tokens up to (without) the first stop token."""
-  out = []
-  for t in tokens:
-    if int(t) in stops:
-      break
-    out.append(int(t))
-  return out
 
 
 def make_mining_step(pair: ModelPair, top_k: int):

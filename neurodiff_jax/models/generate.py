@@ -43,6 +43,16 @@ def stop_ids(tokenizer: Any) -> set[int]:
   return stops
 
 
+def cut_at_stop(tokens: Sequence[int], stops: set[int]) -> list[int]:
+  """The tokens up to (without) the first stop token."""
+  out = []
+  for t in tokens:
+    if int(t) in stops:
+      break
+    out.append(int(t))
+  return out
+
+
 def _left_padded(prompts: Sequence[Sequence[int]], width: int, total: int,
                  pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Prompts left-padded so each ends at column `width` - 1, in a [B, total] buffer, and their mask."""
@@ -153,4 +163,4 @@ class GreedyGenerator:
     return _cut(np.asarray(out)[:, width:], eos_id)
 
 
-__all__ = ["END_OF_TURN_TOKENS", "GreedyGenerator", "encode_prompt", "greedy_generate", "stop_ids"]
+__all__ = ["END_OF_TURN_TOKENS", "GreedyGenerator", "cut_at_stop", "encode_prompt", "greedy_generate", "stop_ids"]
