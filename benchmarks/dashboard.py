@@ -26,12 +26,22 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import harness
+
+if TYPE_CHECKING:
+  import pandas as pd
 
 PAGES = ("overview", "compare", "latents", "adl", "live")
 PROMPT = "Tell me about the weather in spring."
 NEW_TOKENS = 32
+
+
+def shown_latent(latents: pd.DataFrame) -> int:
+  """The latent both parts open: the chat-only latent of highest Δnorm (any latent when the run has none)."""
+  chat = latents[latents["tag"].astype(str) == "chat_only"]
+  return int((chat if len(chat) else latents).sort_values("delta_norm", ascending=False)["latent"].iloc[0])
 
 
 def page_times(root: Path, reps: int) -> list[list[str]]:
@@ -43,9 +53,7 @@ def page_times(root: Path, reps: int) -> list[list[str]]:
   app = str(Path(harness.REPO_ROOT) / "neurodiff_jax" / "dashboard" / "app.py")
   os.environ["NEURODIFF_RESULTS"] = str(root)
   run = sorted(p for p in (root / "runs").iterdir() if (p / "analysis" / "latents.parquet").is_file())[0]
-  latents = pd.read_parquet(run / "analysis" / "latents.parquet")
-  chat = latents[latents["tag"].astype(str) == "chat_only"]
-  latent = int((chat if len(chat) else latents).sort_values("delta_norm", ascending=False)["latent"].iloc[0])
+  latent = shown_latent(pd.read_parquet(run / "analysis" / "latents.parquet"))
   rows = []
   for page in PAGES + ("latent",):
     st.cache_data.clear()
@@ -78,7 +86,7 @@ def live_times(root: Path, reps: int) -> tuple[list[list[str]], list[str]]:
 
   from neurodiff_jax.dashboard.live import LiveSession, latent_steering, load_run
   from neurodiff_jax.dashboard.results import discover
-  from neurodiff_jax.models.generate import greedy_generate
+  from neurodiff_jax.models.generate import cut_at_stop, greedy_generate
 
   results = discover(str(root))
   run = next(r for r in results.runs if r.models() is not None and r.analysis is not None)
@@ -95,9 +103,7 @@ def live_times(root: Path, reps: int) -> tuple[list[list[str]], list[str]]:
   rows.append(["next-token table, another prompt", "—", harness.ms(time.perf_counter() - t)])
 
   loaded = load_run(run.path)
-  latents = run.latents()
-  chat = latents[latents["tag"].astype(str) == "chat_only"]
-  latent = int((chat if len(chat) else latents).sort_values("delta_norm", ascending=False)["latent"].iloc[0])
+  latent = shown_latent(run.latents())
   steer = latent_steering(loaded, latent, alpha=4.0)
   first, best, plain = harness.first_and_fastest(lambda: session.generate(PROMPT, NEW_TOKENS), reps)
   rows.append([f"generate {NEW_TOKENS} tokens, both models (GreedyGenerator)", harness.ms(first), harness.ms(best)])
@@ -118,7 +124,7 @@ def live_times(root: Path, reps: int) -> tuple[list[list[str]], list[str]]:
 
   first, best, ref = harness.first_and_fastest(traced, reps)
   rows.append(["… the same with greedy_generate (compiles per call)", harness.ms(first), harness.ms(best)])
-  cut = lambda row: row[:next((i for i, t in enumerate(row) if t in session._stops), len(row))]
+  cut = lambda row: cut_at_stop(row, session._stops)
   same_traced = [cut(r) for r in ref[0] + ref[1]] == [steered.ids[k] for k in ("base", "base_steered", "ft",
                                                                               "ft_steered")]
 
