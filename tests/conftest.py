@@ -36,6 +36,22 @@ def hf_checkpoint(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def random_gemma2(tmp_path_factory):
+  """A random-weight tiny Gemma 2 checkpoint (seed 0) with its trained BPE tokenizer, built once per session."""
+  from neurodiff_jax.organisms.random_model import build_random_checkpoint
+
+  return build_random_checkpoint(tmp_path_factory.mktemp("random_gemma2") / "gemma2", family="gemma2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_gemma2_model(random_gemma2):
+  """`random_gemma2` loaded (shared: tests only read it)."""
+  from neurodiff_jax.models import load_model
+
+  return load_model(random_gemma2)
+
+
+@pytest.fixture(scope="session")
 def organisms(tmp_path_factory):
   """{name: checkpoint dir} of the small-scale base and organisms, built through the library."""
   from configs.organisms import get_config

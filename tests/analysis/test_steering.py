@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from neurodiff_jax.analysis.steering import steer, steering_strengths
-from neurodiff_jax.models import greedy_generate, load_model, load_tokenizer
-from neurodiff_jax.organisms.random_model import build_random_checkpoint
+from neurodiff_jax.models import greedy_generate, load_tokenizer
 
 LAYER = 1  # a middle layer of the 4-layer tiny Gemma 2: blocks 2 and 3 still run after the push
 PROMPTS = ["Where are the stars?", "Count to five", "The river"]
@@ -17,18 +16,13 @@ NEW = 8
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  return build_random_checkpoint(tmp_path_factory.mktemp("steering") / "gemma2", family="gemma2", seed=0)
+def model(random_gemma2_model):
+  return random_gemma2_model
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-  return load_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tok(checkpoint):
-  return load_tokenizer(checkpoint)
+def tok(random_gemma2):
+  return load_tokenizer(random_gemma2)
 
 
 def random_direction(d: int, seed: int = 0) -> np.ndarray:

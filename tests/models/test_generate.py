@@ -5,27 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neurodiff_jax.models import load_model, load_tokenizer
+from neurodiff_jax.models import load_tokenizer
 from neurodiff_jax.models.generate import GreedyGenerator, greedy_generate
-from neurodiff_jax.organisms.random_model import build_random_checkpoint
 
 NEW = 6
 LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-  return build_random_checkpoint(tmp_path_factory.mktemp("generate") / "gemma2", family="gemma2", seed=3)
+def model(random_gemma2_model):
+  return random_gemma2_model
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint):
-  return load_model(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def prompts(checkpoint):
-  tok = load_tokenizer(checkpoint)
+def prompts(random_gemma2):
+  tok = load_tokenizer(random_gemma2)
   return [tok(t)["input_ids"] for t in ("The river runs", "Where are the stars tonight, and why", "Count")]
 
 
@@ -40,11 +34,11 @@ def is_greedy(model, prompt: list[int], out: list[int], add: np.ndarray | None =
   return len(out) == NEW and all(int(np.argmax(logits[len(prompt) - 1 + i])) == t for i, t in enumerate(out))
 
 
-def test_unsteered_matches_transformers_generate(checkpoint, model, prompts):
+def test_unsteered_matches_transformers_generate(random_gemma2, model, prompts):
   import torch
   import transformers
 
-  hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager").eval()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(random_gemma2, attn_implementation="eager").eval()
   gen = GreedyGenerator(model, bucket=8)
   got = gen(prompts, NEW)
   for prompt, out in zip(prompts, got):
