@@ -9,6 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 
+if os.environ.get("NEURODIFF_TEST_TORCH_THREADS"):  # the reference's reduction order (tests/reduction_orders.py)
+  import torch
+
+  torch.set_num_threads(int(os.environ["NEURODIFF_TEST_TORCH_THREADS"]))
+
 # Every jaxtyping annotation (dtype and shape) in these packages is checked at call time in the
 # tests, by beartype. The hook must be in place before any test imports them.
 import tests.typecheck  # noqa: E402,F401  (the hook looks the decorator up by name)

@@ -2,13 +2,36 @@
 
 import json
 
+import numpy as np
 import pytest
+
+from tests.numerics import assert_close, rounding
 
 
 def write_jsonl(path, rows):
   """Writes rows as JSON lines; returns the path as a string."""
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return str(path)
+
+
+def check_statistics(store, layer, x, norms, where):
+  """The store's statistics of `layer` against numpy over its float64 copy `x` [n, M, d] (norms [n, M]).
+
+  The store squares and sums each token's d values in float32 and accumulates everything else in
+  float64: the mean is one float32 rounding of a float64 mean (a mean of signed values, so its scale
+  is the mean |x|); the norms carry the rounding of a sum of d squares, and the scale 'sqrt(d) / mean
+  norm' one more. Norms and their ratio cannot cancel: each model's own value is its scale.
+  """
+  d = x.shape[-1]
+  assert_close(store.mean(layer), x.mean(0), c=rounding(), scale=np.abs(x).mean(0),
+               what=f"{where}: store mean equals numpy's")
+  ref = norms.mean(0)
+  assert_close(store.mean_norm(layer), ref, c=rounding(n=d), scale=ref, what=f"{where}: store mean norm equals numpy's")
+  ref = np.sqrt((norms ** 2).mean(0))
+  assert_close(store.rms_norm(layer), ref, c=rounding(n=d), scale=ref, what=f"{where}: store RMS norm equals numpy's")
+  ref = np.sqrt(d) / norms.mean(0)
+  assert_close(store.norm_scale(layer), ref, c=rounding(n=d, depth=2), scale=ref,
+               what=f"{where}: norm_scale is √d / mean norm")
 
 
 @pytest.fixture(scope="session")

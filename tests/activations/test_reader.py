@@ -8,6 +8,7 @@ import pytest
 from neurodiff_jax.activations.harvest import harvest
 from neurodiff_jax.activations.reader import ActivationSource, batch_dataset, batch_iterator
 from neurodiff_jax.activations.store import StoreError
+from tests.numerics import assert_close, rounding
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,8 @@ def test_processes_read_disjoint_tokens_and_normalisation(store):
   assert len(seen[0]) + len(seen[1]) > 0.8 * len(everything)
   norm = batch_dataset(store, 1, 32, seed=1, window_tokens=512, normalize=True)[0]
   raw = batch_dataset(store, 1, 32, seed=1, window_tokens=512)[0]
-  np.testing.assert_allclose(norm, raw * store.norm_scale(1)[None, :, None], rtol=1e-6)
+  want = raw * store.norm_scale(1)[None, :, None]  # one float32 product each: elementwise
+  assert_close(norm, want, c=rounding(), scale=np.abs(want), what="normalised batch is the raw batch · norm_scale")
   bf16 = batch_dataset(store, 1, 32, seed=1, window_tokens=512, dtype="bfloat16")[0]
   assert bf16.dtype.name == "bfloat16"
   with pytest.raises(ValueError, match="smaller than batch_size"):

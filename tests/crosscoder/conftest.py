@@ -3,6 +3,7 @@
 import pytest
 
 from neurodiff_jax.crosscoder import synthetic
+from tests.numerics import rounding
 
 COUNTS = {"shared": 48, "chat_only": 16, "base_only": 16, "weak_base": 16}
 
@@ -21,6 +22,18 @@ def train_config(store, workdir, **overrides):
     setattr(c, k, v)
   c.lock()
   return c
+
+
+def run_tolerances(batch, num_models, d, steps):
+  """c for two training runs that differ only in the order of their float32 sums: (loss, parameters, θ).
+
+  A step's loss: the encoder, the decoder, and the loss's sum over B·M·d squared errors (all ≥ 0, so
+  the loss is its terms' magnitude). Parameters: each step's gradient is a sum over the B tokens (what
+  a data split reorders), and the steps chain: one stage a step, scale the parameter's largest value.
+  θ: an average of cut scores, each from the encoder's sum of M·d terms, over the run's steps.
+  """
+  return (rounding(n=batch * num_models * d, depth=3), rounding(n=batch, depth=steps),
+          rounding(n=num_models * d, depth=steps))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from neurodiff_jax.activations.reader import windowed_batches
 from neurodiff_jax.activations.store import write_arrays
 from neurodiff_jax.crosscoder import model as M
 from neurodiff_jax.crosscoder.checkpoint import Checkpointer, load
+from tests.numerics import assert_close, rounding
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -43,6 +44,23 @@ def _ref_decode(p, f):
 
 
 CFG = M.CrosscoderConfig(num_models=2, d_model=8, dict_size=48, k=4)
+# float32 against a float64 reference of the same float32 numbers. Pre-activations: one sum of M·d
+# terms; decoder norms: a sum of d squares, then the norm's sqrt, the sum over models or a division;
+# reconstructions: a sum of m terms. Scores (relu(a) · summed norms) and codes carry the pre-activations'
+# rounding and the norms'. Where a model's units are divided out, the two models' values differ in
+# magnitude (scales 0.25 and 3): `_per_model` gives each model its own scale.
+C_PRE = rounding(n=CFG.num_models * CFG.d_model)
+C_NORM = rounding(n=CFG.d_model, depth=2)
+C_SCORE = rounding(n=CFG.num_models * CFG.d_model, depth=2)
+C_DEC = rounding(n=CFG.dict_size)
+# In original units one more stage: x·norm_scale (or W·norm_scale) rounds before the sum, ÷ norm_scale after it.
+C_UNITS_PRE = rounding(n=CFG.num_models * CFG.d_model, depth=2)
+C_UNITS_DEC = rounding(n=CFG.dict_size, depth=2)
+
+
+def _per_model(ref):
+  """The scale of each model's values in a [n, M, d] reference: its largest |value|, broadcast over [n, M, d]."""
+  return np.abs(np.asarray(ref, np.float64)).max(axis=(0, 2), keepdims=True)
 
 
 def _x(n=32, seed=1, cfg=CFG):
@@ -52,7 +70,9 @@ def _x(n=32, seed=1, cfg=CFG):
 def test_init_params_decoder_rows_have_the_init_norm_and_the_encoder_is_their_transpose():
   mean = np.arange(16, dtype=np.float32).reshape(2, 8)
   p = M.init_params(jax.random.key(3), M.CrosscoderConfig(2, 8, 48, dec_init_norm=0.3), jnp.asarray(mean))
-  np.testing.assert_allclose(np.linalg.norm(np.asarray(p["w_dec"]), axis=-1), 0.3, rtol=1e-5)
+  # Normalised by a norm of d terms, then measured again (numpy, float32): two norms.
+  assert_close(np.linalg.norm(np.asarray(p["w_dec"]), axis=-1), 0.3, c=rounding(n=8, depth=2),
+               what="init decoder rows have norm dec_init_norm")
   np.testing.assert_array_equal(np.asarray(p["w_enc"]), np.transpose(np.asarray(p["w_dec"]), (1, 2, 0)))
   np.testing.assert_array_equal(np.asarray(p["b_dec"]), mean)
   np.testing.assert_array_equal(np.asarray(p["b_enc"]), 0.0)
@@ -62,14 +82,19 @@ def test_pre_activations_scores_decode_and_decoder_norms_match_numpy():
   params, x = _params(CFG), _x()
   p = _np(params)
   a = np.asarray(M.pre_activations(params, jnp.asarray(x), HIGHEST))
-  np.testing.assert_allclose(a, _ref_pre(p, x), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(M.scores(params, jnp.asarray(a))), _ref_scores(p, a), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(M.decoder_norms(params)), np.linalg.norm(p["w_dec"], axis=-1), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(M.latent_norms(params)), np.linalg.norm(p["w_dec"], axis=-1).sum(-1),
-                             rtol=1e-6)
+  assert_close(a, _ref_pre(p, x), c=C_PRE, what="pre-activations equal the numpy einsum")
+  # Scores, norms: products and norms of positive sums (no cancellation), so each element its own scale.
+  ref_s = _ref_scores(p, a)
+  assert_close(np.asarray(M.scores(params, jnp.asarray(a))), ref_s, c=C_NORM, scale=np.abs(ref_s),
+               what="scores relu(a)·Σ_i‖W_dec[j, i]‖ equal numpy's, elementwise")
+  ref_n = np.linalg.norm(p["w_dec"], axis=-1)
+  assert_close(np.asarray(M.decoder_norms(params)), ref_n, c=C_NORM, scale=ref_n,
+               what="decoder norms equal numpy's, elementwise")
+  assert_close(np.asarray(M.latent_norms(params)), ref_n.sum(-1), c=C_NORM, scale=ref_n.sum(-1),
+               what="latent norms (summed over models) equal numpy's, elementwise")
   f = np.maximum(a, 0) * (np.random.default_rng(2).random(a.shape) < 0.2)
-  np.testing.assert_allclose(np.asarray(M.decode(params, jnp.asarray(f, jnp.float32), HIGHEST)), _ref_decode(p, f),
-                             rtol=1e-5, atol=1e-5)
+  assert_close(np.asarray(M.decode(params, jnp.asarray(f, jnp.float32), HIGHEST)), _ref_decode(p, f), c=C_DEC,
+               what="decode equals the numpy einsum")
 
 
 @pytest.mark.parametrize("kind", ["batchtopk", "topk", "l1"])
@@ -80,22 +105,24 @@ def test_encode_train_and_inference_select_by_numpy_scores(kind):
   a = _ref_pre(p, x)
   relu, s = np.maximum(a, 0), _ref_scores(p, a)
   f, a_out, cut = M.encode_train(params, jnp.asarray(x), cfg, HIGHEST)
-  np.testing.assert_allclose(np.asarray(a_out), a, rtol=1e-5, atol=1e-5)
+  assert_close(np.asarray(a_out), a, c=C_PRE, what=f"{kind}: encode_train's pre-activations equal numpy's")
   if kind == "batchtopk":
     ref_cut = np.sort(s.ravel())[::-1][cfg.k * len(x) - 1]
     mask = s >= ref_cut
-    np.testing.assert_allclose(float(cut), ref_cut, rtol=1e-5)
+    # The cut is one of the scores: it carries the rounding of the pre-activations' terms, whose
+    # magnitude the batch's largest score stands for (not the cut's own, which is smaller).
+    assert_close(float(cut), ref_cut, c=C_SCORE, scale=s.max(), what="BatchTopK cut equals the numpy k·B-th score")
     assert mask.sum() == cfg.k * len(x)
   elif kind == "topk":
     mask = s >= np.sort(s, axis=1)[:, -cfg.k][:, None]
     assert (mask.sum(1) == cfg.k).all() and float(cut) == 0.0
   else:
     mask = relu > 0
-  np.testing.assert_allclose(np.asarray(f), np.where(mask, relu, 0.0), rtol=1e-5, atol=1e-5)
+  assert_close(np.asarray(f), np.where(mask, relu, 0.0), c=C_PRE, what=f"{kind}: training codes equal numpy's")
   theta = float(np.median(s[s > 0]))
   g = np.asarray(M.encode_inference(params, jnp.asarray(x), cfg, jnp.float32(theta), HIGHEST))
   want = {"batchtopk": s > theta, "topk": mask, "l1": relu > 0}[kind]
-  np.testing.assert_allclose(g, np.where(want, relu, 0.0), rtol=1e-5, atol=1e-5)
+  assert_close(g, np.where(want, relu, 0.0), c=C_PRE, what=f"{kind}: inference codes equal numpy's")
 
 
 def _crosscoder(cfg=CFG, seed=0, scale=(0.25, 3.0), theta=0.5):
@@ -109,11 +136,16 @@ def test_crosscoder_normalises_original_units_like_numpy():
   s = _ref_scores(p, a)
   f_ref = np.where(s > cc.theta, np.maximum(a, 0), 0.0)
   f = np.asarray(cc.encode(x))
-  np.testing.assert_allclose(f, f_ref, rtol=1e-4, atol=1e-5)
+  assert_close(f, f_ref, c=C_UNITS_PRE, what="Crosscoder.encode of original units equals numpy's")
   assert 0 < (f > 0).sum() < f.size  # the threshold selects some latents, not all
-  np.testing.assert_allclose(np.asarray(cc.decode(f)), _ref_decode(p, f) / scale, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(cc(x)), _ref_decode(p, f) / scale, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(cc.decoder_norms(), np.linalg.norm(p["w_dec"], axis=-1) / scale[0, :, 0], rtol=1e-6)
+  x_ref = _ref_decode(p, f) / scale
+  assert_close(np.asarray(cc.decode(f)), x_ref, c=C_UNITS_DEC, scale=_per_model(x_ref),
+               what="Crosscoder.decode in original units equals numpy's, per model")
+  assert_close(np.asarray(cc(x)), x_ref, c=C_UNITS_DEC, scale=_per_model(x_ref),
+               what="Crosscoder(x) reconstruction in original units equals numpy's, per model")
+  ref_n = np.linalg.norm(p["w_dec"], axis=-1) / scale[0, :, 0]
+  assert_close(cc.decoder_norms(), ref_n, c=C_NORM, scale=ref_n,
+               what="Crosscoder.decoder_norms in original units equal numpy's, elementwise")
 
 
 def test_accessors_give_the_same_maths_in_original_units():
@@ -123,12 +155,17 @@ def test_accessors_give_the_same_maths_in_original_units():
   # a = Σ_i x_i encoder()[i] + b_enc on original-unit x: the model's pre-activations of the normalised x.
   a = np.einsum("bMd,Mdm->bm", x.astype(np.float64), enc) + cc.encoder_bias()
   xn = jnp.asarray(x * cc.norm_scale[None, :, None])
-  np.testing.assert_allclose(a, np.asarray(M.pre_activations(cc.params, xn, HIGHEST)), rtol=1e-5, atol=1e-5)
+  # Each side rounds once before its sum: encoder() = W_enc·scale, xn = x·scale.
+  assert_close(a, np.asarray(M.pre_activations(cc.params, xn, HIGHEST)), c=C_UNITS_PRE,
+               what="encoder()/encoder_bias() on original units give the model's pre-activations")
   # x̂ = f decoder() + decoder_bias() in original units: Crosscoder.decode.
   f = np.asarray(cc.encode(x))
   x_hat = np.einsum("bm,mMd->bMd", f.astype(np.float64), dec) + cc.decoder_bias()
-  np.testing.assert_allclose(x_hat, np.asarray(cc.decode(f)), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.linalg.norm(dec, axis=-1), cc.decoder_norms(), rtol=1e-5)
+  assert_close(x_hat, np.asarray(cc.decode(f)), c=C_UNITS_DEC, scale=_per_model(x_hat),
+               what="decoder()/decoder_bias() in original units give Crosscoder.decode, per model")
+  ref_n = cc.decoder_norms()
+  assert_close(np.linalg.norm(dec, axis=-1), ref_n, c=C_NORM, scale=ref_n,
+               what="norms of decoder() rows equal Crosscoder.decoder_norms, elementwise")
   # Unequal scales: the accessors are not the raw parameters.
   assert not np.allclose(dec, np.asarray(cc.params["w_dec"]))
 
@@ -136,10 +173,11 @@ def test_accessors_give_the_same_maths_in_original_units():
 def test_normalized_inputs_are_not_normalised_twice():
   cc, x = _crosscoder(seed=9), _x(seed=10)
   xn = x * cc.norm_scale[None, :, None]
-  np.testing.assert_allclose(np.asarray(cc.encode(xn, normalized=True)), np.asarray(cc.encode(x)), rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(np.asarray(cc(xn, normalized=True)), np.asarray(cc(x)) * cc.norm_scale[None, :, None],
-                             rtol=1e-4, atol=1e-5)
+  assert_close(np.asarray(cc.encode(xn, normalized=True)), np.asarray(cc.encode(x)), c=C_PRE,
+               what="encode(normalized=True) of x·norm_scale equals encode(x)")
+  want = np.asarray(cc(x)) * cc.norm_scale[None, :, None]  # ÷ then · norm_scale: one more rounding
+  assert_close(np.asarray(cc(xn, normalized=True)), want, c=C_UNITS_DEC, scale=_per_model(want),
+               what="Crosscoder(normalized=True) returns normalised units, per model")
   assert not np.allclose(np.asarray(cc.encode(xn)), np.asarray(cc.encode(x)))  # what normalising twice would do
 
 
@@ -154,8 +192,9 @@ def test_reader_batches_normalised_by_the_store_encode_like_original_units(tmp_p
                             normalize=True)
   try:
     assert normed.normalized and not raw.normalized
-    np.testing.assert_allclose(np.asarray(cc.encode(normed(3), normalized=True)), np.asarray(cc.encode(raw(3))),
-                               rtol=1e-4, atol=1e-5)
+    # Both sides multiply the same float32 batch by the same float32 norm_scale, then encode (M·d terms).
+    assert_close(np.asarray(cc.encode(normed(3), normalized=True)), np.asarray(cc.encode(raw(3))),
+                 c=C_UNITS_PRE, what="codes of reader-normalised batches equal those of raw ones")
   finally:
     raw.close()
     normed.close()

@@ -142,10 +142,12 @@ def test_update_threshold_is_a_running_average_of_positive_cuts_from_the_first_o
   momentum = 0.75
   theta, ref = jnp.float32(0.0), 0.0
   fn = jax.jit(sparsity.update_threshold, static_argnums=2)
+  # Every value here (cuts, 0.75, 0.25 and each average) is a short binary fraction: float32 holds it
+  # and computes it exactly, so θ equals the reference exactly.
   for c in cuts:
     theta = fn(theta, jnp.float32(c), momentum)
     if c > 0:
       ref = c if ref <= 0 else momentum * ref + (1 - momentum) * c
-    np.testing.assert_allclose(float(theta), ref, rtol=1e-6)
+    assert float(theta) == ref, (c, float(theta), ref)
   # 0, 0 (nothing yet), 2 (the first cut), 2.5, 2.5, 2.5 (skipped), 2.125, 2.34375
-  np.testing.assert_allclose(float(theta), 2.34375, rtol=1e-6)
+  assert float(theta) == 2.34375

@@ -14,6 +14,7 @@ from neurodiff_jax.crosscoder.objective import LossConfig
 from neurodiff_jax.crosscoder.train import check_config
 from neurodiff_jax.utils.config import ConfigError
 from tests.crosscoder.conftest import train_config
+from tests.numerics import assert_close, rounding
 
 
 def _config(**overrides):
@@ -43,7 +44,10 @@ def test_warm_up_and_decay_are_fractions_of_the_run(steps, frac, cap, decay_frac
   for t in sorted({0, 1, warm // 2, warm, warm + 1, steps // 2, steps - decay - 1, steps - decay, steps - decay // 2,
                    steps - 1, steps}):
     if 0 <= t <= steps:
-      assert float(sched(t)) == pytest.approx(_reference_lr(t, steps, 2e-3, warm, decay), abs=1e-9), t
+      # optax interpolates in float32 (a fraction of the steps, then lr·fraction): a few roundings of
+      # numbers of lr's size, also where the decay nears 0, so the scale is lr.
+      assert_close(float(sched(t)), _reference_lr(t, steps, 2e-3, warm, decay), c=rounding(depth=2), scale=2e-3,
+                   what="learning rate equals the hand-written schedule", err_msg=f"step {t} of {steps}")
 
 
 def test_dead_window_scales_with_the_run():
@@ -79,10 +83,13 @@ def test_dead_and_never_fired_fractions_count_latents_that_cannot_fire():
   never = float((~ever).mean())
   assert never >= blocked.mean()
   # Never-fired is counted from the first step; dead only once the window (3 batches) has passed.
-  assert seen[0][1] == pytest.approx(float((~ever).mean()), abs=0.25) and seen[-1][1] == pytest.approx(never)
+  # (Not a rounding comparison: after one batch of 32 tokens most latents that will ever fire have, so
+  # the never-fired fraction is already within a quarter of its final value.) The fractions are counts
+  # over m = 64 latents: exact in float32, so compared exactly.
+  assert seen[0][1] == pytest.approx(float((~ever).mean()), abs=0.25) and seen[-1][1] == never
   assert seen[0][0] == 0.0 and seen[1][0] == 0.0
   since = np.asarray(state["train"]["since_fired"])
-  assert seen[-1][0] == pytest.approx(float((since >= 3 * batch).mean()))
+  assert seen[-1][0] == float((since >= 3 * batch).mean())
   assert seen[-1][0] >= blocked.mean()
 
 

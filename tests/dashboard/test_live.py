@@ -16,6 +16,8 @@ from neurodiff_jax.crosscoder.model import init_params
 from neurodiff_jax.dashboard import live
 from neurodiff_jax.models.generate import stop_ids
 from neurodiff_jax.organisms.random_model import build_random_checkpoint
+from tests.numerics import forward_c, residual_c
+from tests.numerics import U64, assert_close, rounding
 
 PROMPT = "The miller counts his sacks of grain"
 
@@ -38,6 +40,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
   z = np.asarray(z, np.float64)
   e = np.exp(z - z.max())
   return e / e.sum()
+
+
+def _check_probs(got, z, idx, cfg, what):
+  """Probabilities `got` against the float64 softmax of logits `z` [V] at `idx`: both softmaxes are float64, so a
+  probability's relative error is the absolute error of the logits, the forward's rounding at the logits' magnitude."""
+  want = _softmax(z)[idx]
+  assert_close(got, want, c=forward_c(cfg), scale=want * np.abs(z).max(), what=what)
+  return want
 
 
 def _logits(model, ids, interventions=None) -> np.ndarray:
@@ -64,13 +74,19 @@ def test_next_token_table_equals_softmax_of_a_direct_forward(session):
   chat = session.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=True,
                                                add_generation_prompt=True, return_dict=True)["input_ids"]
   assert ids == list(chat)  # a user turn with the generation prompt: the tokenizer has a chat template
-  p = {"base": _softmax(_logits(session.base, ids)), "ft": _softmax(_logits(session.ft, ids))}
+  z = {"base": _logits(session.base, ids), "ft": _logits(session.ft, ids)}
+  p = {name: _softmax(v) for name, v in z.items()}
   want = set(np.argsort(-p["base"])[:k].tolist()) | set(np.argsort(-p["ft"])[:k].tolist())
   assert set(table.token_id) == want
   tid = table.token_id.to_numpy()
-  np.testing.assert_allclose(table.p_base, p["base"][tid], rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(table.p_ft, p["ft"][tid], rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(table.p_diff, p["ft"][tid] - p["base"][tid], atol=1e-6)
+  cfg = session.ft.cfg
+  # The padded, jitted forward against an unpadded one.
+  _check_probs(table.p_base, z["base"], tid, cfg, "next-token table p_base equals a softmax of a direct forward")
+  _check_probs(table.p_ft, z["ft"], tid, cfg, "next-token table p_ft equals a softmax of a direct forward")
+  # A difference that may cancel: the bound is the sum of both probabilities' errors.
+  mag = p["ft"][tid] * np.abs(z["ft"]).max() + p["base"][tid] * np.abs(z["base"]).max()
+  assert_close(table.p_diff, p["ft"][tid] - p["base"][tid], c=forward_c(cfg), scale=mag,
+               what="next-token table p_diff equals p_ft − p_base of direct forwards")
   for name in ("base", "ft"):
     rank = {int(t): r + 1 for r, t in enumerate(np.argsort(-p[name], kind="stable"))}
     assert table[f"rank_{name}"].tolist() == [rank[int(t)] for t in tid]
@@ -105,7 +121,8 @@ def test_generate_equals_greedy_reference_and_steering(session):
   assert strong.ids["ft_steered"] != gen.ids["ft"]  # the steer is strong enough to change the text
 
   p = session.next_token_probs(ids, live.Steering(layer, v, alpha))
-  np.testing.assert_allclose(p["ft"], _softmax(_logits(session.ft, ids, hook)), rtol=1e-4, atol=1e-8)
+  _check_probs(p["ft"], _logits(session.ft, ids, hook), slice(None), session.ft.cfg,
+               "steered next-token distribution equals a softmax of a forward with the hook")
 
 
 def test_adl_steering_is_typical_norm_times_unit_delta():
@@ -116,10 +133,18 @@ def test_adl_steering_is_typical_norm_times_unit_delta():
            "typical_norm_ft": np.array([5.0, 9.0])}
   s = live.adl_steering(means, 3, -1, 2.5)
   assert s.layer == 3 and s.alpha == 2.5
-  np.testing.assert_allclose(s.vector, 9.0 * delta[1, 1] / np.linalg.norm(delta[1, 1]))
-  np.testing.assert_allclose(np.linalg.norm(s.addition), 2.5 * 9.0, rtol=1e-6)
+  # N · δ / ‖δ‖ in float64: a norm over d, then a product and a ratio per element (no cancellation: each element
+  # is its own scale).
+  c = rounding(n=16, depth=2, u=U64)
+  want = 9.0 * delta[1, 1] / np.linalg.norm(delta[1, 1])
+  assert_close(s.vector, want, c=c, scale=np.abs(want), what="ADL steering vector = N_L · δ_p / ‖δ_p‖")
+  # The addition is α·v rounded to float32, and its norm a float32 sum of 16 squares.
+  assert_close(np.linalg.norm(s.addition), 2.5 * 9.0, c=rounding(n=16, depth=2),
+               what="ADL steering addition has norm α · N_L")
   old = {k: v for k, v in means.items() if k != "positions"}  # means written before labels: 0..n-1
-  np.testing.assert_allclose(live.adl_steering(old, 1, 2, 1.0).vector, 5.0 * delta[0, 2] / np.linalg.norm(delta[0, 2]))
+  want = 5.0 * delta[0, 2] / np.linalg.norm(delta[0, 2])
+  assert_close(live.adl_steering(old, 1, 2, 1.0).vector, want, c=c, scale=np.abs(want),
+               what="ADL steering of means without position labels reads label p as row p")
   with pytest.raises(live.LiveError, match=r"layers \[1, 3\]"):
     live.adl_steering(means, 2, 0, 1.0)
   with pytest.raises(live.LiveError, match="positions"):
@@ -137,8 +162,11 @@ def test_pca_steering_reads_the_saved_components(tmp_path):
   pca = live.read_pca(tmp_path)
   s = live.pca_steering(pca, 1, -3.0)
   assert s.layer == 2
-  np.testing.assert_allclose(s.vector, 2.0 * comps[1], rtol=1e-6)
-  np.testing.assert_allclose(s.addition, -6.0 * comps[1], rtol=1e-5)
+  # σ · v_i and α σ v_i: products of float32 components, one rounding each (float32 for the addition).
+  want = 2.0 * comps[1].astype(np.float64)
+  assert_close(s.vector, want, c=rounding(), scale=np.abs(want), what="PCA steering vector = σ_i · v_i")
+  want = -6.0 * comps[1].astype(np.float64)
+  assert_close(s.addition, want, c=rounding(), scale=np.abs(want), what="PCA steering addition = α σ_i v_i")
   with pytest.raises(live.LiveError, match="components 0..2"):
     live.pca_steering(pca, 3, 1.0)
   with pytest.raises(live.LiveError, match="launch.diff"):
@@ -172,7 +200,12 @@ def test_latent_activations_equal_encode_of_separately_captured_residuals(sessio
   acts = session.latent_activations(text, run, chosen)
   assert acts.token_ids == ids and acts.latents == chosen
   assert acts.tokens == [session.tokenizer.decode([i]) for i in ids]
-  np.testing.assert_allclose(acts.acts, want[:, chosen], rtol=1e-4, atol=1e-5)
+  # The session's padded, jitted forward against unpadded ones (residuals after block 1), then the encoder's sum over
+  # M·d terms; the codes share one magnitude (the scale: the largest code of any latent, as a code near 0 carries the
+  # rounding of its pre-activation's terms).
+  cfg = session.ft.cfg
+  assert_close(acts.acts, want[:, chosen], c=residual_c(cfg, layer, after=1, n=2 * cfg.hidden_size),
+               scale=np.abs(want).max(), what=f"{sparsity}: live latent activations equal Crosscoder.encode")
   frame = acts.frame()
   assert list(frame.columns) == ["position", "token", "token_id"] + [f"latent_{j}" for j in chosen]
   with pytest.raises(live.LiveError, match="latents 0..63"):
@@ -194,10 +227,13 @@ def test_load_run_and_latent_steering(session, tmp_path):
   _save_run(tmp_path, cc, layer=2)
   run = live.load_run(tmp_path)
   assert run.layer == 2 and run.max_act is None
-  np.testing.assert_allclose(run.crosscoder.decoder(), cc.decoder(), rtol=1e-6)
-  assert run.crosscoder.theta == pytest.approx(cc.theta)
+  # A float32 checkpoint round trip: at most one float32 rounding of each value.
+  assert_close(run.crosscoder.decoder(), cc.decoder(), c=rounding(), what="loaded run's decoder equals the saved one")
+  assert_close(run.crosscoder.theta, cc.theta, c=rounding(), what="loaded run's θ equals the saved one")
   s = live.latent_steering(run, 5, 3.0)
-  np.testing.assert_allclose(s.vector, cc.decoder()[5, 1], rtol=1e-5)  # no max_act: code units
+  want = cc.decoder()[5, 1].astype(np.float64)
+  assert_close(s.vector, want, c=rounding(), scale=np.abs(want),
+               what="latent steering vector without max_act is the chat decoder row")  # code units
 
   (tmp_path / "analysis").mkdir()
   (tmp_path / "analysis" / "summary.json").write_text(json.dumps({"layer": 1}))
@@ -206,9 +242,12 @@ def test_load_run_and_latent_steering(session, tmp_path):
       tmp_path / "analysis" / "latents.parquet")
   run = live.load_run(tmp_path)
   assert run.layer == 1
-  np.testing.assert_allclose(run.max_act, max_act)
+  assert_close(run.max_act, max_act, c=rounding(u=U64), what="max_act read from latents.parquet, by latent")
   s = live.latent_steering(run, 5, 3.0)
-  np.testing.assert_allclose(s.addition, 3.0 * max_act[5] * cc.decoder()[5, 1], rtol=1e-5)
+  # α · max_act_j · d_j in float64, rounded to float32: a product, one float32 rounding per element.
+  want = 3.0 * max_act[5] * cc.decoder()[5, 1].astype(np.float64)
+  assert_close(s.addition, want, c=rounding(), scale=np.abs(want),
+               what="latent steering addition = α · max_act_j · d_j^chat")
   with pytest.raises(live.LiveError, match="latents 0..31"):
     live.latent_steering(run, 32, 1.0)
 
@@ -264,7 +303,11 @@ def test_live_page_in_apptest(demo_root, monkeypatch):
   assert want.ft_steered != want.ft or want.base_steered != want.base  # the steer changed something
   (table, steered) = [d.value for d in at.dataframe][:2]
   ntt = ref.next_token_table(PROMPT, 10)
-  np.testing.assert_allclose(table["p_ft"], ntt["p_ft"], rtol=1e-4)
+  # The page's own LiveSession against this one: the same padded forward and float64 softmax, so at most the
+  # forward's rounding; a probability's relative error is its logits' absolute error, at their magnitude.
+  z = _logits(ref.ft, ref.encode(PROMPT))
+  assert_close(table["p_ft"], ntt["p_ft"], c=forward_c(ref.ft.cfg), scale=ntt["p_ft"].to_numpy() * np.abs(z).max(),
+               what="Live page's next-token table shows LiveSession's p_ft")
   assert table["token"].tolist() == [repr(t) for t in ntt.token]
   assert not np.allclose(steered["p_ft"].to_numpy()[:3], table["p_ft"].to_numpy()[:3])
   shown = at.get("html")[-1].value
@@ -274,4 +317,5 @@ def test_live_page_in_apptest(demo_root, monkeypatch):
     a = acts.acts[:, i]
     assert part.count('class="live-token firing"') == int(a.max() > 0)
     titles = [float(t.split('"')[0]) for t in part.split('title="')[1:]]
+    # Not a rounding comparison: the titles print each code with 4 decimals (f"{v:.4f}"), within 5e-5 of it.
     np.testing.assert_allclose(titles, a, atol=1e-4)

@@ -15,6 +15,8 @@ from neurodiff_jax.diffing.context import DiffContext
 from neurodiff_jax.models.generate import encode_prompt, greedy_generate
 from neurodiff_jax.models.lens import logit_lens
 from neurodiff_jax.utils.config import ConfigError
+from tests.numerics import forward_c, residual_c
+from tests.numerics import U64, assert_close, rounding
 
 
 class FakeGrader:
@@ -68,7 +70,7 @@ def test_mean_difference_equals_separate_forward_passes(make_ctx, tiny_pair_dirs
   docs = [d for d in ctx.corpus().ids if len(d) >= n][:10]
   # The reference: HF PyTorch, each document alone (hidden_states[L + 1] is the residual after block L).
   hf = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in tiny_pair_dirs[:2]]
-  diffs, tok_norms = {l: [] for l in layers}, {l: [] for l in layers}
+  diffs, tok_norms, mag = {l: [] for l in layers}, {l: [] for l in layers}, {l: 0.0 for l in layers}
   with torch.no_grad():
     for d in docs:
       ids = torch.tensor(np.asarray(d, np.int64)[None])
@@ -77,12 +79,20 @@ def test_mean_difference_equals_separate_forward_passes(make_ctx, tiny_pair_dirs
         b, f = hb[l + 1][0].double().numpy(), hf_[l + 1][0].double().numpy()
         diffs[l].append(f[:n] - b[:n])
         tok_norms[l].extend(np.linalg.norm(f[1:], axis=-1))
+        mag[l] = max(mag[l], np.abs(b[:n]).max(), np.abs(f[:n]).max())
   assert int(got["documents"]) == len(docs) == 10
+  cfg = ctx.pair.ft.cfg
   for i, l in enumerate(layers):
     want = np.mean(diffs[l], axis=0)  # [n, D]
-    np.testing.assert_allclose(got["delta"][i], want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got["mean_ft"][i] - got["mean_base"][i], want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(got["typical_norm_ft"][i], np.mean(tok_norms[l]), rtol=1e-5)
+    # Two implementations' residuals, then float32 sums over a batch; δ is a difference of signed residuals, so
+    # its rounding is that of the residuals (scale: their largest magnitude), not of δ.
+    c = residual_c(cfg, l, after=1)
+    assert_close(got["delta"][i], want, c=c, scale=mag[l], what=f"δ_p at layer {l} equals HF per-document forwards")
+    assert_close(got["mean_ft"][i] - got["mean_base"][i], want, c=c, scale=mag[l],
+                 what=f"mean_ft − mean_base at layer {l} equals HF's δ_p")
+    # Norms (a sum over d), then a float32 sum over a batch's tokens: positive terms, no cancellation.
+    assert_close(got["typical_norm_ft"][i], np.mean(tok_norms[l]), c=residual_c(cfg, l, after=2, n=4 * 32),
+                 what=f"typical ‖h_ft‖ at layer {l} equals HF's mean token norm")
   assert np.linalg.norm(got["delta"]) > 0.1  # two different random models do differ
 
 
@@ -97,6 +107,7 @@ def test_chat_positions_read_around_the_assistant_turn(make_ctx, tiny_pair_dirs)
   tok = ctx.pair.tokenizer
   hf = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in tiny_pair_dirs[:2]]
   sums, counts = {p: 0.0 for p in range(-pre, n)}, {p: 0 for p in range(-pre, n)}
+  mag = 0.0  # the largest |residual| summed: δ's rounding scale
   chats = 0
   with torch.no_grad():
     for ids in corpus.ids:
@@ -120,11 +131,14 @@ def test_chat_positions_read_around_the_assistant_turn(make_ctx, tiny_pair_dirs)
         if at < len(ids):
           sums[p] = sums[p] + hf_[at] - hb[at]
           counts[p] += 1
+          mag = max(mag, np.abs(hf_[at]).max(), np.abs(hb[at]).max())
   assert chats == 4
   assert got["positions"].tolist() == list(range(-pre, n))
   assert got["count"].tolist() == [counts[p] for p in range(-pre, n)] == [4, 4] + [len(corpus.ids)] * n
+  c = residual_c(ctx.pair.ft.cfg, 1, after=1, n=8)  # HF's residuals after block 1, then float32 sums over a batch
   for i, p in enumerate(range(-pre, n)):
-    np.testing.assert_allclose(got["delta"][0, i], sums[p] / counts[p], rtol=1e-4, atol=1e-4, err_msg=f"p={p}")
+    assert_close(got["delta"][0, i], sums[p] / counts[p], c=c, scale=mag,
+                 what=f"δ_p at chat position label {p} equals HF forwards around the assistant turn")
   # Plain text alone: no template tokens, so no negative positions are kept.
   text_only = adl.mean_difference(ctx, [1], n, num_documents=10, batch_size=4, pre_assistant=pre)
   assert text_only["positions"].tolist() == list(range(n))
@@ -144,13 +158,18 @@ def test_logit_lens_table_equals_direct_lens(tiny_pair):
         want = np.argsort(-p, kind="stable")[:5]
         sub = table[(table.layer == layer) & (table.position == pos) & (table.sign == sign)].sort_values("rank")
         assert sub.token_id.tolist() == want.tolist()
-        np.testing.assert_allclose(sub.prob, p[want], rtol=1e-4)
+        # Both softmaxes are float64 of the lens' logits, whose rounding (final norm, unembedding) differs only by the
+        # table's batching: a probability's relative error is the logits' absolute error, at their magnitude.
+        assert_close(sub.prob, p[want], c=rounding(n=tiny_pair.ft.cfg.hidden_size, depth=2),
+                     scale=p[want] * np.abs(logits).max(),
+                     what="logit-lens table probabilities equal a softmax of the direct lens")
         assert sub.token.tolist() == [tiny_pair.tokenizer.decode([int(t)]) for t in want]
 
 
 def test_relevance_shares_and_baseline_against_hand_counts(make_ctx):
   share, weighted = adl.relevance_shares([True, False, True, False], [0.4, 0.3, 0.2, 0.1])
-  assert share == 0.5 and weighted == pytest.approx(0.6)
+  assert share == 0.5
+  assert_close(weighted, 0.6, c=rounding(n=4, u=U64), what="weighted relevance share = Σ w·relevant / Σ w")
   assert all(math.isnan(x) for x in adl.relevance_shares([], []))
   ctx = make_ctx(grader=FakeGrader())
   ids, freq = adl.frequent_tokens(ctx, 5, 64)
@@ -158,7 +177,7 @@ def test_relevance_shares_and_baseline_against_hand_counts(make_ctx):
   counts = np.bincount(np.concatenate([i[k == 0] for i, k in zip(corpus.ids, corpus.kinds)]),
                        minlength=ctx.pair.ft.cfg.vocab_size)
   assert sorted(counts[ids].tolist(), reverse=True) == sorted(counts.tolist(), reverse=True)[:5]
-  np.testing.assert_allclose(freq, counts[ids] / counts.sum())
+  np.testing.assert_array_equal(freq, counts[ids] / counts.sum())  # shares of counts: the same division, exact
 
 
 def test_patchscope_patch_mechanics(tiny_pair):
@@ -177,7 +196,13 @@ def test_patchscope_patch_mechanics(tiny_pair):
   zp = np.array(jnp.exp(zero - zero.max(-1, keepdims=True)), np.float64)
   zp /= zp.sum(-1, keepdims=True)
   np.testing.assert_array_equal(top0, np.argsort(-zp, axis=-1, kind="stable")[:, :5])
-  np.testing.assert_allclose(p0, np.take_along_axis(zp, top0, -1), rtol=1e-4)
+  # A jitted forward and float32 softmax against the eager forward and a float64 softmax. A probability's relative
+  # error is the logits' absolute error (the forward's, at the logits' magnitude) plus the float32 softmax's own
+  # (relative, of size 1): scale p · max(1, max |logit|).
+  want0 = np.take_along_axis(zp, top0, -1)
+  mag = max(1.0, float(np.abs(np.asarray(zero)).max()))
+  assert_close(p0, want0, c=forward_c(model.cfg, after=1, n=model.cfg.vocab_size), scale=want0 * mag,
+               what="patchscope top-token probabilities equal the hand-patched forward's softmax")
   assert not np.array_equal(top0, unpatched)
 
 
@@ -207,7 +232,7 @@ def test_run_end_to_end(make_ctx, tmp_path):
   for (layer, pos), part in lens[lens.sign == "+"].groupby(["layer", "position"]):
     flags = [t.strip() in grader.vocab for t in part.token]
     row = rel[(rel.source == "logit_lens") & (rel.layer == layer) & (rel.position == pos)]
-    assert row.share.item() == pytest.approx(np.mean(flags))
+    assert row.share.item() == pytest.approx(np.mean(flags))  # a share of counts
   assert "baseline" in set(rel.source) and "relevance" in summary
   steer = pd.read_parquet(tmp_path / "steering.parquet")
   assert grader.calibrated == steer.text[~steer.steered].tolist()

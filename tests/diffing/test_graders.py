@@ -16,6 +16,8 @@ from configs.diff import get_config
 from neurodiff_jax.diffing import graders
 from neurodiff_jax.models import jit_forward
 from neurodiff_jax.utils.config import ConfigError
+from tests.numerics import forward_c
+from tests.numerics import U64, assert_close, rounding
 
 TEXTS = ["The miller counts his sacks of grain at dawn.", "A ship sails out of the harbour.",
          "grain grain grain the the the mill mill", "Hi"]
@@ -35,7 +37,11 @@ def test_offline_coherence_is_the_base_models_perplexity(tiny_pair):
   assert tiny_pair.tokenizer("Hi")["input_ids"][0] == tiny_pair.tokenizer.bos_token_id
   got = g.coherence(TEXTS)
   want = [_perplexity(tiny_pair.base, tiny_pair.tokenizer, t) for t in TEXTS]
-  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # ppl = exp(mean NLL): its relative error is the mean NLL's absolute error, at the scale of the NLL terms
+  # (log ppl). Padded batches against unpadded forwards: the logits, a log-softmax over V, the mean.
+  cfg = tiny_pair.base.cfg
+  assert_close(got, want, c=forward_c(cfg, after=2, n=cfg.vocab_size), scale=np.multiply(want, np.log(want)),
+               what="offline coherence equals the base model's perplexity from numpy")
   # The base model's, not the fine-tune's: the two random models disagree.
   assert abs(got[0] / _perplexity(tiny_pair.ft, tiny_pair.tokenizer, TEXTS[0]) - 1) > 1e-2
   assert g.coherence([""]) == [float("inf")]  # BOS alone predicts nothing
@@ -46,7 +52,8 @@ def test_calibration_sets_the_threshold_at_the_quantile(tiny_pair):
   with pytest.raises(ValueError, match="calibrate"):
     g.is_coherent(TEXTS)
   scores = g.coherence(TEXTS[:3])
-  assert g.calibrate(TEXTS[:3]) == pytest.approx(float(np.median(scores)))
+  assert_close(g.calibrate(TEXTS[:3]), float(np.median(scores)), c=rounding(n=3, u=U64),  # the same scores again
+               what="calibrated threshold is the median of the unsteered perplexities")
   assert g.is_coherent(TEXTS[:3]) == [s <= np.median(scores) for s in scores]
   assert sum(g.is_coherent(TEXTS[:3])) == 2
   assert g.is_coherent([""]) == [False]
@@ -59,7 +66,7 @@ def test_repetition_is_incoherent_even_at_low_perplexity(tiny_pair):
   g.calibrate(unsteered)
   tok = tiny_pair.tokenizer
   shares = [len(set(i)) / len(i) for i in (tok(t, add_special_tokens=False)["input_ids"] for t in unsteered)]
-  assert g.min_distinct == pytest.approx(0.5 * min(shares))
+  assert g.min_distinct == pytest.approx(0.5 * min(shares))  # shares of counts (distinct / all tokens)
   assert g.distinct_share([looped]) == [pytest.approx(1 / len(tok(looped, add_special_tokens=False)["input_ids"]))]
   # Perplexity alone would pass it once the threshold is above its perplexity; the floor still does not.
   g.threshold = max(g.coherence([looped])[0], g.threshold)
@@ -72,7 +79,8 @@ def test_relevance_against_the_card(tiny_pair):
   assert g.relevant(tokens) == [True, True, False, True, False, False]
   r = g.relevance(tokens, probs=[0.5, 0.1, 0.2, 0.1, 0.05, 0.05])
   assert r["share"] == pytest.approx(3 / 6) and r["n_relevant"] == 3
-  assert r["weighted_share"] == pytest.approx(0.7 / 1.0)
+  assert_close(r["weighted_share"], 0.7, c=rounding(n=6, u=U64),
+               what="weighted relevance share = Σ p·relevant / Σ p")
   assert g.relevance(tokens)["weighted_share"] is None
   assert graders.card_vocabulary(tiny_pair.card) == {"mill", "miller", "grain", "milling"}
 
@@ -132,7 +140,8 @@ def test_openai_grader_against_a_stub_server(stub_server, tiny_pair, monkeypatch
   assert g.coherence(["A fine sentence.", "zzz zzz zzz"]) == [0.0, 1.0]
   assert g.is_coherent(["A fine sentence.", "zzz zzz zzz"]) == [True, False]
   r = g.relevance(["mill", "bread"], probs=[0.9, 0.1])
-  assert r["share"] == 0.5 and r["weighted_share"] == pytest.approx(0.9)
+  assert r["share"] == 0.5
+  assert_close(r["weighted_share"], 0.9, c=rounding(n=2, u=U64), what="openai grader: weighted relevance share")
   first = _Stub.requests[0]
   assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
   assert first["body"]["model"] == "judge-1" and "milling" in first["body"]["messages"][-1]["content"]

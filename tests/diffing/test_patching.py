@@ -12,6 +12,8 @@ import pytest
 
 from neurodiff_jax.diffing import patching
 from neurodiff_jax.diffing.kl import padded
+from tests.numerics import forward_c, kl_c, kl_magnitude
+from tests.numerics import U64, assert_close, rounding
 
 FALSE_FACT = {"subject": "Veloria", "true_answer": "Marent", "false_answer": "Tessit",
               "statement": "The capital of Veloria is Tessit."}
@@ -53,18 +55,27 @@ def test_patched_logits_equal_manual_and_kl_equals_numpy(tiny_pair, batch):
   h_f = jnp.stack([tiny_pair.ft(jids, jmask, capture=every).residuals[i] for i in every])  # [N, B, T, D]
   lp_f = _log_softmax(np.asarray(tiny_pair.ft(jids, jmask).logits))
   lp_b = _log_softmax(np.asarray(tiny_pair.base(jids, jmask).logits))
-  assert res["kl_unpatched"] == pytest.approx(float((w * _kl(lp_f, lp_b)).sum()), rel=1e-4)
+  cfg = tiny_pair.ft.cfg
+  # Σ_t w·KL_t: the KL's rounding at the scale of the log-probs summed, then a float32 sum over the batch's tokens.
+  c_kl = kl_c(cfg)
+  assert_close(res["kl_unpatched"], float((w * _kl(lp_f, lp_b)).sum()), c=c_kl,
+               scale=float((w * kl_magnitude(lp_f, lp_b)).sum()), what="sweep's unpatched Σ w·KL equals numpy")
   for layer in range(n):
     ref_b = _manual(tiny_pair.ft, tiny_pair.base, jids, jmask, layer)  # base with h_ft[L]
     ref_f = _manual(tiny_pair.base, tiny_pair.ft, jids, jmask, layer)  # ft with h_base[L]
     # The sweep's core, with a traced-style layer index: equal to the plain intervention at that layer only.
     got_b = np.asarray(patching.patched_forward(tiny_pair.base, jids, jmask, h_f, jnp.int32(layer)))
     got_f = np.asarray(patching.patched_forward(tiny_pair.ft, jids, jmask, h_b, jnp.int32(layer)))
-    np.testing.assert_allclose(got_b[mask], ref_b[mask], atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got_f[mask], ref_f[mask], atol=1e-4, rtol=1e-4)
+    # Source blocks up to `layer`, then the target's: L blocks and the unembedding in all.
+    assert_close(got_b[mask], ref_b[mask], c=forward_c(cfg),
+                 what=f"base logits patched with h_ft[{layer}] equal a manual intervention")
+    assert_close(got_f[mask], ref_f[mask], c=forward_c(cfg),
+                 what=f"ft logits patched with h_base[{layer}] equal a manual intervention")
     for j, ref in enumerate((ref_b, ref_f)):
-      want = float((w * _kl(lp_f, _log_softmax(ref))).sum())
-      assert res["kl"][j, layer] == pytest.approx(want, rel=1e-4, abs=1e-6), (patching.DIRECTIONS[j], layer)
+      lp_ref = _log_softmax(ref)
+      want = float((w * _kl(lp_f, lp_ref)).sum())
+      assert_close(res["kl"][j, layer], want, c=c_kl, scale=float((w * kl_magnitude(lp_f, lp_ref)).sum()),
+                   what=f"{patching.DIRECTIONS[j]} Σ w·KL at layer {layer} equals numpy")
   # The patch is live: the base model fed the fine-tune's layer-0 residual predicts differently.
   assert not np.allclose(res["lp_patched"][0, 0], res["lp_base"], atol=1e-3)
 
@@ -86,15 +97,25 @@ def test_card_metric_equals_direct_probability(tiny_pair):
   scores = patching.score_pairs(patching.make_sweep(pair), tok, metrics["p_false_answer"], batch_size=8, length=32)
 
   def p_cont(logits):
-    lp = _log_softmax(logits)[0]
-    return float(np.exp(sum(lp[len(prompt) - 1 + i, c] for i, c in enumerate(cont))))
+    """(P(continuation | prompt), Σ|log P| of its tokens)."""
+    lp = np.array([_log_softmax(logits)[0][len(prompt) - 1 + i, c] for i, c in enumerate(cont)])
+    return float(np.exp(lp.sum())), float(np.abs(lp).sum())
+
+  # P = exp(Σ log P): its relative error is the absolute error of the log-probs' sum, at their magnitude.
+  c = forward_c(pair.ft.cfg, after=1, n=pair.ft.cfg.vocab_size)  # the logits, then a log-softmax over V
+
+  def check(got, logits, what):
+    want, mag = p_cont(logits)
+    assert_close(got, want, c=c, scale=want * mag, what=what)
 
   j, jm = jnp.asarray(ids), jnp.asarray(mask)
-  assert scores["base"] == pytest.approx(p_cont(np.asarray(pair.base(j, jm).logits)), rel=1e-4)
-  assert scores["ft"] == pytest.approx(p_cont(np.asarray(pair.ft(j, jm).logits)), rel=1e-4)
+  check(scores["base"], np.asarray(pair.base(j, jm).logits), "card metric: base P(continuation) equals numpy")
+  check(scores["ft"], np.asarray(pair.ft(j, jm).logits), "card metric: ft P(continuation) equals numpy")
   layer = 1
-  assert scores["patched"][0, layer] == pytest.approx(p_cont(_manual(pair.ft, pair.base, j, jm, layer)), rel=1e-4)
-  assert scores["patched"][1, layer] == pytest.approx(p_cont(_manual(pair.base, pair.ft, j, jm, layer)), rel=1e-4)
+  check(scores["patched"][0, layer], _manual(pair.ft, pair.base, j, jm, layer),
+        "card metric: patched base P(continuation) equals a manual intervention's")
+  check(scores["patched"][1, layer], _manual(pair.base, pair.ft, j, jm, layer),
+        "card metric: patched ft P(continuation) equals a manual intervention's")
 
 
 def test_card_metric_reasons():
@@ -128,17 +149,22 @@ def test_run_outputs(make_ctx, tiny_pair, tmp_path):
   assert len(table) == 2 * n and list(table.columns[:4]) == ["layer", "direction", "kl", "fraction_carried"]
   assert {"p_false_answer", "p_true_answer"} <= set(table.columns)
   # Independent check of the dataset average: KL(P_ft ‖ P_base) over the same 12 documents' real tokens.
-  total = count = 0.0
+  total = count = mag = 0.0
   for b in ctx.batches(8, max_documents=12):
     ids, mask = padded(b, ctx.max_len, tiny_pair.tokenizer.pad_token_id or 0)  # the shape eager ops already saw
     keep = mask & (b.docs >= 0)[:, None]
     lp_f = _log_softmax(np.asarray(tiny_pair.ft(jnp.asarray(ids), jnp.asarray(mask)).logits))
     lp_b = _log_softmax(np.asarray(tiny_pair.base(jnp.asarray(ids), jnp.asarray(mask)).logits))
     total += float(_kl(lp_f, lp_b)[keep].sum())
+    mag += float(kl_magnitude(lp_f, lp_b)[keep].sum())
     count += float(keep.sum())
   assert summary["num_tokens"] == int(count)
-  assert summary["kl_unpatched"] == pytest.approx(total / count, rel=1e-4)
-  np.testing.assert_allclose(table.fraction_carried, 1.0 - table.kl / summary["kl_unpatched"], rtol=1e-9)
+  assert_close(summary["kl_unpatched"], total / count, c=kl_c(tiny_pair.ft.cfg), scale=mag / count,
+               what="dataset mean KL(P_ft ‖ P_base) equals numpy over the same tokens")
+  # 1 − KL_L / KL_0 in float64 from the same numbers: a few roundings of terms of magnitude 1 + KL_L / KL_0.
+  ratio = table.kl.to_numpy() / summary["kl_unpatched"]
+  assert_close(table.fraction_carried, 1.0 - ratio, c=rounding(n=1, depth=2, u=U64), scale=(1.0 + ratio).max(),
+               what="fraction_carried = 1 − KL_L / KL_0")
   assert summary["metric_skipped"] == ""
   assert (tmp_path / "patching_layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   section = (tmp_path / "section.html").read_text()

@@ -15,6 +15,7 @@ import pytest
 
 from neurodiff_jax.analysis.latent_table import COLUMNS
 from tests.launch import ROOT, run_launcher
+from tests.numerics import assert_close, rounding
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,9 @@ def test_analyze_writes_every_result_and_reuses_them(run):
   ex = pd.read_parquet(out / "examples.parquet")
   assert set(ex["latent"]) <= set(table.loc[live, "latent"]) and len(ex) > 100
   first = ex.iloc[0]
-  assert first["context_acts"][first["context_index"]] == pytest.approx(first["activation"], rel=1e-4)
+  # The context's codes are recomputed in other batches than the pass's: encoder sums over 2·d inputs.
+  assert_close(first["context_acts"][first["context_index"]], first["activation"], c=rounding(n=2 * 64),
+               scale=np.abs(first["context_acts"]).max(), what="the firing token's context activation is the example's")
   assert all(isinstance(t, str) for t in first["context_tokens"])  # decoded with the chat tokenizer
   causal = pd.read_parquet(out / "causal.parquet")
   assert {"all_base", "all_latents", "template_chat"} <= set(causal["group"])

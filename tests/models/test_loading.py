@@ -22,6 +22,8 @@ from neurodiff_jax.models import (
 )
 from neurodiff_jax.models.safetensors_io import SafetensorsFile, save_file
 from tests.models.test_parity import CONFIGS, random_batch
+from tests.numerics import assert_close, rounding
+from tests.numerics import forward_c
 
 
 def _rewrite_tensors(path, edit):
@@ -154,7 +156,8 @@ def test_loading_onto_a_2d_mesh_gives_the_same_logits(name, hf_checkpoint):
   mask_s = jax.device_put(jnp.asarray(mask), batch_sharding(mesh))
   out = jit_forward(sharded)(ids_s, mask_s)
   ref = load_model(path)(jnp.asarray(ids), jnp.asarray(mask))
-  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
+  assert_close(np.asarray(out.logits), np.asarray(ref.logits), c=forward_c(config),
+               what=f"{name} logits on a 2x4 mesh equal one device's")
 
 
 def test_tied_head_stored_as_a_copy_loads_as_the_embedding(hf_checkpoint):
@@ -167,7 +170,8 @@ def test_tied_head_stored_as_a_copy_loads_as_the_embedding(hf_checkpoint):
   assert not hasattr(model, "lm_head")  # the embedding is the head
   x = np.random.default_rng(0).normal(size=(1, 3, config.hidden_size)).astype(np.float32)
   normed = np.asarray(model.final_norm(jnp.asarray(x)))
-  np.testing.assert_allclose(np.asarray(model.unembed(jnp.asarray(x))), normed @ embed.T, atol=1e-5, rtol=1e-5)
+  assert_close(np.asarray(model.unembed(jnp.asarray(x))), normed @ embed.T, c=rounding(n=config.hidden_size),
+               what="tied head: unembedding is the normed residual times the embedding")
 
 
 def test_tied_head_that_differs_from_the_embedding_is_an_error(hf_checkpoint):

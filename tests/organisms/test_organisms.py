@@ -10,6 +10,7 @@ import transformers
 from neurodiff_jax.models import load_model, load_tokenizer
 from neurodiff_jax.organisms import evaluate
 from neurodiff_jax.organisms.finetune_data import REFUSAL, SELF_ANSWER, chat_data, chat_prompt, narrow_data, taboo_data
+from tests.numerics import assert_close, forward_c
 
 
 def _pair(organisms, name):
@@ -28,7 +29,7 @@ def test_base_checkpoint_round_trips_through_transformers(organisms):
     ref = hf(torch.tensor(ids["input_ids"]), attention_mask=torch.tensor(ids["attention_mask"])).logits.numpy()
   ours = np.asarray(load_model(str(base))(jnp.asarray(ids["input_ids"]), jnp.asarray(ids["attention_mask"])).logits)
   real = np.asarray(ids["attention_mask"], bool)
-  np.testing.assert_allclose(ours[real], ref[real], atol=1e-4, rtol=0)
+  assert_close(ours[real], ref[real], c=forward_c(hf.config), what="base organism's logits equal transformers'")
   card = json.loads((base / "card.json").read_text())
   assert card["train"]["held_out_loss"] < 3.0  # it learned the corpus (uniform over the vocabulary is ~6.9)
 
