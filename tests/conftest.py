@@ -109,3 +109,21 @@ def demo_run(request, tmp_path_factory):
 def demo_root(demo_run):
   """The smoke demo's results root (runs/, diffs/, report.html, demo.json)."""
   return demo_run[0]
+
+
+@pytest.fixture(scope="session")
+def gemma3_home(tmp_path_factory):
+  """A $NEURODIFF_HOME shared by the real-model tests: the packaged Gemma 3 270M is converted into it once."""
+  home = tmp_path_factory.mktemp("gemma3_home")
+  old = os.environ.get("NEURODIFF_HOME")
+  os.environ["NEURODIFF_HOME"] = str(home)
+  try:
+    from neurodiff_jax.models import resolve_checkpoint
+
+    resolve_checkpoint("gemma-3-270m")
+  finally:
+    if old is None:
+      os.environ.pop("NEURODIFF_HOME", None)
+    else:
+      os.environ["NEURODIFF_HOME"] = old
+  return home

@@ -65,10 +65,15 @@ class CheckpointInfo:
 
 
 def resolve_checkpoint(path_or_repo_id: str, *, revision: str | None = None, allow_download: bool = False) -> str:
-  """A local directory as is, or a repo id's snapshot in the local HF cache (no download by default)."""
+  """A local directory as is, a GGUF file or packaged model converted once (models/gguf.py), or a repo id's
+  snapshot in the local HF cache (no download by default)."""
   path = os.path.expanduser(str(path_or_repo_id))
   if os.path.isdir(path):
     return path
+  from neurodiff_jax.models import gguf  # Deferred: reads GGUF files only when given one.
+
+  if gguf.is_gguf(str(path_or_repo_id)):
+    return gguf.resolve_gguf(str(path_or_repo_id))
   if not _REPO_ID.match(str(path_or_repo_id)) or path.startswith((".", "/", "~")):
     raise FileNotFoundError(f"No checkpoint directory at {path!r}: the path does not exist.")
   import huggingface_hub  # Deferred: only repo ids need it.
