@@ -1,9 +1,10 @@
 """Greedy decoding with the ports, optionally under interventions (steering while generating).
 
-Without a KV cache: every step re-runs the fixed-shape buffer, all steps inside one jitted
-`fori_loop`, so the whole generation compiles once. Right for the small models and short
-completions of tests, organisms and steering demos. `GreedyGenerator` keeps its compiled program
-across calls (the dashboard's live page).
+With a KV cache (`Transformer.step`): the prompt is one forward that fills the cache, then each
+token is one cached step, all inside one jitted `fori_loop`, so a generation compiles once.
+Interventions see the new tokens' residuals only (the prompt's in the prefill, one token a step),
+so an addition steers every position as it would in a full forward. `GreedyGenerator` keeps its
+compiled program across calls (the dashboard's live page).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from neurodiff_jax.models.transformer import Intervention, Transformer
+from neurodiff_jax.models.transformer import Intervention, Transformer, positions_from_mask
 
 # Tokens that close the model's turn in the chat templates of the ported families (Gemma, Llama 3,
 # Qwen, Phi): a sample stops there as it does at EOS.
@@ -64,17 +65,42 @@ def _left_padded(prompts: Sequence[Sequence[int]], width: int, total: int,
   return ids, mask
 
 
+def _pick(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: int) -> jax.Array:
+  """The next token of each row: the argmax, or a sample from the top-k softmax at `temperature`."""
+  if key is None:
+    return jnp.argmax(logits, axis=-1)
+  top, idx = jax.lax.top_k(logits.astype(jnp.float32), top_k)  # [B, k]
+  choice = jax.random.categorical(key, top / temperature, axis=-1)  # [B]
+  return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+
+
 def _decode(m: Transformer, ids: jax.Array, mask: jax.Array, width: int, max_new_tokens: int,
-            interventions: Mapping[int, Intervention] | None) -> jax.Array:
-  """The greedy loop (traced): fills columns width .. width + max_new_tokens - 1 of `ids`, one forward per token."""
+            interventions: Mapping[int, Intervention] | None, key: jax.Array | None = None,
+            temperature: float = 1.0, top_k: int = 1) -> jax.Array:
+  """The decoding loop (traced): fills columns width .. width + max_new_tokens - 1 of `ids`.
+
+  One forward of the prompt fills a KV cache as wide as the buffer (sliding layers keep every column
+  and mask by window, which is exact); each new token is then one cached step of one token. Greedy
+  when `key` is None, else sampled (top-k at `temperature`, one key split per step).
+  """
+  batch, total = ids.shape
+  cache = m.init_cache(batch, total)
+  logits, cache = m.step(ids[:, :width], mask, positions_from_mask(mask[:, :width]), cache, 0, interventions,
+                         last_only=True)
+  keys = None if key is None else jax.random.split(key, max_new_tokens)
+  nxt = _pick(logits[:, -1], None if keys is None else keys[0], temperature, top_k).astype(ids.dtype)
+  count = jnp.sum(mask[:, :width], axis=-1, dtype=jnp.int32)  # the next token's position in each row
 
   def step(i, carry):
-    ids, mask = carry
-    logits = m(ids, mask, interventions=interventions).logits  # [B, total, V]
-    nxt = jnp.argmax(logits[:, width + i - 1], axis=-1).astype(ids.dtype)
-    return ids.at[:, width + i].set(nxt), mask.at[:, width + i].set(True)
+    ids, mask, cache, nxt, count = carry
+    col = width + i
+    ids, mask = ids.at[:, col].set(nxt), mask.at[:, col].set(True)
+    logits, cache = m.step(nxt[:, None], mask, count[:, None], cache, col, interventions)
+    nxt = _pick(logits[:, 0], None if keys is None else keys[i + 1], temperature, top_k).astype(ids.dtype)
+    return ids, mask, cache, nxt, count + 1
 
-  return jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))[0]
+  ids, mask, cache, nxt, count = jax.lax.fori_loop(0, max_new_tokens - 1, step, (ids, mask, cache, nxt, count))
+  return ids.at[:, width + max_new_tokens - 1].set(nxt)
 
 
 def _cut(out: np.ndarray, eos_id: int | None) -> list[list[int]]:
@@ -114,6 +140,40 @@ def greedy_generate(
     return _decode(nnx.merge(graphdef, state), ids, mask, p, max_new_tokens, interventions)
 
   return _cut(np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask)))[:, p:], eos_id)
+
+
+def sample_generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    seed: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    batch_size: int = 32,
+) -> list[list[int]]:
+  """Sampled continuations (top-k at `temperature`, reproducible from `seed`), in batches of `batch_size` prompts."""
+  _check_prompts(prompts, max_new_tokens)
+  if not temperature > 0 or int(top_k) < 1:
+    raise ValueError(f"temperature={temperature} must be > 0 and top_k={top_k} >= 1.")
+  graphdef, state = nnx.split(model)
+  width = max(len(x) for x in prompts)
+
+  @jax.jit
+  def run(state, ids, mask, key):
+    return _decode(nnx.merge(graphdef, state), ids, mask, width, max_new_tokens, None, key, temperature, int(top_k))
+
+  out: list[list[int]] = []
+  for i in range(0, len(prompts), batch_size):
+    chunk = list(prompts[i:i + batch_size])
+    chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape for every batch
+    ids, mask = _left_padded(chunk, width, width + max_new_tokens, pad_id)
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    res = np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask), key))[:, width:]
+    out += _cut(res, eos_id)[:min(batch_size, len(prompts) - i)]
+  return out
 
 
 class GreedyGenerator:
@@ -163,4 +223,5 @@ class GreedyGenerator:
     return _cut(np.asarray(out)[:, width:], eos_id)
 
 
-__all__ = ["END_OF_TURN_TOKENS", "GreedyGenerator", "cut_at_stop", "encode_prompt", "greedy_generate", "stop_ids"]
+__all__ = ["END_OF_TURN_TOKENS", "GreedyGenerator", "cut_at_stop", "encode_prompt", "greedy_generate",
+           "sample_generate", "stop_ids"]

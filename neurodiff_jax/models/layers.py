@@ -111,6 +111,32 @@ class Attention(nnx.Module):
       mask: Bool[Array, "B T S"],
       precision: jax.lax.Precision | None,
   ) -> Float[Array, "B T D"]:
+    q, k, v = self._qkv(x, cos, sin, precision)
+    return self._attend(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, precision)
+
+  def cached(
+      self,
+      x: Float[Array, "B T D"],
+      cos: Float[Array, "B T H"],
+      sin: Float[Array, "B T H"],
+      mask: Bool[Array, "B T S"],
+      cache: tuple[Float[Array, "B K S H"], Float[Array, "B K S H"]],
+      start: Int[Array, ""],
+      precision: jax.lax.Precision | None,
+  ) -> tuple[Float[Array, "B T D"], tuple[Float[Array, "B K S H"], Float[Array, "B K S H"]]]:
+    """Attention of T new tokens at columns start .. start + T - 1 over a KV cache of S columns; the cache updated.
+
+    The new keys and values are written into the cache first, so the queries attend to the prompt,
+    earlier steps and themselves through one [S]-wide mask (causality and the sliding window are in
+    `mask`, by column).
+    """
+    q, k, v = self._qkv(x, cos, sin, precision)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.transpose(0, 2, 1, 3).astype(cache[0].dtype), start, 2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), start, 2)
+    return self._attend(q, k_cache, v_cache, mask, precision), (k_cache, v_cache)
+
+  def _qkv(self, x, cos, sin, precision):
+    """Queries, keys and values [B, T, heads, H] of x, biased, qk-normed and rotated."""
     cfg = self.cfg
     b, t, d = x.shape
     # Projections on [B*T, D]: XLA:CPU runs the weight gradients of 2-D products (one contracting
@@ -123,19 +149,22 @@ class Attention(nnx.Module):
       q, k, v = q + self.b_q[...], k + self.b_k[...], v + self.b_v[...]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    n, h = q.shape[2:]
+  def _attend(self, q, k, v, mask, precision):
+    """softmax(q·k) v over keys k, v [B, K, S, H] (heads-major) for queries q [B, T, N, H]; projected to [B, T, D]."""
+    cfg = self.cfg
+    b, t, n, h = q.shape
+    d = cfg.hidden_size
     kv = cfg.num_kv_heads
     # Query head n reads KV head n // G, the order HF's repeat_kv produces. Heads go in front of
     # time before the two attention einsums so each is a batched matmul over leading (B, K) dims:
     # XLA:CPU runs "BTKGH,BSKH->BKGTS" about 2.4x slower than the same product laid out heads-major.
     q = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, precision=precision) * cfg.query_scale
     logits = softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # [B, K, G, T, S]
     out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v, precision=precision)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b * t, n, h)  # [B*T, N, H]
     out = jnp.einsum("TNH,NHD->TD", out, self.w_o[...], precision=precision)

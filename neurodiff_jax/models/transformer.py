@@ -42,10 +42,17 @@ class Block(nnx.Module):
       self.post_mlp_norm = norm()
 
   def __call__(self, x, cos, sin, mask, precision) -> Float[Array, "B T D"]:
-    h = self.attn(self.pre_attn_norm(x), cos, sin, mask, precision)
-    if self.post_norms:
-      h = self.post_attn_norm(h)
-    x = x + h
+    return self._mlp(x + self._post_attn(self.attn(self.pre_attn_norm(x), cos, sin, mask, precision)), precision)
+
+  def cached(self, x, cos, sin, mask, cache, start, precision):
+    """The block on T new tokens over a KV cache (Attention.cached); returns (x, updated cache)."""
+    h, cache = self.attn.cached(self.pre_attn_norm(x), cos, sin, mask, cache, start, precision)
+    return self._mlp(x + self._post_attn(h), precision), cache
+
+  def _post_attn(self, h):
+    return self.post_attn_norm(h) if self.post_norms else h
+
+  def _mlp(self, x, precision):
     h = self.mlp(self.pre_mlp_norm(x), precision)
     if self.post_norms:
       h = self.post_mlp_norm(h)
@@ -166,6 +173,49 @@ class Transformer(nnx.Module):
         residuals[i] = x
     logits = self.unembed(x) if stop_at_layer is None else None
     return ForwardOutput(logits=logits, residuals=residuals)
+
+
+  def init_cache(self, batch: int, length: int) -> list[tuple[Float[Array, "B K S H"], Float[Array, "B K S H"]]]:
+    """An empty KV cache of `length` columns for `step`: (keys, values) [B, K, S, H] per layer, zeros."""
+    shape = (batch, self.cfg.num_kv_heads, length, self.cfg.head_dim)
+    return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(self.cfg.num_layers)]
+
+  def step(
+      self,
+      input_ids: Int[Array, "B T"],
+      key_mask: Bool[Array, "B S"],
+      positions: Int[Array, "B T"],
+      cache: list[tuple[Float[Array, "B K S H"], Float[Array, "B K S H"]]],
+      start: Int[Array, ""] | int,
+      interventions: Mapping[int, Intervention] | None = None,
+      last_only: bool = False,
+  ) -> tuple[Float[Array, "B T V"], list[tuple[Float[Array, "B K S H"], Float[Array, "B K S H"]]]]:
+    """Logits of T tokens written at cache columns start .. start + T - 1, attending to the cached columns.
+
+    `key_mask` [B, S] marks the cache's real columns (this call's included); a query at column c sees
+    real keys at columns ≤ c (and > c − window on sliding layers). A prompt is one call at start 0 (the
+    prefill), each generated token one call with T = 1. Interventions see the T new residuals only.
+    `last_only` unembeds the last position alone (a prefill needs no more: [B, 1, V]).
+    """
+    cfg = self.cfg
+    t, s = input_ids.shape[1], key_mask.shape[1]
+    q_col = start + jnp.arange(t)[:, None]  # [T, 1]
+    k_col = jnp.arange(s)[None, :]  # [1, S]
+    full = (k_col <= q_col)[None] & key_mask[:, None, :]  # [B, T, S]
+    sliding = None if cfg.sliding_window is None else full & (k_col > q_col - cfg.sliding_window)[None]
+    interventions = dict(interventions or {})
+    x = self.embed_tokens(input_ids)
+    tables, new_cache = {}, []
+    for i, block in enumerate(self.layers):
+      rope = cfg.rope_for(i)
+      if rope not in tables:
+        tables[rope] = rope_tables(positions, rope_inv_freq(rope, cfg.head_dim), x.dtype)
+      x, layer_cache = block.cached(x, *tables[rope], sliding if block.sliding else full, cache[i], start,
+                                    self.precision)
+      new_cache.append(layer_cache)
+      if i in interventions:
+        x = interventions[i](x)
+    return self.unembed(x[:, -1:] if last_only else x), new_cache
 
 
 def _check_layer(layer: int, num_layers: int, what: str) -> int:

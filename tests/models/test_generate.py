@@ -86,3 +86,35 @@ def test_bad_input_is_named(model, prompts):
     gen(prompts, NEW, add=np.ones(3), layer=LAYER)
   with pytest.raises(ValueError, match="layer=-1"):
     gen(prompts, NEW, add=np.ones(model.cfg.hidden_size))
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "gemma2_gqa_window", "qwen2_window", "llama3_scaled_untied"])
+def test_cached_generation_past_the_sliding_window_is_greedy_under_transformers(name, hf_checkpoint):
+  """Batched, left-padded prompts whose continuations run past the sliding window (4-5 tokens here).
+
+  The reference is transformers' own full forward (eager, no cache): each generated token is its
+  argmax given the tokens before. transformers' `generate` agrees except on Gemma 3, where its
+  sliding-window cache departs from its own forward once the sequence passes the window (5.25.0:
+  prompt [88, 105, 3] gives token 8 = 86 in `generate`, 1 in the forward); there our tokens are the
+  forward's.
+  """
+  import torch
+
+  from neurodiff_jax.models import load_model
+  from tests.models.test_parity import CONFIGS
+
+  config = CONFIGS[name]()
+  hf, path = hf_checkpoint(config)
+  model = load_model(path)
+  rng = np.random.default_rng(5)
+  prompts = [rng.integers(1, config.vocab_size, n).tolist() for n in (3, 9, 6)]
+  got = greedy_generate(model, prompts, 12)
+  for prompt, out in zip(prompts, got):
+    with torch.no_grad():
+      logits = hf(torch.tensor([prompt + out])).logits[0].numpy()
+    assert [int(t) for t in logits[len(prompt) - 1:-1].argmax(-1)] == out, (name, prompt)
+    if name != "gemma3_text":
+      with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+      assert out == ref[0, len(prompt):].tolist(), (name, prompt)
