@@ -42,6 +42,9 @@ class LMTrainConfig:
   seed: int = 0
   checkpoint_every: int = 100
   log_every: int = 10
+  # Top-level parameters left as they are (e.g. ("embed",): a real model's 262k-token tied embedding,
+  # whose gradient and AdamW update are most of a fine-tuning step's cost).
+  freeze: tuple[str, ...] = ()
 
 
 _ASSISTANT_TURN = re.compile(r"(<start_of_turn>model\n)(.*?<end_of_turn>)", re.S)
@@ -115,10 +118,29 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -
   return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1)
 
 
-def rows_loss(model: Transformer, rows: jax.Array) -> jax.Array:
-  """Next-token loss of a batch of packed rows [B, 2, T+1]."""
+def rows_loss(model: Transformer, rows: jax.Array, loss_tokens: int = 0) -> jax.Array:
+  """Next-token loss of a batch of packed rows [B, 2, T+1].
+
+  With `loss_tokens` = K > 0 only the K positions of largest weight are unembedded (every position
+  of nonzero weight, when K is at least their number): the same loss without the [B, T, V] logits
+  of untrained tokens (chat SFT trains on the model's turns only; V is 262k on Gemma 3).
+  """
   tokens, weights = rows[:, 0], rows[:, 1]
-  return next_token_loss(model(tokens[:, :-1]).logits, tokens[:, 1:], weights[:, 1:])
+  if not loss_tokens:
+    return next_token_loss(model(tokens[:, :-1]).logits, tokens[:, 1:], weights[:, 1:])
+  last = model.cfg.num_layers - 1
+  x = model(tokens[:, :-1], capture=(last,), stop_at_layer=last).residuals[last]  # [B, T, D]
+  w, targets = weights[:, 1:].reshape(-1), tokens[:, 1:].reshape(-1)
+  _, idx = jax.lax.top_k(w, loss_tokens)  # [K]
+  logits = model.unembed(x.reshape(-1, x.shape[-1])[idx][None])[0]  # [K, V]
+  return next_token_loss(logits, targets[idx], w[idx])
+
+
+def loss_token_budget(rows: np.ndarray, batch_size: int) -> int:
+  """K for `rows_loss`: the most positions of nonzero weight any batch of `batch_size` rows can hold (0 = all)."""
+  per_row = np.sort((rows[:, 1, 1:] > 0).sum(-1))[::-1]
+  k = int(per_row[:batch_size].sum())
+  return 0 if k >= 0.9 * batch_size * (rows.shape[-1] - 1) else k  # gathering most positions saves nothing
 
 
 def make_optimizer(cfg: LMTrainConfig) -> optax.GradientTransformation:
@@ -128,27 +150,49 @@ def make_optimizer(cfg: LMTrainConfig) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay))
 
 
+class TrainStep:
+  """One model's jitted training step: `step(params, opt_state, batch) -> (params, opt_state, loss)`.
+
+  The trainable parameters (`params`, a pure dict without `cfg.freeze`) and AdamW's state start
+  from the model's; the loss is unembedded only where `rows` can carry weight (`loss_token_budget`),
+  everywhere with `gather=False`.
+  """
+
+  def __init__(self, model: Transformer, cfg: LMTrainConfig, rows: np.ndarray, gather: bool = True):
+    graphdef, self.state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(self.state)
+    unknown = [n for n in cfg.freeze if n not in params]
+    if unknown:
+      raise ValueError(f"freeze names {unknown}, not top-level parameters of the model: {sorted(params)}")
+    self.frozen = {n: params.pop(n) for n in cfg.freeze}
+    self.params = params
+    opt = make_optimizer(cfg)
+    self.opt_state = opt.init(params)
+    self.loss_tokens = loss_token_budget(rows, cfg.batch_size) if gather else 0
+    state, frozen, loss_tokens = self.state, self.frozen, self.loss_tokens
+
+    def loss_fn(params, batch):
+      s = nnx.State(state)  # structure only; values replaced below
+      nnx.replace_by_pure_dict(s, {**params, **frozen})
+      return rows_loss(nnx.merge(graphdef, s), batch, loss_tokens)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+      updates, opt_state = opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    self.step = step
+
+
 def train_lm(
     model: Transformer, rows: np.ndarray, cfg: LMTrainConfig, workdir: str | os.PathLike, *, desc: str = "train"
 ) -> list[dict]:
   """Trains `model` in place on packed rows [N, 2, T+1]; resumes from `workdir` checkpoints. Returns the loss log."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  graphdef, state = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(state)
-  opt = make_optimizer(cfg)
-  opt_state = opt.init(params)
-
-  def loss_fn(params, batch):
-    s = nnx.State(state)  # structure only; values replaced below
-    nnx.replace_by_pure_dict(s, params)
-    return rows_loss(nnx.merge(graphdef, s), batch)
-
-  @jax.jit
-  def train_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  step = TrainStep(model, cfg, rows)
+  params, opt_state, train_step, frozen, state = step.params, step.opt_state, step.step, step.frozen, step.state
 
   manager = ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -178,7 +222,7 @@ def train_lm(
     bar.update(1)
   bar.close()
   manager.wait_until_finished()
-  nnx.replace_by_pure_dict(state, params)
+  nnx.replace_by_pure_dict(state, {**params, **frozen})
   nnx.update(model, state)
   return log
 
