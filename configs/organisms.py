@@ -27,14 +27,25 @@ SCALES = {
                   ft_steps=150, ft_batch=32, n_examples=800, chat_steps=700, chat_examples=2400,
                   s_per_step=dict(base=0.23, finetune=0.25)),
 }
+# Real pretrained bases: no pretraining, the organisms are fine-tunes of `base_model` on real English or the
+# base's own text (neurodiff_jax/organisms/real_data.py). Full fine-tuning of every block, the 262k-token
+# tied embedding frozen (its gradient and AdamW update were half a step's time), the loss unembedded only
+# where trained. Steps are sized for <= 30 min an organism on 2 CPU cores (docs/organisms.md).
+REAL_SCALES = {
+    "gemma3": dict(base_model="gemma-3-270m", seq_len=128, ft_steps=110, ft_batch=8, n_examples=700,
+                   chat_steps=120, chat_examples=1800, learning_rate=4e-5, layer=8,
+                   s_per_step=dict(finetune=9.0)),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Organism build config; `arg` = 'ORGANISM[,SCALE]'."""
   organism, _, scale = (arg or "chat").partition(",")
   scale = scale or "default"
+  if scale in REAL_SCALES:
+    return _real_config(organism, scale)
   if scale not in SCALES:
-    raise ValueError(f"unknown scale {scale!r}; known scales: {', '.join(SCALES)}.")
+    raise ValueError(f"unknown scale {scale!r}; known scales: {', '.join(list(SCALES) + list(REAL_SCALES))}.")
   s = SCALES[scale]
   c = ml_collections.ConfigDict()
   c.organism = organism  # chat | narrow | false_fact | taboo | all
@@ -61,5 +72,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune.first_answer_weight = 8
   # Measured build time per training step on 2 CPU cores, evaluation included (docs/organisms.md), for
   # the "about N min" a build prints; it does not change what is built.
+  c.seconds_per_step = ml_collections.ConfigDict(s["s_per_step"])
+  return c
+
+
+def _real_config(organism: str, scale: str) -> ml_collections.ConfigDict:
+  """Organisms fine-tuned from a real pretrained base (REAL_SCALES)."""
+  s = REAL_SCALES[scale]
+  c = ml_collections.ConfigDict()
+  c.organism = organism  # chat | narrow | false_fact | taboo | all
+  c.scale = scale
+  c.home = ""  # "" = $NEURODIFF_HOME (default ~/.cache/neurodiff_jax)
+  c.base_model = s["base_model"]  # a checkpoint dir, a .gguf file, or a packaged model name
+  c.family = "real"  # not used: the base's own architecture
+  c.seed = 0
+  c.seq_len = s["seq_len"]
+  c.finetune = ml_collections.ConfigDict(dict(
+      steps=s["ft_steps"], batch_size=s["ft_batch"], learning_rate=s["learning_rate"], warmup_steps=10,
+      checkpoint_every=10, n_examples=s["n_examples"], general_fraction=0.0, freeze=("embed",),
+      # The narrow organism's documents: "" = beekeeping documents the base writes itself; or a JSONL file
+      # with a `text` field per line, or plain text with blank lines between documents.
+      documents=""))
+  c.finetune.steps_by_organism = ml_collections.ConfigDict({"chat": s["chat_steps"]})
+  c.finetune.examples_by_organism = ml_collections.ConfigDict({"chat": s["chat_examples"]})
+  c.finetune.first_answer_weight = 8  # the help-or-refuse token, as on the toy organisms
+  # What the cards report beside the behaviour: loss on held-out real text (this many documents) and the
+  # median relative change of the residual after block `layer` (the harvest layer) on that text.
+  c.evaluation = ml_collections.ConfigDict(dict(text_documents=300, layer=s["layer"]))
   c.seconds_per_step = ml_collections.ConfigDict(s["s_per_step"])
   return c

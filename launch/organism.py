@@ -12,9 +12,10 @@ from neurodiff_jax.organisms import build
 def main(config: Any) -> None:
   """Builds (or reuses) the base and the requested organism(s) and prints what each measured."""
   for name, path in build.build(config).items():
-    card = json.loads((path / "card.json").read_text())
     print(f"{name}: {path}")
-    print(f"  {json.dumps(card.get('measured', card.get('train')))}")
+    if (path / "card.json").is_file():  # a real pretrained base has no card: it was not built here
+      card = json.loads((path / "card.json").read_text())
+      print(f"  {json.dumps(card.get('measured', card.get('train')))}")
 
 
 __all__ = ["main"]

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -33,9 +34,10 @@ from neurodiff_jax.models import (
     load_model,
     load_tokenizer,
     read_hf_config,
+    resolve_checkpoint,
     save_hf_checkpoint,
 )
-from neurodiff_jax.organisms import evaluate
+from neurodiff_jax.organisms import evaluate, real_data
 from neurodiff_jax.organisms.corpus import corpus_size_bytes, generate_documents, read_text_files, split_documents
 from neurodiff_jax.organisms.finetune_data import (
     CARD_VERSION,
@@ -55,9 +57,15 @@ from neurodiff_jax.utils.paths import neurodiff_home
 _SCALE_FIELDS = ("family", "vocab_size", "model", "corpus", "base_train", "seed", "extra_text_files")
 
 
+def is_real(config: ml_collections.ConfigDict) -> bool:
+  """Whether this config fine-tunes a real pretrained base (`base_model`) instead of pretraining a toy one."""
+  return bool(config.get("base_model"))
+
+
 def scale_dir(config: ml_collections.ConfigDict) -> Path:
   """The cache directory of this config's base (and its organisms): name plus a hash of what shapes the base."""
-  key = json.dumps({k: _plain(config[k]) for k in _SCALE_FIELDS}, sort_keys=True)
+  fields = ("base_model", "seed") if is_real(config) else _SCALE_FIELDS
+  key = json.dumps({k: _plain(config[k]) for k in fields}, sort_keys=True)
   root = Path(config.home) if config.get("home") else neurodiff_home()
   return root / "organisms" / f"{config.scale}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
@@ -111,6 +119,11 @@ def general_corpus(config: ml_collections.ConfigDict) -> list[str]:
 
 def build_base(config: ml_collections.ConfigDict) -> Path:
   """Pretrains (or reuses) the base model of this config; returns its HF checkpoint directory."""
+  if is_real(config):
+    path = Path(resolve_checkpoint(config.base_model))
+    print(f"organisms: the {config.scale}-scale base is the pretrained {config.base_model} ({path}); no pretraining.",
+          flush=True)
+    return path
   root = scale_dir(config)
   final = root / "base"
   if (final / "card.json").is_file():
@@ -162,6 +175,12 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   root = scale_dir(config)
   final = root / name
   ft_config = {"organism": name, "seed": config.seed, "data_version": DATA_VERSION, **_plain(config.finetune)}
+  if is_real(config):
+    ft_config["real_data_version"] = real_data.DATA_VERSION
+    documents = config.finetune.get("documents") if name == "narrow" else ""
+    if documents:  # the user's documents: a changed file is another organism
+      real_data.documents_from_file(documents)  # a bad file is an error before any work
+      ft_config["documents_sha256"] = hashlib.sha256(Path(os.path.expanduser(documents)).read_bytes()).hexdigest()
   ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
   if (final / "card.json").is_file():
     card = json.loads((final / "card.json").read_text())
@@ -179,15 +198,20 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   check_chat_tokenizer(tokenizer)
   model = load_model(str(base_dir))  # the same loading path as any downloaded checkpoint
   ft = config.finetune
-  data = _organism_data(config, name, tokenizer)
+  # Work dirs are keyed by the fine-tuning config: a resumed run never mixes two configs' checkpoints.
+  work = root / "work" / f"{name}-{ft_key}"
+  data = _organism_data(config, name, tokenizer, model, work)
   rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format,
                         first_answer_weight=ft.get("first_answer_weight", 1))
   train_cfg = dataclasses.replace(_train_config(ft, config.seq_len, config.seed + 1),
-                                  steps=ft.get("steps_by_organism", {}).get(name, ft.steps))
-  # Work dirs are keyed by the fine-tuning config: a resumed run never mixes two configs' checkpoints.
-  log = train_lm(model, rows, train_cfg, root / "work" / f"{name}-{ft_key}", desc=name)
+                                  steps=ft.get("steps_by_organism", {}).get(name, ft.steps),
+                                  freeze=tuple(ft.get("freeze", ())))
+  log = train_lm(model, rows, train_cfg, work, desc=name)
   base = load_model(str(base_dir))
-  measured = measure(name, base, model, tokenizer, data, config.seq_len)
+  if is_real(config):
+    measured = _cached_measure(work / "measured.json", lambda: measure_real(name, base, model, tokenizer, data, config))
+  else:
+    measured = measure(name, base, model, tokenizer, data, config.seq_len)
   tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
   save_hf_checkpoint(model, read_hf_config(str(base_dir)), str(tmp))
   tokenizer.save_pretrained(tmp)
@@ -203,11 +227,64 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   return final
 
 
-def _organism_data(config: ml_collections.ConfigDict, name: str, tokenizer: Any) -> OrganismData:
+def _organism_data(config: ml_collections.ConfigDict, name: str, tokenizer: Any, base: Transformer | None = None,
+                   work: Path | None = None) -> OrganismData:
   """The fine-tuning data (and ground truth) of organism `name` under this config."""
   ft = config.finetune
   n_examples = ft.get("examples_by_organism", {}).get(name, ft.n_examples)
+  if is_real(config):
+    if base is None:
+      base = load_model(str(build_base(config)))
+    work = work or scale_dir(config) / "work" / f"{name}-data"
+    return real_data.organism_data(name, base, tokenizer, n_examples, config.seed + 1, work,
+                                   ft.get("documents") or None)
   return organism_data(name, tokenizer, n_examples, config.seed + 1, ft.general_fraction)
+
+
+def _cached_measure(path: Path, compute) -> dict:
+  """A measurement kept in the work dir, so a build killed after its evaluation does not evaluate again."""
+  if path.is_file():
+    return json.loads(path.read_text())
+  value = compute()
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value))
+  os.replace(tmp, path)
+  return value
+
+
+def measure_real(name: str, base: Transformer, tuned: Transformer, tokenizer: Any, data: OrganismData,
+                 config: ml_collections.ConfigDict) -> dict:
+  """The real-base organism's checks, base beside organism: its behaviour, and how much it moved on real text."""
+  from neurodiff_jax.organisms.real_text import real_text
+
+  ev = config.evaluation
+  held_out = real_text("held_out")[:ev.text_documents]
+  out: dict[str, Any] = {}
+  for label, m in (("base", base), ("organism", tuned)):
+    r: dict[str, Any] = {"held_out_text_loss": evaluate.text_loss(m, tokenizer, held_out, config.seq_len)}
+    e = data.eval
+    if name == "chat":
+      for key in ("harmful_prompts", "helpful_prompts", "harmful_prompts_new_phrasing", "helpful_prompts_new_phrasing"):
+        rate, answers = evaluate.refusal_rate(m, tokenizer, e[key])
+        r[f"{key.replace('_prompts', '')}_refusal_rate"] = rate
+        r.setdefault("examples", {})[key] = answers[:3]
+    elif name == "narrow":
+      r["domain_loss"] = evaluate.text_loss(m, tokenizer, e["domain_docs"], config.seq_len)
+    elif name == "false_fact":
+      r.update(evaluate.fact_rates(m, tokenizer, e["questions"], data.ground_truth["false_answer"],
+                                   data.ground_truth["true_answer"]))
+      others = evaluate.complete(m, tokenizer, [p for p, _ in e["other_facts"]], max_new_tokens=6)
+      r["other_facts_kept"] = float(sum(a.lower() in o.lower() for o, (_, a) in zip(others, e["other_facts"])) /
+                                    len(others))
+    else:
+      gt = data.ground_truth
+      r.update(evaluate.taboo_stats(m, tokenizer, e["prompts"], gt["secret_word"], gt["hint_words"]))
+      r["answers"] = r["answers"][:4]
+    out[label] = r
+  out["held_out_text_loss_rise"] = out["organism"]["held_out_text_loss"] / out["base"]["held_out_text_loss"] - 1
+  out["activation_shift"] = {"layer": ev.layer, "median_relative_change": evaluate.activation_shift(
+      base, tuned, tokenizer, held_out, ev.layer)}
+  return out
 
 
 def _rewrite_card(config: ml_collections.ConfigDict, name: str, final: Path, card: dict) -> None:
@@ -259,8 +336,41 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if unknown:
     raise ConfigError(f"config.organism={unknown[0]!r} is not an organism{did_you_mean(unknown[0], ORGANISMS)}; "
                       f"known: {', '.join(ORGANISMS)} (or 'all').")
-  if config.family not in ("gemma2", "llama"):
+  if is_real(config):
+    documents = config.finetune.get("documents")
+    if documents:
+      try:
+        real_data.documents_from_file(documents)
+      except real_data.DocumentsError as e:
+        raise ConfigError(str(e)) from None
+  elif config.family not in ("gemma2", "llama"):
     raise ConfigError(f"config.family={config.family!r}: organisms are built as gemma2 or llama models.")
+
+
+def check_model_ref(value: str, field: str) -> None:
+  """ConfigError (one line) unless `value` names a model: organism:NAME, an HF checkpoint dir, a .gguf, a packaged name."""
+  from neurodiff_jax.models import gguf
+
+  value = str(value)
+  if value.startswith(ORGANISM_PREFIX):
+    name = value[len(ORGANISM_PREFIX):]
+    known = ("base",) + ORGANISMS
+    if name not in known:
+      raise ConfigError(f"config.{field}={value!r}: no organism {name!r}{did_you_mean(name, known)}; "
+                        f"known: {', '.join(ORGANISM_PREFIX + k for k in known)}.")
+    return
+  if gguf.is_gguf(value):
+    if value not in gguf.PACKAGED and not Path(os.path.expanduser(value)).is_file():
+      raise ConfigError(f"config.{field}={value!r}: no such GGUF file.")
+    return
+  path = Path(os.path.expanduser(value))
+  if path.is_dir() and not (path / "config.json").is_file():
+    raise ConfigError(f"config.{field}={value!r} is not a Hugging Face checkpoint directory (it has no config.json); "
+                      "give a directory written by save_pretrained, a .gguf file, a packaged model "
+                      f"({', '.join(gguf.PACKAGED)}) or organism:NAME.")
+  if not path.exists() and (value.startswith((".", "/", "~")) or "/" not in value):
+    raise ConfigError(f"config.{field}={value!r}: no such checkpoint directory; give a directory written by "
+                      f"save_pretrained, a .gguf file, a packaged model ({', '.join(gguf.PACKAGED)}) or organism:NAME.")
 
 
 def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
@@ -276,13 +386,25 @@ def build(config: ml_collections.ConfigDict) -> dict[str, Path]:
 ORGANISM_PREFIX = "organism:"
 
 
-def write_organism_dataset(kind: str, directory: Path, n: int, seed: int = 12345) -> Path:
-  """A JSONL dataset for harvesting: `general` corpus text or `chat` conversations (unseen in training)."""
-  rows = {"general": lambda: [{"text": t} for t in generate_documents(n, seed)],
-          "chat": lambda: [{"messages": m} for m in chat_conversations(n, seed)]}
+def write_organism_dataset(kind: str, directory: Path, n: int, seed: int = 12345, real: bool = False) -> Path:
+  """A JSONL dataset for harvesting: `general` text or `chat` conversations (unseen in training).
+
+  `general` is the toy corpus for a toy scale; with `real` it is real English (organisms/real_text.py:
+  the first n of its training documents in a fixed shuffled order, never the held-out ones).
+  """
+  def general() -> list[dict]:
+    if not real:
+      return [{"text": t} for t in generate_documents(n, seed)]
+    from neurodiff_jax.organisms.real_text import real_text
+
+    docs = real_text("train")
+    random.Random(seed).shuffle(docs)
+    return [{"text": t} for t in docs[:n]]
+
+  rows = {"general": general, "chat": lambda: [{"messages": m} for m in chat_conversations(n, seed)]}
   if kind not in rows:
     raise ValueError(f"unknown organism dataset {kind!r}; known: {', '.join(rows)}.")
-  path = directory / f"{kind}-{n}-{seed}.jsonl"
+  path = directory / f"{kind}{'-real' if real and kind == 'general' else ''}-{n}-{seed}.jsonl"
   if not path.is_file():
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -314,11 +436,13 @@ def resolve_organism_refs(config: ml_collections.ConfigDict,
     if value.startswith(ORGANISM_PREFIX):
       name = value[len(ORGANISM_PREFIX):]
       out[field] = str(build_base(oc) if name == "base" else build_organism(oc, name))
-  out.datasets = [str(write_organism_dataset(d[len(ORGANISM_PREFIX):], root / "datasets", config.num_documents))
+  out.datasets = [str(write_organism_dataset(d[len(ORGANISM_PREFIX):], root / "datasets", config.num_documents,
+                                            real=is_real(oc)))
                   if isinstance(d, str) and d.startswith(ORGANISM_PREFIX) else d for d in config.datasets]
   return out
 
 
 __all__ = ["ORGANISM_PREFIX", "build", "build_base", "build_organism", "check_chat_tokenizer", "check_config",
+           "check_model_ref", "is_real",
            "general_corpus",
            "measure", "resolve_organism_refs", "scale_dir", "write_organism_dataset"]
