@@ -9,7 +9,11 @@ from neurodiff_jax.activations import harvest
 
 
 def check(config: Any) -> None:
-  """Before any work (organism builds included): the store directory can be written."""
+  """Before any work (organism builds included): the models are named right and the store directory can be written."""
+  from neurodiff_jax.organisms.build import check_model_ref
+
+  check_model_ref(config.base_model, "base_model")
+  check_model_ref(config.finetuned_model, "finetuned_model")
   harvest.check_out_dir(harvest.out_dir_of(config))
 
 

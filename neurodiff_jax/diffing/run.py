@@ -58,6 +58,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.base_model or not config.finetuned_model:
     raise ConfigError("config.base_model and config.finetuned_model must both name a model (organism:NAME or a "
                       "checkpoint directory).")
+  from neurodiff_jax.organisms.build import check_model_ref
+
+  check_model_ref(config.base_model, "base_model")
+  check_model_ref(config.finetuned_model, "finetuned_model")
   if int(config.max_len) < 2:
     raise ConfigError(f"config.max_len={config.max_len} must be at least 2 tokens.")
 

@@ -43,3 +43,18 @@ def test_diff_errors_are_one_line(tiny_pair_dirs, tmp_path):
   proc = run_launcher("launch.diff", "--config=diff", *common, "--config.methods=('adl',)", "--config.adl.positions=500",
                       home=tmp_path / "home", timeout=300)
   assert proc.returncode == 2 and "500" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_model_that_is_not_a_checkpoint_or_organism_is_one_line(tmp_path):
+  """Named before any model work: an unknown organism (with the valid ones), a directory that is no HF checkpoint."""
+  proc = run_launcher("launch.diff", "--config=diff:nosuch", home=tmp_path / "home", timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  line = proc.stderr.strip().splitlines()[-1]
+  assert "no organism 'nosuch'" in line and "organism:narrow" in line and "Traceback" not in proc.stderr
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  (plain / "notes.txt").write_text("not a model")
+  proc = run_launcher("launch.diff", "--config=diff", f"--config.base_model={plain}",
+                      f"--config.finetuned_model={plain}", home=tmp_path / "home", timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert "is not a Hugging Face checkpoint directory (it has no config.json)" in proc.stderr
