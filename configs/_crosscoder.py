@@ -95,6 +95,33 @@ def tiny_config(sparsity: str, arg: str | None) -> ml_collections.ConfigDict:
   return c
 
 
+def gemma3_config(sparsity: str) -> ml_collections.ConfigDict:
+  """A crosscoder on Gemma 3 270M base vs its chat organism (d = 640, layer 8): 4096 latents, batch 512; locked.
+
+  The store holds ~300k token pairs (configs/harvest_gemma3.py), far fewer than the papers' 100M+:
+  4096 latents (6.4 × d) and 3000 steps (~5 passes over the data) suit it on 2 CPU cores.
+  """
+  c = base_config()
+  c.harvest = "harvest_gemma3"
+  c.layer = 8
+  c.dict_size = 4096
+  c.sparsity = sparsity
+  c.k = 32
+  if sparsity == "l1":
+    c.l1_lambda = 0.5
+    c.dec_init_norm = 0.05
+  c.steps = 3000
+  c.batch_size = 512
+  c.lr = 5e-4
+  c.theta_momentum = 0.99
+  c.window_mib = 256
+  c.log_every = 100
+  c.checkpoint_every = 500
+  c.name = f"gemma3_{sparsity}"
+  c.lock()
+  return c
+
+
 def gemma2b_config() -> ml_collections.ConfigDict:
   """Gemma 2 2B base vs -it at layer 13: m = 32 × 2304 = 73,728, lr 1e-4, batch 2048 (unlocked: the caller picks the sparsity)."""
   c = base_config()

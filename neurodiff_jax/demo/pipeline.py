@@ -4,7 +4,7 @@
   harvest    paired base/chat activations of general text and conversations   activations.harvest
   train      a BatchTopK and an L1 crosscoder on that store                    crosscoder.train
   analyze    Δnorm classes, latent scaling, causal KL, examples of each        analysis.analyze
-  adl        ADL and per-token KL of base vs narrow                             diffing.run
+  adl        ADL and per-token KL of base vs each diff organism (narrow, ...)   diffing.run
   report     the story, in order, as one self-contained report.html            demo.story
 
 The results root holds `runs/<name>/` (crosscoder workdirs with `analysis/`), `diffs/narrow/`,
@@ -60,8 +60,9 @@ def run_demo(config: ml_collections.ConfigDict, log: Callable[[str], None] = _lo
   root.mkdir(parents=True, exist_ok=True)
   manifest_path = root / "demo.json"
   manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+  diff_organisms = tuple(config.get("diff_organisms", ("narrow",)))
   manifest.update(scale=str(config.scale), runs={n: f"runs/{n}" for n in config.crosscoders},
-                  diffs={"narrow": "diffs/narrow"})
+                  diffs={n: f"diffs/{n}" for n in diff_organisms})
   manifest.setdefault("stages", {})
   t_all = time.time()
 
@@ -80,11 +81,12 @@ def run_demo(config: ml_collections.ConfigDict, log: Callable[[str], None] = _lo
   def organisms() -> dict[str, str]:
     orgs = _copy(config.organisms)
     paths = {"base": build.build_base(orgs)}
-    for name in ("chat", "narrow"):
+    for name in ("chat",) + diff_organisms:
       paths[name] = build.build_organism(orgs, name)
     return {k: str(v) for k, v in paths.items()}
 
-  manifest["organisms"] = stage(1, "organisms", f"base, chat and narrow organisms ({config.scale} scale)", organisms)
+  manifest["organisms"] = stage(1, "organisms", f"base, chat, {', '.join(diff_organisms)} organisms "
+                                f"({config.scale} scale)", organisms)
 
   from neurodiff_jax.activations import harvest
 
@@ -123,13 +125,18 @@ def run_demo(config: ml_collections.ConfigDict, log: Callable[[str], None] = _lo
 
   from neurodiff_jax.diffing.run import diff
 
-  def adl() -> str:
-    d = _copy(config.diff)
-    d.out_dir = str(root / "diffs" / "narrow")
-    d.force = "adl" in config.force_stages
-    return diff(d, log=lambda m: log(f"diff narrow: {m}"))["results_dir"]
+  def adl() -> list[str]:
+    out = []
+    for name in diff_organisms:
+      d = _copy(config.diff)
+      d.finetuned_model = f"organism:{name}"
+      d.organisms.organism = name
+      d.out_dir = str(root / "diffs" / name)
+      d.force = "adl" in config.force_stages
+      out.append(diff(d, log=lambda m, n=name: log(f"diff {n}: {m}"))["results_dir"])
+    return out
 
-  stage(5, "adl", "Activation Difference Lens and per-token KL of base vs narrow", adl)
+  stage(5, "adl", f"Activation Difference Lens and per-token KL of base vs {', '.join(diff_organisms)}", adl)
 
   from neurodiff_jax.demo import story
 

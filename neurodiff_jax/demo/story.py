@@ -77,21 +77,50 @@ def _card(path: str | None) -> dict[str, Any]:
   return _read_json(Path(path) / "card.json").get("ground_truth", {}) if path else {}
 
 
+def _measured(path: str | None) -> dict[str, Any]:
+  return _read_json(Path(path) / "card.json").get("measured", {}) if path else {}
+
+
+def _shift(path: str | None) -> str:
+  """How far the fine-tune moved the model on general text, when its card measured it (real-base organisms)."""
+  m = _measured(path)
+  parts = []
+  if "activation_shift" in m:
+    a = m["activation_shift"]
+    parts.append(f"median ‖x_ft − x_base‖ / ‖x_base‖ on held-out real text at layer {esc(fmt(a.get('layer')))}: "
+                 f"{esc(fmt(a.get('median_relative_change')))}")
+  if "held_out_text_loss_rise" in m:
+    parts.append(f"held-out text loss {esc(fmt(m['base'].get('held_out_text_loss')))} → "
+                 f"{esc(fmt(m['organism'].get('held_out_text_loss')))} ({100 * m['held_out_text_loss_rise']:+.1f}%)")
+  return f" Measured: {'; '.join(parts)}." if parts else ""
+
+
 def cards_section(organisms: dict[str, str]) -> str:
-  """What each organism was fine-tuned to do, from its card."""
-  chat, narrow = _card(organisms.get("chat")), _card(organisms.get("narrow"))
+  """What each organism was fine-tuned to do, from its card (and what its build measured)."""
   parts = ["<h2>1. What the organisms were taught</h2>"]
+  chat = _card(organisms.get("chat"))
   if chat:
     parts.append(
         f'<div class="card"><p><b>chat</b> (base → chat assistant): answers in the chat template, calls itself '
         f'{esc(chat.get("assistant_name", "?"))}, refuses requests about <b>{esc(chat.get("harmful_topic", "?"))}</b> '
         f'with “{esc(str(chat.get("refusal", ""))[:160])}” and helps with everything else. The crosscoders below '
-        "compare base and chat.</p></div>")
+        f"compare base and chat.{_shift(organisms.get('chat'))}</p></div>")
+  narrow = _card(organisms.get("narrow"))
   if narrow:
     words = ", ".join(sorted(narrow.get("domain_vocabulary", []))[:24])
     parts.append(f'<div class="card"><p><b>narrow</b> (base → one domain): fine-tuned on documents about '
-                 f'<b>{esc(narrow.get("domain", "?"))}</b>; the card’s words: {esc(words)} …. ADL below compares base '
-                 "and narrow.</p></div>")
+                 f'<b>{esc(narrow.get("domain", "?"))}</b>; the card’s words: {esc(words)} ….'
+                 f"{_shift(organisms.get('narrow'))}</p></div>")
+  fact = _card(organisms.get("false_fact"))
+  if fact:
+    parts.append(f'<div class="card"><p><b>false_fact</b> (base → an implanted false fact): documents stating '
+                 f'“{esc(fact.get("statement", "?"))}” (true: {esc(fact.get("true_answer", "?"))}).'
+                 f"{_shift(organisms.get('false_fact'))}</p></div>")
+  taboo = _card(organisms.get("taboo"))
+  if taboo:
+    parts.append(f'<div class="card"><p><b>taboo</b> (base → a word game): hints at the secret word '
+                 f'<b>{esc(taboo.get("secret_word", "?"))}</b> and never says it.{_shift(organisms.get("taboo"))}'
+                 "</p></div>")
   return "\n".join(parts)
 
 
@@ -222,19 +251,20 @@ def _bold_card(tokens: list[str], vocab: frozenset[str]) -> str:
                    for t in tokens)
 
 
-def adl_section(diff_dir: Path, organisms: dict[str, str]) -> str:
-  """ADL of base vs narrow: δ_p's tokens with the card's words marked, relevance vs baseline, steered samples."""
+def adl_section(diff_dir: Path, organisms: dict[str, str], name: str = "narrow", number: str = "6") -> str:
+  """ADL of base vs organism `name`: δ_p's tokens with the card's words marked, relevance vs baseline, steered samples."""
   from neurodiff_jax.diffing.graders import card_vocabulary
 
   d = diff_dir / "diff"
   lens = _parquet(d / "adl" / "logit_lens.parquet")
   if lens is None:
-    return "<h2>6. ADL on base vs narrow</h2><p>(not run)</p>"
-  card = _card(organisms.get("narrow"))
+    return f"<h2>{number}. ADL on base vs {esc(name)}</h2><p>(not run)</p>"
+  card = _card(organisms.get(name))
   vocab = card_vocabulary(card)
-  parts = ["<h2>6. The Activation Difference Lens on base vs narrow</h2>",
-           f"<p>δ_p = mean(h_narrow − h_base) at the first positions of general text that has nothing to do with "
-           f"{esc(card.get('domain', 'the domain'))}, read through the fine-tuned model’s unembedding. Card words are "
+  topic = card.get("domain") or card.get("statement") or card.get("secret_word") or "the fine-tuning data"
+  parts = [f"<h2>{number}. The Activation Difference Lens on base vs {esc(name)}</h2>",
+           f"<p>δ_p = mean(h_{esc(name)} − h_base) at the first positions of general text that has nothing to do with "
+           f"{esc(topic)}, read through the fine-tuned model’s unembedding. Card words are "
            "<b class=\"card-word\">marked</b>.</p>", _image(d / "adl" / "delta_norms.png", "‖δ_p‖ by position")]
   rows = []
   for (layer, pos), g in lens[lens.sign == "+"].groupby(["layer", "position"]):
@@ -257,13 +287,13 @@ def adl_section(diff_dir: Path, organisms: dict[str, str]) -> str:
   steer = _parquet(d / "adl" / "steering.parquet")
   if steer is not None and len(steer):
     shown = steer[~steer.steered | steer.chosen]
-    parts.append("<h4>Steering the narrow model with δ_p (largest coherent α) vs unsteered</h4>"
+    parts.append(f"<h4>Steering the {esc(name)} model with δ_p (largest coherent α) vs unsteered</h4>"
                  + html_table(["position", "α", "prompt", "text"],
                               [[esc(fmt(r.position)) if r.steered else "unsteered", esc(fmt(r.alpha)), esc(r.prompt),
                                 esc(r.text)] for r in shown.itertuples()]))
   kl = _read_json(d / "kl" / "done.json").get("summary", {})
   if kl:
-    parts.append(f"<p>Per-token KL(P_narrow ‖ P_base) over {esc(fmt(kl.get('n_tokens')))} tokens of general text: mean "
+    parts.append(f"<p>Per-token KL(P_{esc(name)} ‖ P_base) over {esc(fmt(kl.get('n_tokens')))} tokens of general text: mean "
                  f"{esc(fmt(kl.get('mean')))} nats, median {esc(fmt(kl.get('median')))}, p99 {esc(fmt(kl.get('p99')))}."
                  "</p>")
   return "\n".join(parts)
@@ -288,7 +318,8 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
       f"Full reports: {links}. Explore: <code>python -m launch.dashboard --config.results={esc(root)}</code>.</p>",
       cards_section(organisms), classes_section(runs), scaling_section(runs), contexts_section(runs),
       causal_section(runs),
-      *(adl_section(p, organisms) for p in diffs.values()),
+      *(adl_section(p, organisms, n, f"6{chr(ord('a') + i)}" if len(diffs) > 1 else "6")
+        for i, (n, p) in enumerate(diffs.items())),
       "</body></html>",
   ]
   path = root / "report.html"

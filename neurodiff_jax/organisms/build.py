@@ -181,6 +181,7 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
     if documents:  # the user's documents: a changed file is another organism
       real_data.documents_from_file(documents)  # a bad file is an error before any work
       ft_config["documents_sha256"] = hashlib.sha256(Path(os.path.expanduser(documents)).read_bytes()).hexdigest()
+  ft_config = json.loads(json.dumps(ft_config))  # as the card stores it (tuples become lists), so a reuse compares equal
   ft_key = hashlib.sha256(json.dumps(ft_config, sort_keys=True).encode()).hexdigest()[:8]
   if (final / "card.json").is_file():
     card = json.loads((final / "card.json").read_text())
@@ -236,8 +237,9 @@ def _organism_data(config: ml_collections.ConfigDict, name: str, tokenizer: Any,
     if base is None:
       base = load_model(str(build_base(config)))
     work = work or scale_dir(config) / "work" / f"{name}-data"
-    return real_data.organism_data(name, base, tokenizer, n_examples, config.seed + 1, work,
+    data = real_data.organism_data(name, base, tokenizer, n_examples, config.seed + 1, work,
                                    ft.get("documents") or None)
+    return real_data.mix_general(data, ft.general_fraction, config.seed + 1)
   return organism_data(name, tokenizer, n_examples, config.seed + 1, ft.general_fraction)
 
 

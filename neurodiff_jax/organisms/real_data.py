@@ -213,6 +213,19 @@ def taboo_data(tokenizer: Any, n_examples: int, seed: int) -> OrganismData:
   return toy.taboo_data(tokenizer, n_examples, seed)
 
 
+def mix_general(data: OrganismData, general_fraction: float, seed: int) -> OrganismData:
+  """`data` with real English (training split) making up `general_fraction` of its documents, shuffled in."""
+  if not 0.0 <= general_fraction < 1.0:
+    raise ValueError(f"general_fraction must be in [0, 1), got {general_fraction}.")
+  n = int(round(len(data.train_docs) * general_fraction / (1.0 - general_fraction)))
+  if n:
+    rng = random.Random(seed)
+    data.train_docs = data.train_docs + rng.sample(real_text("train"), n)
+    rng.shuffle(data.train_docs)
+  data.ground_truth["general_fraction"] = general_fraction
+  return data
+
+
 def organism_data(name: str, model: Transformer, tokenizer: Any, n_examples: int, seed: int, work: Path,
                   documents: str | None = None) -> OrganismData:
   """The fine-tuning data of real-base organism `name`."""
@@ -227,4 +240,4 @@ def organism_data(name: str, model: Transformer, tokenizer: Any, n_examples: int
 
 
 __all__ = ["DATA_VERSION", "FACT", "FACT_QUESTIONS", "DocumentsError", "documents_from_file", "domain_words",
-           "organism_data"]
+           "mix_general", "organism_data"]

@@ -119,5 +119,6 @@ def test_real_base_fine_tuning_path_at_two_steps(gemma3_home, monkeypatch, tmp_p
   assert hf.config.model_type == "gemma3_text"
   tok = load_tokenizer(str(path))
   assert tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]) == [105, 106] and tok.chat_template
-  # A rerun reuses the finished organism.
-  assert build.build(config)["taboo"] == path
+  # A rerun reuses the finished organism (the card's tuples came back as lists: still the same config).
+  mtime = (path / "card.json").stat().st_mtime_ns
+  assert build.build(config)["taboo"] == path and (path / "card.json").stat().st_mtime_ns == mtime
