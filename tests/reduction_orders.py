@@ -54,19 +54,29 @@ def run_variant(name: str, files: list[str], marker: str | None, log: Path) -> t
   return proc.returncode, time.time() - start, lines[-1] if lines else proc.stdout[-300:]
 
 
+# Its comparisons plant bugs and must fail: they measure how far a bug lands outside c, not headroom.
+PLANTED = "tests/test_tolerances.py"
+
+
 def headroom(logs: dict[str, Path]) -> list[tuple[str, float, str]]:
-  """(comparison, largest err/scale ÷ c over the variants, the variant) per comparison, worst first."""
-  worst: dict[str, tuple[float, str]] = collections.defaultdict(lambda: (0.0, ""))
+  """(comparison, largest err/scale ÷ c over the variants, the variants reaching it) per site, worst first."""
+  worst: dict[str, tuple[float, set[str]]] = collections.defaultdict(lambda: (0.0, set()))
   for variant, log in logs.items():
     if not log.exists():
       continue
     for line in log.read_text().splitlines():
       r = json.loads(line)
+      if r["test"].startswith(PLANTED):
+        continue
       key = f"{r['test'].split('::')[0]}: {re.sub(r'[0-9]+', '#', r['what'])}"  # one row per comparison site
       share = r["err_over_scale"] / r["c"]
-      if share >= worst[key][0]:
-        worst[key] = (share, variant)
-  return sorted(((k, s, v) for k, (s, v) in worst.items()), key=lambda t: -t[1])
+      best, where = worst[key]
+      if share > best:
+        worst[key] = (share, {variant})
+      elif share == best:
+        where.add(variant)
+  rows = [(k, s, "all" if len(v) == len(logs) else ",".join(sorted(v))) for k, (s, v) in worst.items()]
+  return sorted(rows, key=lambda t: -t[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     failed += [name] if code else []
     print(f"| {name} | {VARIANTS[name][0]} | {VARIANTS[name][1]} | {summary} | {seconds:.0f} |", flush=True)
   rows = headroom(logs)
-  print(f"\n{len(rows)} comparison sites; the {min(args.top, len(rows))} closest to their tolerance "
-        "(share of c used, worst variant):\n| comparison | err/scale ÷ c | variant |\n|---|---|---|")
+  print(f"\n{len(rows)} comparison sites ({PLANTED}'s planted bugs left out); the {min(args.top, len(rows))} closest "
+        "to their tolerance (share of c used, the variants reaching it):\n| comparison | err/scale ÷ c | variant |\n"
+        "|---|---|---|")
   for key, share, variant in rows[:args.top]:
     print(f"| {key} | {share:.3f} | {variant} |")
   print(f"\nlogs: {tmp}")
