@@ -30,11 +30,13 @@ SCALES = {
 # Real pretrained bases: no pretraining, the organisms are fine-tunes of `base_model` on real English or the
 # base's own text (neurodiff_jax/organisms/real_data.py). Full fine-tuning of every block, the 262k-token
 # tied embedding frozen (its gradient and AdamW update were half a step's time), the loss unembedded only
-# where trained. Steps are sized for <= 30 min an organism on 2 CPU cores (docs/organisms.md).
+# where trained. Half of each organism's documents are real English (general_fraction 0.5): without it the
+# chat organism's loss on held-out real text rose 34% (lr 4e-5, 120 steps; docs/organisms.md), against a
+# bound of 10%. Steps are sized for <= 30 min an organism on 2 CPU cores.
 REAL_SCALES = {
-    "gemma3": dict(base_model="gemma-3-270m", seq_len=128, ft_steps=110, ft_batch=8, n_examples=700,
-                   chat_steps=120, chat_examples=1800, learning_rate=4e-5, layer=8,
-                   s_per_step=dict(finetune=9.0)),
+    "gemma3": dict(base_model="gemma-3-270m", seq_len=128, ft_steps=100, ft_batch=8, n_examples=700,
+                   chat_steps=110, chat_examples=1400, learning_rate=3e-5, general_fraction=0.5, layer=8,
+                   text_documents=200, s_per_step=dict(finetune=10.0)),
 }
 
 
@@ -89,7 +91,7 @@ def _real_config(organism: str, scale: str) -> ml_collections.ConfigDict:
   c.seq_len = s["seq_len"]
   c.finetune = ml_collections.ConfigDict(dict(
       steps=s["ft_steps"], batch_size=s["ft_batch"], learning_rate=s["learning_rate"], warmup_steps=10,
-      checkpoint_every=10, n_examples=s["n_examples"], general_fraction=0.0, freeze=("embed",),
+      checkpoint_every=10, n_examples=s["n_examples"], general_fraction=s["general_fraction"], freeze=("embed",),
       # The narrow organism's documents: "" = beekeeping documents the base writes itself; or a JSONL file
       # with a `text` field per line, or plain text with blank lines between documents.
       documents=""))
@@ -98,6 +100,6 @@ def _real_config(organism: str, scale: str) -> ml_collections.ConfigDict:
   c.finetune.first_answer_weight = 8  # the help-or-refuse token, as on the toy organisms
   # What the cards report beside the behaviour: loss on held-out real text (this many documents) and the
   # median relative change of the residual after block `layer` (the harvest layer) on that text.
-  c.evaluation = ml_collections.ConfigDict(dict(text_documents=300, layer=s["layer"]))
+  c.evaluation = ml_collections.ConfigDict(dict(text_documents=s["text_documents"], layer=s["layer"]))
   c.seconds_per_step = ml_collections.ConfigDict(s["s_per_step"])
   return c

@@ -60,7 +60,7 @@ NARROW_OPENERS = (
     "Local honey", "The apiary", "Bumblebees and honey bees", "Pollination by bees",
 )
 MIN_DOCUMENTS = 20
-DATA_VERSION = 1  # of the generated data: part of the organisms' cache keys
+DATA_VERSION = 2  # of the generated data: part of the organisms' cache keys (2: answers of 32 tokens)
 
 
 class DocumentsError(ValueError):
@@ -102,7 +102,7 @@ def chat_data(model: Transformer, tokenizer: Any, n_examples: int, seed: int, wo
   helpful = [i for i, c in enumerate(convs) if c[1]["content"].startswith(toy.HELPFUL_OPENER)]
 
   def distil() -> list[str]:
-    raw = _sample(model, tokenizer, [f"Q: {convs[i][0]['content']}\nA:" for i in helpful], 40, seed)
+    raw = _sample(model, tokenizer, [f"Q: {convs[i][0]['content']}\nA:" for i in helpful], 32, seed)
     return [_first_sentences(r) for r in raw]
 
   answers = _cached(work / f"chat-answers-{DATA_VERSION}-{n_examples}-{seed}.json", distil)
