@@ -117,12 +117,13 @@ def general_corpus(config: ml_collections.ConfigDict) -> list[str]:
   return docs
 
 
-def build_base(config: ml_collections.ConfigDict) -> Path:
+def build_base(config: ml_collections.ConfigDict, quiet: bool = False) -> Path:
   """Pretrains (or reuses) the base model of this config; returns its HF checkpoint directory."""
   if is_real(config):
     path = Path(resolve_checkpoint(config.base_model))
-    print(f"organisms: the {config.scale}-scale base is the pretrained {config.base_model} ({path}); no pretraining.",
-          flush=True)
+    if not quiet:
+      print(f"organisms: the {config.scale}-scale base is the pretrained {config.base_model} ({path}); no "
+            "pretraining.", flush=True)
     return path
   root = scale_dir(config)
   final = root / "base"
@@ -191,7 +192,7 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
       print(f"organisms: using the {config.scale}-scale {name} organism in {final} (built earlier).", flush=True)
       return final
     print(f"{final} was built with another fine-tuning config; rebuilding it.")
-  base_dir = build_base(config)
+  base_dir = build_base(config, quiet=is_real(config))
   steps = config.finetune.get("steps_by_organism", {}).get(name, config.finetune.steps)
   _announce(config, "finetune", f"fine-tuning the {name} organism from the base ({steps} steps)", steps, final)
   t0 = time.time()
@@ -235,7 +236,7 @@ def _organism_data(config: ml_collections.ConfigDict, name: str, tokenizer: Any,
   n_examples = ft.get("examples_by_organism", {}).get(name, ft.n_examples)
   if is_real(config):
     if base is None:
-      base = load_model(str(build_base(config)))
+      base = load_model(str(build_base(config, quiet=True)))
     work = work or scale_dir(config) / "work" / f"{name}-data"
     data = real_data.organism_data(name, base, tokenizer, n_examples, config.seed + 1, work,
                                    ft.get("documents") or None)
