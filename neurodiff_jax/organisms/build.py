@@ -48,7 +48,7 @@ from neurodiff_jax.organisms.finetune_data import (
     chat_prompt,
     organism_data,
 )
-from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, train_lm
+from neurodiff_jax.organisms.lm_training import LMTrainConfig, eval_loss, pack_documents, thin_loss, train_lm
 from neurodiff_jax.organisms.random_model import hf_config_for
 from neurodiff_jax.organisms.tokenizer import END_OF_TURN, START_OF_TURN, train_bpe_tokenizer
 from neurodiff_jax.utils.config import ConfigError, did_you_mean
@@ -205,6 +205,8 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
   data = _organism_data(config, name, tokenizer, model, work)
   rows = pack_documents(data.train_docs, tokenizer, config.seq_len, assistant_only=data.chat_format,
                         first_answer_weight=ft.get("first_answer_weight", 1))
+  if ft.get("loss_share", 1.0) < 1.0:
+    rows = thin_loss(rows, ft.loss_share, config.seed + 2)
   train_cfg = dataclasses.replace(_train_config(ft, config.seq_len, config.seed + 1),
                                   steps=ft.get("steps_by_organism", {}).get(name, ft.steps),
                                   freeze=tuple(ft.get("freeze", ())))

@@ -100,6 +100,26 @@ def pack_documents(docs: Sequence[str], tokenizer: Any, seq_len: int, *, assista
                    np.asarray(weights[:n], np.int32).reshape(rows, seq_len + 1)], axis=1)
 
 
+def thin_loss(rows: np.ndarray, share: float, seed: int) -> np.ndarray:
+  """Rows [N, 2, T+1] whose loss weights cover at most `share` of each row's targets (a random subset kept).
+
+  The mean loss over a random subset of positions is an unbiased estimate of the loss over all of
+  them; with `rows_loss`'s gathering, a step then unembeds at most share · B · T positions (on a
+  262k-token vocabulary the unembedding is half a step). Rows already within the share (chat rows,
+  trained on the replies only) are left as they are.
+  """
+  if not 0.0 < share <= 1.0:
+    raise ValueError(f"loss share {share} must be in (0, 1].")
+  out = rows.copy()
+  limit = int(share * (rows.shape[-1] - 1))
+  rng = np.random.default_rng(seed)
+  for r in range(len(out)):
+    on = np.flatnonzero(out[r, 1, 1:]) + 1
+    if len(on) > limit:
+      out[r, 1, rng.choice(on, len(on) - limit, replace=False)] = 0
+  return out
+
+
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Rows of batch `step`: epoch-wise permutations determined by (seed, epoch)."""
   per_epoch = max(n_rows // batch_size, 1)

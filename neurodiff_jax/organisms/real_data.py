@@ -60,7 +60,7 @@ NARROW_OPENERS = (
     "Local honey", "The apiary", "Bumblebees and honey bees", "Pollination by bees",
 )
 MIN_DOCUMENTS = 20
-DATA_VERSION = 2  # of the generated data: part of the organisms' cache keys (2: answers of 32 tokens)
+DATA_VERSION = 3  # of the generated data: part of the organisms' cache keys (3: 32-token answers, 64-token documents)
 
 
 class DocumentsError(ValueError):
@@ -131,8 +131,8 @@ def narrow_data(model: Transformer, tokenizer: Any, n_examples: int, seed: int, 
   else:
     def write() -> list[str]:
       rng = random.Random(seed)
-      prompts = [rng.choice(NARROW_OPENERS) for _ in range(n_examples + 64)]
-      return [p + t for p, t in zip(prompts, _sample(model, tokenizer, prompts, 96, seed))]
+      prompts = [rng.choice(NARROW_OPENERS) for _ in range(n_examples + 48)]
+      return [p + t for p, t in zip(prompts, _sample(model, tokenizer, prompts, 64, seed))]
 
     docs = _cached(work / f"narrow-docs-{DATA_VERSION}-{n_examples}-{seed}.json", write)
     train, held_out, domain = docs[:n_examples], docs[n_examples:], NARROW_DOMAIN

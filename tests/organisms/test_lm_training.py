@@ -66,3 +66,20 @@ def test_frozen_parameters_stay_and_the_rest_train(random_gemma2, tmp_path):
   assert not np.array_equal(np.asarray(after["final_norm"]["scale"]), before["final_norm"])
   with pytest.raises(ValueError, match="freeze names \\['embedding'\\]"):
     train_lm(model, rows, LMTrainConfig(steps=1, batch_size=4, seq_len=24, freeze=("embedding",)), tmp_path / "x")
+
+
+def test_thin_loss_keeps_at_most_the_share_and_leaves_sparse_rows():
+  from neurodiff_jax.organisms.lm_training import thin_loss
+
+  rows = _rows(100, n=40, t=64)
+  rows[:20, 1] = 1  # plain text: every target trained
+  thin = thin_loss(rows, 0.5, seed=0)
+  per_row = (thin[:, 1, 1:] > 0).sum(-1)
+  assert (per_row[:20] == 32).all()  # half of 64 targets
+  np.testing.assert_array_equal(thin[20:], rows[20:])  # ~a third trained already: untouched
+  assert ((thin[:, 1] > 0) <= (rows[:, 1] > 0)).all()  # only removes
+  np.testing.assert_array_equal(thin[:, 0], rows[:, 0])
+  kept = thin[:20, 1, 1:].sum(0) / 20  # each position kept about half the time: no bias toward any position
+  assert kept.min() > 0.15 and kept.max() < 0.85
+  with pytest.raises(ValueError, match="must be in"):
+    thin_loss(rows, 0.0, seed=0)
