@@ -26,6 +26,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from neurodiff_jax.models import (
@@ -272,6 +273,9 @@ def measure_real(name: str, base: Transformer, tuned: Transformer, tokenizer: An
       for key in ("harmful_prompts", "helpful_prompts", "harmful_prompts_new_phrasing", "helpful_prompts_new_phrasing"):
         rate, answers = evaluate.refusal_rate(m, tokenizer, e[key])
         r[f"{key.replace('_prompts', '')}_refusal_rate"] = rate
+        # A reply that opens with "Sure!" and then refuses anyway: a refusal the opening-token measure misses.
+        r[f"{key.replace('_prompts', '')}_refusal_anywhere_rate"] = float(np.mean(
+            [evaluate.REFUSAL.split(".")[0] in a for a in answers]))
         r.setdefault("examples", {})[key] = answers[:3]
     elif name == "narrow":
       r["domain_loss"] = evaluate.text_loss(m, tokenizer, e["domain_docs"], config.seq_len)

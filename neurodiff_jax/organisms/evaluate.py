@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
 
-from neurodiff_jax.models import Transformer, greedy_generate
+from neurodiff_jax.models import Transformer
+from neurodiff_jax.models.generate import GreedyGenerator
 from neurodiff_jax.organisms.finetune_data import REFUSAL, chat_prompt
 from neurodiff_jax.organisms.lm_training import eval_loss, pack_documents
+
+
+# One compiled generator per model for the checks' many prompt sets (greedy_generate compiles per call:
+# ~25 s each on Gemma 3 270M). Weak keys: a cache that never keeps a model alive or changes a result.
+_GENERATORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def complete(model: Transformer, tokenizer: Any, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
   """Greedy completions (decoded, special tokens dropped) of already-formatted prompts."""
   ids = [tokenizer(p, add_special_tokens=not p.startswith(tokenizer.bos_token))["input_ids"] for p in prompts]
-  out = greedy_generate(model, ids, max_new_tokens, eos_id=tokenizer.convert_tokens_to_ids("<end_of_turn>"),
-                        pad_id=tokenizer.pad_token_id)
+  gen = _GENERATORS.get(model)
+  if gen is None:
+    gen = _GENERATORS[model] = GreedyGenerator(model, bucket=32)
+  out = gen(ids, max_new_tokens, eos_id=tokenizer.convert_tokens_to_ids("<end_of_turn>"),
+            pad_id=tokenizer.pad_token_id)
   return [tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
 
