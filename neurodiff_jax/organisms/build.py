@@ -224,7 +224,9 @@ def build_organism(config: ml_collections.ConfigDict, name: str) -> Path:
       "organism": name, "base": str(base_dir), "ground_truth": data.ground_truth, "card_version": CARD_VERSION,
       "finetune_config": ft_config,
       "data": {"examples": len(data.train_docs), "general_fraction": ft.general_fraction},
-      "train": {"steps": train_cfg.steps, "final_loss": log[-1]["loss"] if log else None},
+      "train": {"steps": train_cfg.steps, "final_loss": log[-1]["loss"] if log else None,
+                # build_seconds covers this process only: a resumed build says from which step it went on.
+                "resumed_from": log[-1].get("resumed_from", 0) if log else 0},
       "measured": measured, "build_seconds": round(time.time() - t0, 1),
   }
   (tmp / "card.json").write_text(json.dumps(card, indent=2))

@@ -237,7 +237,8 @@ def train_lm(
       with open(log_path, "a") as f:
         f.write(json.dumps(entry) + "\n")
       bar.set_postfix(loss=f"{loss:.3f}")
-    if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+    # The last step is saved too: a build killed during its evaluation (minutes on a real model) resumes there.
+    if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
       manager.save(step + 1, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
     bar.update(1)
   bar.close()

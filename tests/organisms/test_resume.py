@@ -49,3 +49,16 @@ def test_killed_training_resumes_to_the_same_parameters(tmp_path):
   resumed_from = {e["resumed_from"] for e in log if e["step"] > 30}
   assert len(resumed_from) == 1 and resumed_from.pop() >= 30  # the rerun continued, it did not restart
   assert {e["resumed_from"] for e in log if e["step"] <= 30} == {0}
+
+
+def test_a_finished_training_rerun_trains_nothing(tmp_path):
+  """The last step is checkpointed: a build killed after training (during its evaluation) does not train again."""
+  _run(tmp_path / "w", tmp_path / "first.npz")
+  assert (tmp_path / "w" / "checkpoints" / "60" / "_CHECKPOINT_METADATA").exists()
+  log_before = (tmp_path / "w" / "loss_log.jsonl").read_text()
+  _run(tmp_path / "w", tmp_path / "again.npz")
+  assert (tmp_path / "w" / "loss_log.jsonl").read_text() == log_before  # no step ran
+  first, again = np.load(tmp_path / "first.npz"), np.load(tmp_path / "again.npz")
+  assert sorted(first) == sorted(again)
+  for k in first:
+    np.testing.assert_array_equal(again[k], first[k])  # restored, not retrained: bit for bit
