@@ -3,16 +3,16 @@
 The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
 each in `pages/` with `render(root)`): Overview, Compare runs, Latents, ADL, Live.
 
-URLs (query parameters; a page's own path works too, e.g. `/latent-browser?run=l1&latent=5`):
-  ?page=overview|compare|latents|adl|live   the page to open (the default page becomes that one); its URL
-                                            path (run-overview, compare-runs, latent-browser, adl-lens,
-                                            live-models) is accepted too
-  &run=NAME                                 overview / latents: the run (names as in the sidebar)
-  &latent=N                                 latents: open latent N's page
-  &runs=A,B                                 compare: the runs side by side
-  &diff=NAME                                adl: the diff result
-So `/?page=latents&run=batchtopk&latent=12` opens latent 12 of the batchtopk run. In `AppTest`, set
-`at.query_params["page"] = "latents"` (and run, latent) before the first `at.run()` to open a page.
+URLs: each page has its own path, and its URL always names what it shows (docs/dashboard.md, "URLs"):
+  /run-overview?page=overview&run=NAME        the runs' metrics (no run: every run)
+  /compare-runs?page=compare&runs=A,B         the runs side by side
+  /latent-browser?page=latents&run=NAME&latent=N
+  /adl-lens?page=adl&diff=NAME
+  /live-models?page=live&run=NAME&diff=NAME&latent=N
+`/?page=NAME&...` (NAME a page or its path) opens that page with the other parameters; `/` alone opens the
+overview. A name or index that does not exist is refused with an error naming the valid ones, never replaced by
+another; sidebar navigation carries the chosen run, diff and latent to the next page and into its URL. In
+`AppTest`, set `at.query_params["page"] = "latents"` (and run, latent) before the first `at.run()` to open a page.
 
 A missing or empty results root and results written by an older version are shown as an error naming the
 command to run, never as a traceback.
@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
+from neurodiff_jax.dashboard.pages import own_url, query_param
 from neurodiff_jax.dashboard.results import NoResults, OldResults, ResultsRoot, discover
 
 PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("adl", "ADL"),
@@ -36,6 +37,8 @@ PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Lat
 # `pages/<url path>.py` itself, which only defines `render` and shows nothing.
 URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "adl": "adl-lens",
              "live": "live-models"}
+# What `?page=` accepts: a page's name or its URL path, any case.
+PAGE_NAMES = {**{path: slug for slug, path in URL_PATHS.items()}, **{slug: slug for slug in URL_PATHS}}
 
 
 def results_dir(argv: list[str] | None = None) -> str | None:
@@ -56,6 +59,7 @@ def _page(slug: str, root: ResultsRoot) -> Callable[[], None]:
   """The callable st.Page of `slug`; the page module is imported when the page is shown."""
 
   def show() -> None:
+    own_url(slug)
     try:
       if slug == "live":  # written separately and heavy (models): imported only when opened
         try:
@@ -74,6 +78,25 @@ def _page(slug: str, root: ResultsRoot) -> Callable[[], None]:
   return show
 
 
+def _start(pages: dict[str, st.Page]) -> Callable[[], None]:
+  """The page at `/`: opens the page `?page=` names (the overview without one) with the other parameters."""
+
+  def start() -> None:
+    wanted = query_param("page") or "overview"
+    slug = PAGE_NAMES.get(wanted.strip().lower())
+    if slug is None:
+      st.title("neurodiff-jax")
+      st.error(f"page '{wanted}' not found; pages: {', '.join(URL_PATHS)} (or their paths: "
+               f"{', '.join('/' + p for p in URL_PATHS.values())}). Pick one in the sidebar.")
+      return
+    params = {k: st.query_params.get_all(k) for k in st.query_params}
+    # The page's own path from here on, so that the sidebar, a reload and a copied link agree.
+    st.switch_page(pages[slug], query_params={**params, "page": slug})
+
+  start.__name__ = "start"
+  return start
+
+
 def main() -> None:
   """Finds the results root, then shows the chosen page."""
   st.set_page_config(page_title="neurodiff-jax", layout="wide")
@@ -88,11 +111,11 @@ def main() -> None:
   except NoResults as e:
     st.error(str(e))
     st.stop()
-  wanted = st.query_params.get("page")
-  wanted = {**{v: k for k, v in URL_PATHS.items()}, **{k: k for k in URL_PATHS}}.get(wanted, "overview")
-  pages = [st.Page(_page(slug, root), title=title, url_path=URL_PATHS[slug], default=slug == wanted)
-           for slug, title in PAGES]
-  nav = st.navigation(pages)
+  # Every page keeps its own path: a default page would be served at `/` only, and its documented path
+  # (`/run-overview`) would be "page not found". `/` is a hidden page that forwards to the one asked for.
+  pages = {slug: st.Page(_page(slug, root), title=title, url_path=URL_PATHS[slug]) for slug, title in PAGES}
+  start = st.Page(_start(pages), title="neurodiff-jax", url_path="start", default=True, visibility="hidden")
+  nav = st.navigation([start, *pages.values()])
   with st.sidebar:
     st.caption(f"Results: `{root.path}`")
     st.caption(f"{len(root.runs)} crosscoder run(s), {len(root.diffs)} diff result(s)")
@@ -102,7 +125,7 @@ def main() -> None:
   nav.run()
 
 
-__all__ = ["PAGES", "URL_PATHS", "load_root", "main", "results_dir"]
+__all__ = ["PAGES", "PAGE_NAMES", "URL_PATHS", "load_root", "main", "results_dir"]
 
 if __name__ == "__main__":  # streamlit runs the script as __main__; importing it shows nothing
   main()

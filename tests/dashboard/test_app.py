@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pytest
 from streamlit.testing.v1 import AppTest
+from streamlit.util import calc_hash
 
+from neurodiff_jax.dashboard.app import PAGES, URL_PATHS
+from neurodiff_jax.dashboard.results import discover
 from tests.numerics import U64, assert_close, rounding
 
 APP = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
@@ -192,3 +198,167 @@ def test_old_results_and_no_results_are_messages(demo_root, tmp_path, monkeypatc
     at = open_page(root, "overview", monkeypatch)
     (err,) = at.error
     assert "python -m launch.demo" in err.value and str(root) in err.value
+
+
+# ------------------------------------------------------------------------------------------ URLs and refusals
+
+
+def _names(root: Path) -> tuple[list[str], list[str]]:
+  """(run names, diff result names) as the dashboard lists them."""
+  found = discover(root)
+  return [r.name for r in found.runs], [d.name for d in found.diffs]
+
+
+def _sidebar(at: AppTest, page: str) -> AppTest:
+  """A click on `page` in the sidebar: its URL path, and the query string Streamlit's frontend sends on a page
+  change (empty). AppTest.switch_page knows file pages only; a callable page's hash is that of its URL path."""
+  at._page_hash = calc_hash(URL_PATHS[page])
+  at.query_params = {}
+  at.run()
+  assert not at.exception, [e.value for e in at.exception]
+  return at
+
+
+def _errors(at: AppTest) -> list[str]:
+  return [e.value for e in at.error]
+
+
+@pytest.mark.parametrize("param", ["run", "page"])
+def test_an_unknown_name_on_the_overview_is_refused_with_the_valid_ones(demo_root, monkeypatch, param):
+  runs, _ = _names(demo_root)
+  at = open_page(demo_root, "overview" if param == "run" else "nosuchpage", monkeypatch,
+                 **({"run": "nosuchrun"} if param == "run" else {}))
+  if param == "run":
+    assert _errors(at) == [f"run 'nosuchrun' not found; runs in this root: {', '.join(runs)}."]
+    assert at.query_params["run"] == "nosuchrun"  # the URL keeps what was asked: a reload shows the same refusal
+  else:
+    (err,) = _errors(at)
+    assert err.startswith("page 'nosuchpage' not found; pages: overview, compare, latents, adl, live"), err
+    assert "/run-overview" in err
+  # Nothing of any run is shown in its place.
+  assert not at.metric and not at.get("vega_lite_chart") and not at.table and not at.dataframe
+  assert not [s.value for s in at.subheader if s.value in runs]
+
+
+def test_an_unknown_run_and_latent_on_the_latents_page_show_nothing_else(demo_root, monkeypatch):
+  runs, _ = _names(demo_root)
+  analysed = [r.name for r in _runs(demo_root)]
+  at = open_page(demo_root, "latents", monkeypatch, run="nosuchrun", latent=3)
+  assert _errors(at) == [f"run 'nosuchrun' not found; runs in this root: {', '.join(runs)}."]
+  assert not at.dataframe and not at.header and not at.get("html")
+  assert at.selectbox(key="latents_run").value is None and at.selectbox(key="latents_run").options == analysed
+  # Picking a run from the refusal shows it and puts it in the URL; the error goes.
+  at.selectbox(key="latents_run").select(analysed[-1]).run()
+  assert not _errors(at) and at.query_params["run"] == analysed[-1]
+  assert [h.value for h in at.header] == ["Latent 3"]
+
+
+@pytest.mark.parametrize("latent", ["-1", "abc", "5000", "3.0"])
+def test_a_latent_that_is_not_an_index_is_refused(demo_root, monkeypatch, latent):
+  run = _runs(demo_root)[-1]
+  n = len(pd.read_parquet(run / "analysis" / "latents.parquet"))
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=latent)
+  want = f"latent '{latent}' is not a latent of run {run.name}: its latents are 0...{n - 1} (whole numbers)."
+  assert _errors(at) == [f"{want} Pick one below."]
+  # No other latent's page: no latent header, contexts or statistics; the URL keeps the value asked for.
+  assert not at.header and not at.get("html") and not at.table
+  assert at.selectbox(key="latents_latent").value is None and at.query_params["latent"] == latent
+
+
+def test_an_unknown_diff_is_refused_with_the_roots_diffs(demo_root, monkeypatch):
+  _, diffs = _names(demo_root)
+  at = open_page(demo_root, "adl", monkeypatch, diff="nosuchdiff")
+  assert _errors(at) == [f"diff result 'nosuchdiff' not found; diff results in this root: {', '.join(diffs)}."]
+  assert not at.dataframe and not at.get("vega_lite_chart") and at.query_params["diff"] == "nosuchdiff"
+
+
+def test_compare_refuses_unknown_runs_and_shows_only_those_asked(demo_root, monkeypatch):
+  runs = [r.name for r in _runs(demo_root)]
+  every, _ = _names(demo_root)
+  at = open_page(demo_root, "compare", monkeypatch, runs=f"{runs[0]},nosuch")
+  assert _errors(at) == [f"run 'nosuch' not found; runs in this root: {', '.join(every)}."]
+  (counts,) = [t.value for t in at.table]
+  assert list(counts.columns) == [runs[0]]  # the known one, as asked; never the others in place of 'nosuch'
+  assert at.query_params["runs"] == f"{runs[0]},nosuch"
+  at = open_page(demo_root, "compare", monkeypatch, runs="nosuch")
+  assert _errors(at) == [f"run 'nosuch' not found; runs in this root: {', '.join(every)}."]
+  assert not at.table and not at.get("vega_lite_chart")
+
+
+def test_unknown_url_parameters_are_named(demo_root, monkeypatch):
+  at = open_page(demo_root, "overview", monkeypatch, lattent=5)
+  (warning,) = [w.value for w in at.warning]
+  assert "lattent=5" in warning and "page, run, runs, diff, latent" in warning
+  assert "lattent" not in at.query_params
+
+
+def test_the_url_follows_the_pages_and_the_run_is_kept(demo_root, monkeypatch):
+  run = _runs(demo_root)[-1].name
+  at = open_page(demo_root, "latents", monkeypatch, run=run, latent=7)
+  assert at.query_params == {"page": "latents", "run": run, "latent": "7"}
+  at = _sidebar(at, "overview")
+  assert at.query_params == {"page": "overview", "run": run}  # the run carried over, the latent dropped
+  assert [s.value for s in at.subheader][:1] == [run] and at.selectbox(key="overview_run").value == run
+  at = _sidebar(at, "compare")
+  assert at.query_params["page"] == "compare" and at.query_params["runs"]
+  at = _sidebar(at, "latents")
+  assert at.query_params == {"page": "latents", "run": run, "latent": "7"}
+  assert at.selectbox(key="latents_run").value == run and [h.value for h in at.header] == ["Latent 7"]
+  at = _sidebar(at, "adl")
+  _, diffs = _names(demo_root)
+  assert at.query_params == {"page": "adl", "diff": diffs[0]}
+  # A choice made on a page goes into the URL and to the next page.
+  other = _runs(demo_root)[0].name
+  at = _sidebar(at, "latents")
+  at.selectbox(key="latents_run").select(other).run()
+  assert at.query_params["run"] == other
+  at = _sidebar(at, "overview")
+  assert at.query_params == {"page": "overview", "run": other}
+  at.selectbox(key="overview_run").select("all runs").run()
+  assert at.query_params == {"page": "overview"}
+
+
+def test_documented_paths_open_their_pages(demo_root, monkeypatch):
+  """Every dashboard path docs/dashboard.md names opens its page (the default page is not served at its path)."""
+  doc = (Path(__file__).resolve().parents[2] / "docs" / "dashboard.md").read_text()
+  documented = dict(re.findall(r"^\| ([A-Z][\w ]+) \| `/([a-z-]+)`", doc, flags=re.MULTILINE))
+  assert documented == {title: URL_PATHS[slug] for slug, title in PAGES}
+  monkeypatch.setenv("NEURODIFF_RESULTS", str(demo_root))
+  for slug, title in PAGES:
+    if slug == "live":  # loads both models: tests/dashboard/test_live.py opens it
+      continue
+    at = AppTest.from_file(APP, default_timeout=120)
+    at._page_hash = calc_hash(URL_PATHS[slug])  # what the browser's /<path> resolves to
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["page"] == slug
+    assert at.title and at.title[0].value.startswith(title.split()[0]), (slug, [t.value for t in at.title])
+
+
+def _chart_frames(at: AppTest) -> list[tuple[dict, pd.DataFrame]]:
+  """(Vega-Lite spec, its data) of each chart shown."""
+  out = []
+  for chart in at.get("vega_lite_chart"):
+    frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in chart.proto.datasets]
+    out.append((json.loads(chart.proto.spec), pd.concat(frames) if frames else pd.DataFrame()))
+  return out
+
+
+def test_charts_have_human_labels(demo_root, monkeypatch):
+  """Legends read "FVE base", "L0", "chat-only", never a metrics.jsonl key (`fve/0`) or a tag (`chat_only`)."""
+  run = _runs(demo_root)[-1]
+  ex = pd.read_parquet(run / "analysis" / "examples.parquet")
+  latent = int(ex.loc[ex["group"].astype(str) == "top", "latent"].min())
+  legends = {}
+  for page, params in (("overview", {"run": run.name}), ("compare", {}), ("latents", {"run": run.name,
+                                                                                      "latent": latent}),
+                       ("adl", {})):
+    for spec, data in _chart_frames(open_page(demo_root, page, monkeypatch, **params)):
+      colour = spec.get("encoding", {}).get("color")
+      if colour:
+        legends[(page, spec.get("title", ""))] = set(data[colour["field"]].astype(str))
+  curves = {title: values for (page, title), values in legends.items() if page == "overview"}
+  assert curves["FVE"] == {"FVE base", "FVE chat"} and curves["L0"] == {"L0"}
+  assert curves["loss"] <= {"total loss", "reconstruction loss"} and curves["dead fraction"] == {"dead fraction"}
+  for (page, title), values in legends.items():
+    assert not any("/" in v or "_" in v for v in values), (page, title, values)

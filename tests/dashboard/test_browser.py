@@ -1,4 +1,5 @@
-"""The served dashboard in a real headless Chromium (Playwright): a latent page renders, the Live page generates.
+"""The served dashboard in a real headless Chromium (Playwright): a latent page renders, the Live page generates,
+the URL follows the sidebar, an unknown name in the URL is refused on the page, the documented paths open.
 
 The server is `python -m launch.dashboard` on the smoke demo's results root (`demo_root`), on a free port.
 Chromium is Debian's (`shutil.which("chromium")`, via `executable_path`; never `playwright install`). In CI
@@ -14,7 +15,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -103,9 +106,9 @@ def _shown(token: str) -> str:
   return token.replace("\n", "↵").replace("\t", "⇥")
 
 
-def _known_latent(root: Path) -> tuple[str, int, pd.Series]:
-  """(run name, latent, its rank-0 top example) of the first analysed run with examples."""
-  for run in sorted((root / "runs").iterdir()):
+def _known_latent(root: Path, last: bool = False) -> tuple[str, int, pd.Series]:
+  """(run name, latent, its rank-0 top example) of the first (`last`: last) analysed run with examples."""
+  for run in sorted((root / "runs").iterdir(), reverse=last):
     path = run / "analysis" / "examples.parquet"
     if path.is_file():
       ex = pd.read_parquet(path)
@@ -160,5 +163,85 @@ def test_live_page_shows_both_models_generations(server, browser):
     page.get_by_text("Base model", exact=True).wait_for(timeout=10_000)
     page.get_by_text("Fine-tuned model", exact=True).wait_for(timeout=10_000)
     page.get_by_text("Next token", exact=True).wait_for(timeout=10_000)
+  finally:
+    page.close()
+
+
+def _wait_url(page, ok: Callable[[str, dict[str, str]], bool], what: str, timeout_s: float = 60) -> tuple[str, dict]:
+  """Polls the page's URL until `ok(path, query)`; (path, query). The app changes it with history.pushState.
+
+  Read from the page itself: the sync API's `page.url` is only brought up to date while a Playwright call runs.
+  """
+  deadline = time.monotonic() + timeout_s
+  while True:
+    href = page.evaluate("() => window.location.href")
+    url = urllib.parse.urlsplit(href)
+    query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+    if ok(url.path, query):
+      return url.path, query
+    if time.monotonic() > deadline:
+      raise AssertionError(f"{what}: the URL is still {href} after {timeout_s} s")
+    page.wait_for_timeout(200)
+
+
+def _sidebar_link(page, title: str):
+  return page.get_by_test_id("stSidebarNav").get_by_text(title, exact=True)
+
+
+@pytest.mark.slow
+def test_an_unknown_run_in_the_url_is_named_with_the_runs(server, browser):
+  from neurodiff_jax.dashboard.results import discover
+
+  url, root = server
+  runs = [r.name for r in discover(root).runs]
+  page = browser.new_page()
+  try:
+    page.goto(f"{url}/?page=overview&run=nosuchrun", timeout=PAGE_TIMEOUT_MS)
+    page.get_by_text(f"run 'nosuchrun' not found; runs in this root: {', '.join(runs)}.").wait_for(
+        timeout=PAGE_TIMEOUT_MS)
+    assert page.get_by_test_id("stMetric").count() == 0  # no run's numbers in its place
+    _wait_url(page, lambda path, q: path == "/run-overview" and q == {"page": "overview", "run": "nosuchrun"},
+              "the refused run stays in the URL")
+  finally:
+    page.close()
+
+
+@pytest.mark.slow
+def test_sidebar_navigation_writes_the_url_and_keeps_the_run(server, browser):
+  url, root = server
+  run, latent, _ = _known_latent(root, last=True)  # not the first run, which a page falls back to
+  page = browser.new_page()
+  try:
+    page.goto(f"{url}/?page=latents&run={run}&latent={latent}", timeout=PAGE_TIMEOUT_MS)
+    page.get_by_text(f"Latent {latent}", exact=True).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    want = {"page": "latents", "run": run, "latent": str(latent)}
+    _wait_url(page, lambda path, q: path == "/latent-browser" and q == want, "opening the latents page")
+    overview = {"page": "overview", "run": run}  # the run carried over, the latent (not shown there) dropped
+    _sidebar_link(page, "Overview").click()
+    _wait_url(page, lambda path, q: path == "/run-overview" and q == overview, "after clicking Overview")
+    page.get_by_role("heading", name="Overview").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    _sidebar_link(page, "Latents").click()  # the same run and latent as before, not the first run's
+    page.get_by_text(f"Latent {latent}", exact=True).first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    _wait_url(page, lambda path, q: path == "/latent-browser" and q == want, "after clicking Latents again")
+    _sidebar_link(page, "Overview").click()
+    _wait_url(page, lambda path, q: path == "/run-overview" and q == overview, "after clicking Overview again")
+    page.reload(timeout=PAGE_TIMEOUT_MS)  # a reload shows what the URL names: the overview, not the latents page
+    page.get_by_role("heading", name="Overview").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    assert page.get_by_text(f"Latent {latent}", exact=True).count() == 0
+    _wait_url(page, lambda path, q: path == "/run-overview" and q == overview, "after the reload")
+  finally:
+    page.close()
+
+
+@pytest.mark.slow
+def test_the_documented_path_opens_its_page_without_a_deploy_button(server, browser):
+  url, _ = server
+  page = browser.new_page()
+  try:
+    page.goto(f"{url}/run-overview", timeout=PAGE_TIMEOUT_MS)
+    page.get_by_role("heading", name="Overview").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    assert page.get_by_text("Page not found").count() == 0
+    _wait_url(page, lambda path, q: path == "/run-overview" and q.get("page") == "overview", "the overview's URL")
+    assert page.get_by_role("button", name="Deploy").count() == 0
   finally:
     page.close()

@@ -319,3 +319,55 @@ def test_live_page_in_apptest(demo_root, monkeypatch):
     titles = [float(t.split('"')[0]) for t in part.split('title="')[1:]]
     # Not a rounding comparison: the titles print each code with 4 decimals (f"{v:.4f}"), within 5e-5 of it.
     np.testing.assert_allclose(titles, a, atol=1e-4)
+
+
+def _live_page(demo_root, monkeypatch, **params):
+  """The Live page in AppTest, opened with query parameters `params`."""
+  from pathlib import Path
+
+  from streamlit.testing.v1 import AppTest
+
+  monkeypatch.setenv("NEURODIFF_RESULTS", str(demo_root))
+  at = AppTest.from_file(str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py"),
+                         default_timeout=300)
+  at.query_params["page"] = "live"
+  for k, v in params.items():
+    at.query_params[k] = str(v)
+  at.run()
+  assert not at.exception, [e.value for e in at.exception]
+  return at
+
+
+def test_live_page_refuses_unknown_names_and_warns_of_another_pair(demo_root, monkeypatch):
+  """A run or latent the root lacks is refused naming the valid ones; a crosscoder latent (or a diff's δ_p) steering
+  a pair its run (diff) was not made from is named in a warning, and not when the pair is its own."""
+  from pathlib import Path
+
+  from neurodiff_jax.dashboard.results import discover
+
+  root = discover(demo_root)
+  at = _live_page(demo_root, monkeypatch, run="nosuchrun", latent="abc")
+  errors = [e.value for e in at.error]
+  assert errors[0].startswith(f"run 'nosuchrun' not found; runs in this root: {', '.join(r.name for r in root.runs)}.")
+  assert errors[1].startswith(f"latent 'abc' is not a latent of run {root.runs[0].name}: its latents are 0...")
+  run = root.runs[0]
+  other = next((d for d in root.diffs if d.models() != run.models()), None)
+  if other is None:
+    pytest.skip(f"every diff in {demo_root} was made from the runs' pair: nothing to warn of")
+  at = _live_page(demo_root, monkeypatch, diff=other.name)  # the diff's pair (base → narrow in the demo)
+  assert Path(other.models()[1]).name in at.selectbox(key="live_pair").value
+  assert not at.warning
+  at.radio(key="live_steer_source").set_value("crosscoder latent").run()
+  name = at.selectbox(key="live_steer_run").value
+  made = discover(demo_root).run(name).models()
+  (warning,) = [w.value for w in at.warning]
+  assert warning.startswith(f"run {name} was made from {Path(made[0]).name} → {Path(made[1]).name}, not from the "
+                            f"selected pair {Path(other.models()[0]).name} → {Path(other.models()[1]).name}")
+  # The run's own pair: no warning; the diff's δ_p on that pair: a warning naming the diff.
+  own = next(label for label in at.selectbox(key="live_pair").options if f"run:{name}" in label)
+  at.selectbox(key="live_pair").select(own).run()
+  assert not at.warning and not at.error, ([w.value for w in at.warning], [e.value for e in at.error])
+  at.radio(key="live_steer_source").set_value("δ_p (ADL)").run()
+  at.selectbox(key="live_steer_diff").select(other.name).run()
+  (warning,) = [w.value for w in at.warning]
+  assert warning.startswith(f"diff result {other.name} was made from ") and "its δ_p" in warning

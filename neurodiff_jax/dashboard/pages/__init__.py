@@ -73,22 +73,112 @@ def adl_means(diff: DiffResult) -> dict[str, np.ndarray] | None:
   return _adl_means(str(diff.path), _stamp(diff.diff_dir / "adl" / "means.npz"), diff)
 
 
+# The URL parameters of the dashboard, and which of them each page reads (docs/dashboard.md, "URLs").
+URL_PARAMS = ("page", "run", "runs", "diff", "latent")
+PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "adl": ("diff",),
+               "live": ("run", "diff", "latent")}
+_MEMORY = "dashboard_selection"  # session-state key of the selection carried across pages (run, runs, diff, latent)
+
+
 def query_param(name: str, default: str | None = None) -> str | None:
-  """The URL's `?name=` value (the first when repeated)."""
+  """The URL's `?name=` value (the last when repeated; `default` when absent or empty)."""
   value = st.query_params.get(name)
   return default if value in (None, "") else str(value)
 
 
-def pick(label: str, options: Sequence[str], param: str, key: str) -> str | None:
-  """A selectbox over `options` that starts at `?param=` when the URL names one, and writes the choice back."""
-  if not options:
-    return None
+def own_url(slug: str) -> None:
+  """Makes the URL name the page shown: `page=slug`, the page's own parameters, nothing else.
+
+  Another page's parameters are dropped quietly (the sidebar carries the selection, and a stale history entry
+  holds them); a parameter the dashboard does not know is named in a warning, with the known ones, and dropped.
+  """
+  current = {k: st.query_params.get_all(k) for k in st.query_params}
+  keep: dict[str, list[str]] = {"page": [slug]}
+  unknown = []
+  for name, values in current.items():
+    if name in PAGE_PARAMS[slug]:
+      keep[name] = values
+    elif name not in URL_PARAMS:
+      unknown.append(f"{name}={values[-1] if values else ''}")
+  if unknown:
+    st.warning(f"Ignored URL parameter(s) {', '.join(unknown)}: the dashboard reads {', '.join(URL_PARAMS)} "
+               f"(this page: {', '.join(PAGE_PARAMS[slug])}).")
+  if keep != current:
+    st.query_params.from_dict(keep)
+
+
+def set_param(name: str, value: str | None) -> None:
+  """Writes `?name=value` to the URL (removes it for None), only when it changes."""
+  if value is None:
+    if name in st.query_params:
+      del st.query_params[name]
+  elif st.query_params.get(name) != value or len(st.query_params.get_all(name)) != 1:
+    st.query_params[name] = value
+
+
+def remembered(name: str) -> Any:
+  """The selection `name` (run, runs, diff, latent) the user made on this or another page, else None."""
+  return st.session_state.get(_MEMORY, {}).get(name)
+
+
+def remember(name: str, value: Any) -> None:
+  """Carries the selection `name` to the other pages of this browser session."""
+  st.session_state.setdefault(_MEMORY, {})[name] = value
+
+
+def _remember_widget(name: str, key: str) -> None:
+  remember(name, st.session_state.get(key))
+
+
+def not_found(noun: str, wanted: str, options: Sequence[str], every: Sequence[str] | None = None,
+              why: str | None = None) -> str:
+  """The message refusing `wanted`, naming the valid choices (`every`: all of the root's when `options` are fewer)."""
+  listed = ", ".join(options) or "none"
+  if why is not None:
+    return f"{noun} '{wanted}' cannot be shown here: {why}; {noun}s you can open here: {listed}."
+  if every is not None and list(every) != list(options):
+    return (f"{noun} '{wanted}' not found; {noun}s in this root: {', '.join(every) or 'none'} (this page opens "
+            f"{listed}).")
+  return f"{noun} '{wanted}' not found; {noun}s in this root: {listed}."
+
+
+def pick(label: str, options: Sequence[str], param: str, key: str, *, noun: str | None = None,
+         every: Sequence[str] | None = None, why: dict[str, str] | None = None,
+         everything: str | None = None) -> str | None:
+  """A selectbox over `options` for the URL parameter `param`, its choice written back to the URL and remembered.
+
+  It starts at the user's last choice in it, else the URL's `?param=`, else the choice remembered from another
+  page, else `everything` (an extra first option meaning no filter, shown as no parameter) or the first option.
+  A URL value that is not an option is refused with an error naming the options (`every`: the root's names when
+  this page offers fewer; `why`: name -> why it is not offered), and nothing is chosen (None) until the user
+  picks one: no other object is shown as if it had been asked for.
+  """
   options = list(options)
+  noun = noun or param
   wanted = query_param(param)
-  index = options.index(wanted) if wanted in options else 0
-  choice = st.selectbox(label, options, index=index, key=key)
-  if choice is not None and query_param(param) != choice:
-    st.query_params[param] = choice
+  if not options:
+    if wanted is not None:
+      st.error(not_found(noun, wanted, options, every, (why or {}).get(wanted)))
+    return None
+  shown = [everything, *options] if everything is not None else options
+  current = st.session_state.get(key)
+  if current in shown:
+    start = current
+  elif wanted is not None:
+    if wanted in options:
+      start = wanted
+      remember(param, wanted)
+    else:
+      st.error(not_found(noun, wanted, options, every, (why or {}).get(wanted)))
+      start = None  # the bad value stays in the URL: a reload shows the same refusal
+  elif remembered(param) in options:
+    start = remembered(param)
+  else:
+    start = shown[0]
+  choice = st.selectbox(label, shown, index=None if start is None else shown.index(start), key=key,
+                        placeholder=f"choose a {noun}", on_change=_remember_widget, args=(param, key))
+  if choice is not None:
+    set_param(param, None if choice == everything else choice)
   return choice
 
 
@@ -110,4 +200,5 @@ def fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-__all__ = ["TAG_ORDER", "adl_means", "diff_table", "flag", "fmt", "pick", "query_param", "run_read", "run_table"]
+__all__ = ["PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS", "adl_means", "diff_table", "flag", "fmt", "not_found", "own_url",
+           "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]

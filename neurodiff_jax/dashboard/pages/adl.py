@@ -1,6 +1,6 @@
 """ADL: the Activation Difference Lens of a diff result, per layer and position (docs/diffing.md).
 
-Query parameter `diff=NAME` picks the diff result. Shows ‖δ_p‖ relative to the fine-tuned model's typical
+Query parameter `diff=NAME` picks the diff result (a name not in the root is refused with the root's diff results). Shows ‖δ_p‖ relative to the fine-tuned model's typical
 residual norm per layer and position, the logit lens of +δ_p and −δ_p, token relevance against the baseline
 (the dataset's most frequent tokens), patchscope's tokens at its best scale, and steered against unsteered
 samples at the chosen strength; tokens in the organism card's vocabulary are marked ✓.
@@ -89,7 +89,7 @@ def render_diff(diff: DiffResult) -> None:
     norms = delta_norms(means)
     st.altair_chart(alt.Chart(norms.assign(layer=norms["layer"].astype(str))).mark_line(point=True).encode(
         x=alt.X("position:O", title="position p (< 0: template tokens before the assistant turn)"),
-        y=alt.Y("relative:Q", title="‖δ_p‖ / typical ‖h_ft‖"), color=alt.Color("layer:N"),
+        y=alt.Y("relative:Q", title="‖δ_p‖ / typical ‖h_ft‖"), color=alt.Color("layer:N", title="layer"),
         tooltip=["layer:N", "position:O", alt.Tooltip("delta_norm:Q", format=".3f"),
                  alt.Tooltip("relative:Q", format=".3f"), "documents:Q"]).properties(height=260).interactive(),
         width="stretch")
@@ -126,8 +126,9 @@ def render(root: ResultsRoot) -> None:
   if not root.diffs:
     st.info("No diff results here: `python -m launch.diff --config=diff:narrow` (or `python -m launch.demo`) "
             "writes ADL's tables.")
+  name = pick("diff result", [d.name for d in root.diffs], "diff", key="adl_diff", noun="diff result")
+  if name is None:  # no diff result, or one the URL names that the root does not hold: refused above
     return
-  name = pick("diff result", [d.name for d in root.diffs], "diff", key="adl_diff")
   diff = root.diff(name)
   if diff.error:
     st.error(diff.error)

@@ -1,7 +1,8 @@
 """Compare runs: Δnorm histograms and latent-scaling ν scatters of chosen runs side by side (e.g. L1 vs BatchTopK).
 
-Query parameter `runs=A,B` picks the runs (default: every analysed run). Charts are interactive (zoom, pan,
-tooltips with the latent index); the latents page opens one with `?page=latents&run=NAME&latent=N`.
+Query parameter `runs=A,B` picks the runs (default: every analysed run; `runs=` none); a name that is not an
+analysed run of the root is refused with an error naming them, the others shown. Charts are interactive (zoom,
+pan, tooltips with the latent index); the latents page opens one with `?page=latents&run=NAME&latent=N`.
 """
 
 from __future__ import annotations
@@ -11,22 +12,35 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import TAG_ORDER, flag, fmt, query_param, run_read
+from neurodiff_jax.dashboard.pages import (
+  TAG_ORDER,
+  flag,
+  fmt,
+  not_found,
+  remember,
+  remembered,
+  run_read,
+  set_param,
+)
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
 TAG_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#aaaaaa", "#000000"]
+# What a legend calls each Δnorm class (the `tag` column keeps the code's names; docs/analysis.md).
+TAG_LABELS = {"chat_only": "chat-only", "base_only": "base-only", "shared": "shared", "other": "other",
+              "dead": "dead"}
 NU_CLIP = (-0.5, 1.5)  # ν outside this range is drawn on its edge (a near-zero β^chat makes ν huge)
 
 
 def delta_norm_histogram(latents: pd.DataFrame, title: str, bins: int = 40) -> alt.Chart:
   """Histogram of Δnorm, stacked by tag."""
   df = latents[["latent", "delta_norm", "tag"]].dropna(subset=["delta_norm"]).copy()
-  df["tag"] = df["tag"].astype(str)
-  return alt.Chart(df, title=title).mark_bar().encode(
+  df["class"] = df["tag"].astype(str).map(TAG_LABELS).fillna(df["tag"].astype(str))
+  return alt.Chart(df[["latent", "delta_norm", "class"]], title=title).mark_bar().encode(
       x=alt.X("delta_norm:Q", bin=alt.Bin(maxbins=bins, extent=[0, 1]), title="Δnorm (0 base-only, 1 chat-only)"),
       y=alt.Y("count():Q", title="latents"),
-      color=alt.Color("tag:N", scale=alt.Scale(domain=list(TAG_ORDER), range=TAG_COLOURS)),
-      tooltip=["tag:N", alt.Tooltip("count():Q", title="latents")],
+      color=alt.Color("class:N", title="Δnorm class",
+                      scale=alt.Scale(domain=[TAG_LABELS[t] for t in TAG_ORDER], range=TAG_COLOURS)),
+      tooltip=[alt.Tooltip("class:N", title="Δnorm class"), alt.Tooltip("count():Q", title="latents")],
   ).properties(height=260).interactive()
 
 
@@ -38,18 +52,20 @@ def nu_points(latents: pd.DataFrame, chat_only: bool = True) -> pd.DataFrame:
   df["nu_error_shown"] = df["nu_error"].clip(*NU_CLIP)
   df["genuine"] = flag(df["genuine"]).map({True: "genuine", False: "not genuine"})
   df["tag"] = df["tag"].astype(str)
+  df["class"] = df["tag"].map(TAG_LABELS).fillna(df["tag"])
   return df
 
 
 def nu_scatter(points: pd.DataFrame, title: str, colour: str = "genuine") -> alt.Chart:
   """ν^ε against ν^r, one point per latent, coloured by `colour` (genuine or tag), with the latent in the tooltip."""
   scale = alt.Scale(domain=["genuine", "not genuine"], range=["#2ca02c", "#d62728"]) if colour == "genuine" else \
-      alt.Scale(domain=list(TAG_ORDER), range=TAG_COLOURS)
+      alt.Scale(domain=[TAG_LABELS[t] for t in TAG_ORDER], range=TAG_COLOURS)
+  field, legend = ("genuine", "latent scaling") if colour == "genuine" else ("class", "Δnorm class")
   return alt.Chart(points, title=title).mark_circle(size=40, opacity=0.7).encode(
       x=alt.X("nu_recon_shown:Q", title="ν^r = β^r,base / β^r,chat", scale=alt.Scale(domain=list(NU_CLIP))),
       y=alt.Y("nu_error_shown:Q", title="ν^ε = β^ε,base / β^ε,chat", scale=alt.Scale(domain=list(NU_CLIP))),
-      color=alt.Color(f"{colour}:N", scale=scale),
-      tooltip=[alt.Tooltip("latent:Q", title="latent"), "tag:N", "genuine:N",
+      color=alt.Color(f"{field}:N", title=legend, scale=scale),
+      tooltip=[alt.Tooltip("latent:Q", title="latent"), alt.Tooltip("class:N", title="Δnorm class"), "genuine:N",
                alt.Tooltip("nu_recon:Q", format=".3f"), alt.Tooltip("nu_error:Q", format=".3f"),
                alt.Tooltip("delta_norm:Q", format=".3f"), alt.Tooltip("freq:Q", format=".4f")],
   ).properties(height=320).interactive()
@@ -62,10 +78,38 @@ def class_table(runs: list[Run]) -> pd.DataFrame:
     tags = run_read(run, "latents")["tag"].astype(str).value_counts()
     metrics = run_read(run, "final_metrics")
     col = {t: int(tags.get(t, 0)) for t in TAG_ORDER}
-    col.update({"fve/0": fmt(metrics.get("fve/0")), "fve/1": fmt(metrics.get("fve/1")),
-                "l0": fmt(metrics.get("l0"), 2)})
+    col.update({"FVE base": fmt(metrics.get("fve/0")), "FVE chat": fmt(metrics.get("fve/1")),
+                "L0": fmt(metrics.get("l0"), 2)})
     cols[run.name] = {k: str(v) for k, v in col.items()}
   return pd.DataFrame(cols)
+
+
+def chosen_runs(names: list[str], every: list[str]) -> list[str]:
+  """The runs multiselect: starts at the URL's `runs=` (its analysed runs), else the runs chosen before, else all.
+
+  A name in `runs=` that is not an analysed run is refused with an error naming them; the URL keeps it (a reload
+  shows the same) until the user changes the choice, which is written to the URL and remembered.
+  """
+  raw = st.query_params.get("runs")
+  asked = None if raw is None else [n for n in dict.fromkeys(str(raw).split(",")) if n]
+  given = None if asked is None else [n for n in asked if n in names]
+  before = remembered("runs")
+  if given is not None:
+    default = given
+    remember("runs", given)
+  elif isinstance(before, list) and set(before) <= set(names):
+    default = before
+  else:
+    default = names
+  chosen = st.multiselect("runs", names, default=default, key="compare_runs",
+                          on_change=lambda: remember("runs", list(st.session_state["compare_runs"])))
+  if given is None or chosen != given:
+    set_param("runs", ",".join(chosen))
+  elif asked:  # the URL still names what it asked for: refuse the names that are not analysed runs
+    for name in asked:
+      if name not in names:
+        st.error(not_found("run", name, names, every))
+  return chosen
 
 
 def render(root: ResultsRoot) -> None:
@@ -75,18 +119,20 @@ def render(root: ResultsRoot) -> None:
   for r in root.runs:
     if r.error:
       st.error(r.error)
+  names = [r.name for r in ready]
   if not ready:
     st.info("No analysed run to compare: run `python -m launch.analyze --config.workdir=RUN` on a training run.")
+    for name in (st.query_params.get("runs") or "").split(","):
+      if name:
+        st.error(not_found("run", name, names, [r.name for r in root.runs]))
     return
-  names = [r.name for r in ready]
-  wanted = [n for n in (query_param("runs") or "").split(",") if n in names] or names
-  chosen = st.multiselect("runs", names, default=wanted, key="compare_runs")
-  if ",".join(chosen) != query_param("runs", ""):
-    st.query_params["runs"] = ",".join(chosen)
-  colour = st.radio("colour ν points by", ["genuine", "tag"], horizontal=True, key="compare_colour")
+  chosen = chosen_runs(names, [r.name for r in root.runs])
+  colour = st.radio("colour ν points by", ["genuine", "tag"], horizontal=True, key="compare_colour",
+                    format_func={"genuine": "genuine or not", "tag": "Δnorm class"}.get)
   all_latents = st.checkbox("ν of every live latent (not only chat-only)", value=False, key="compare_all")
   runs = [root.run(n) for n in chosen]
   if not runs:
+    st.info("No run chosen: pick runs above.")
     return
   st.table(class_table(runs))
   cols = st.columns(len(runs))
@@ -105,4 +151,4 @@ def render(root: ResultsRoot) -> None:
         st.caption(f"{outside} latent(s) with ν outside [{NU_CLIP[0]}, {NU_CLIP[1]}] drawn on the edge.")
 
 
-__all__ = ["NU_CLIP", "TAG_COLOURS", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]
+__all__ = ["NU_CLIP", "TAG_COLOURS", "TAG_LABELS", "chosen_runs", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]

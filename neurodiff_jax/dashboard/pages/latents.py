@@ -1,7 +1,9 @@
 """Latent browser: filter a run's latent table, search it, and open a latent's page.
 
 Query parameters: `run=NAME` (the run), `latent=N` (open latent N's page). `/?page=latents&run=l1&latent=5`
-(or `/latent-browser?run=l1&latent=5`) opens latent 5 of run l1 directly.
+(or `/latent-browser?run=l1&latent=5`) opens latent 5 of run l1 directly. A run that is not an analysed run of the
+root, or a latent that is not an index of its dictionary (`-1`, `abc`, `5000`), is refused with an error naming
+the valid ones, and no other run or latent is shown in its place.
 
 A latent page follows the convention of SAE dashboards (STYLE.md): top-activating contexts with the firing
 token highlighted (and a few contexts per activation quantile), the activation histogram, decoder norms per
@@ -21,7 +23,18 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import TAG_ORDER, flag, fmt, pick, query_param, run_read, run_table
+from neurodiff_jax.dashboard.pages import (
+  TAG_ORDER,
+  flag,
+  fmt,
+  pick,
+  query_param,
+  remember,
+  remembered,
+  run_read,
+  run_table,
+  set_param,
+)
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
 TABLE_COLUMNS = ["latent", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
@@ -31,6 +44,9 @@ STAT_COLUMNS = ["tag", "delta_norm", "dec_norm_base", "dec_norm_chat", "dec_cos"
                 "beta_act_chat", "nu_recon", "nu_error", "template_share", "template_mass_share", "genuine",
                 "nu_rank", "nu_half"]
 QUANTILES = ("q4", "q3", "q2", "q1")  # highest activation quantile first
+# What the histogram's legend calls each group of stored examples (analysis/examples.parquet `group`).
+GROUP_LABELS = {"top": "top activations", "q4": "quantile 4 (highest)", "q3": "quantile 3", "q2": "quantile 2",
+                "q1": "quantile 1 (lowest)"}
 
 
 def _shown(token: str) -> str:
@@ -150,16 +166,22 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   with left:
     st.subheader("Activation histogram")
     if len(mine):
-      st.altair_chart(alt.Chart(mine[["activation", "group"]].assign(group=mine["group"].astype(str))).mark_bar()
-                      .encode(x=alt.X("activation:Q", bin=alt.Bin(maxbins=30)), y=alt.Y("count():Q"),
-                              color="group:N", tooltip=["group:N", "count():Q"]).properties(height=220),
+      shown = mine[["activation"]].assign(examples=[GROUP_LABELS.get(g, g) for g in mine["group"].astype(str)])
+      st.altair_chart(alt.Chart(shown).mark_bar()
+                      .encode(x=alt.X("activation:Q", bin=alt.Bin(maxbins=30), title="activation"),
+                              y=alt.Y("count():Q", title="examples"),
+                              color=alt.Color("examples:N", title="examples",
+                                              sort=[GROUP_LABELS[g] for g in ("top", *QUANTILES)]),
+                              tooltip=[alt.Tooltip("examples:N", title="examples"),
+                                       alt.Tooltip("count():Q", title="count")]).properties(height=220),
                       width="stretch")
       st.caption("From the stored examples: the top activations and a uniform sample of firings (q1..q4).")
   with right:
     st.subheader("Decoder norm per model")
-    norms = {c.removeprefix("dec_norm_"): float(row[c]) for c in latents.columns if c.startswith("dec_norm_")}
+    norms = {f"{c.removeprefix('dec_norm_')} model": float(row[c]) for c in latents.columns
+             if c.startswith("dec_norm_")}
     st.altair_chart(alt.Chart(pd.DataFrame({"model": list(norms), "norm": list(norms.values())})).mark_bar()
-                    .encode(x=alt.X("model:N", sort=None), y=alt.Y("norm:Q", title="‖d_j‖"),
+                    .encode(x=alt.X("model:N", sort=None, title=None), y=alt.Y("norm:Q", title="decoder norm ‖d_j‖"),
                             tooltip=["model:N", alt.Tooltip("norm:Q", format=".4f")]).properties(height=220),
                     width="stretch")
 
@@ -195,6 +217,25 @@ def row_token(example: Any) -> str:
   return repr(tokens[index]) if 0 <= index < len(tokens) else "?"
 
 
+def wanted_latent(run: Run, latents: pd.DataFrame) -> tuple[int | None, bool]:
+  """(the latent the URL or an earlier page asks for, whether it was refused) for `run`.
+
+  The URL's `latent=` must be an index of the run's dictionary (a whole number in its latent table); anything else
+  is refused with an error naming the range. Without one, the latent opened before on this run (another page).
+  """
+  wanted = query_param("latent")
+  if wanted is None:
+    before = remembered("latent")
+    return (before[1], False) if isinstance(before, tuple) and before[0] == run.name else (None, False)
+  known = {int(x) for x in latents["latent"]}
+  if re.fullmatch(r"\d+", wanted.strip()) and int(wanted) in known:
+    remember("latent", (run.name, int(wanted)))
+    return int(wanted), False
+  st.error(f"latent '{wanted}' is not a latent of run {run.name}: its latents are 0...{len(latents) - 1} (whole "
+           "numbers). Pick one below.")
+  return None, True
+
+
 def render(root: ResultsRoot) -> None:
   """The latent browser."""
   st.title("Latents")
@@ -202,10 +243,13 @@ def render(root: ResultsRoot) -> None:
   for r in root.runs:
     if r.error:
       st.error(r.error)
+  why = {r.name: "it has no readable analysis (run `python -m launch.analyze` on it)" for r in root.runs
+         if r not in ready}
   if not ready:
     st.info("No analysed run: `python -m launch.analyze --config.workdir=RUN` writes the latent table.")
+  name = pick("run", [r.name for r in ready], "run", key="latents_run", every=[r.name for r in root.runs], why=why)
+  if name is None:  # no analysed run, or one the URL names that is not: refused above
     return
-  name = pick("run", [r.name for r in ready], "run", key="latents_run")
   run = root.run(name)
   latents = run_read(run, "latents")
   examples = run_read(run, "examples")
@@ -214,23 +258,32 @@ def render(root: ResultsRoot) -> None:
   query = st.text_input("search: a latent index, or a token in its top contexts", key="latents_search")
   shown = search(shown, examples, query)
   st.caption(f"{len(shown)} of {len(latents)} latents")
+  if query.strip() and shown.empty:
+    asked = re.fullmatch(r"#?(\d+)", query.strip())
+    st.warning(f"latent {asked.group(1)} is not among the latents the filters leave (run {run.name} has latents "
+               f"0...{len(latents) - 1})" if asked else
+               f"no latent left by the filters has '{query.strip()}' as a token of its top contexts")
   sort = st.selectbox("sort by", ["delta_norm", "freq", "nu_error", "nu_recon", "template_share", "latent",
                                   "max_act"], key="latents_sort")
   shown = shown.sort_values(sort, ascending=sort in ("nu_error", "nu_recon", "latent"), na_position="last")
   st.dataframe(shown[[c for c in TABLE_COLUMNS if c in shown.columns]], hide_index=True, key="latents_table")
 
   options = [int(x) for x in shown["latent"].head(500)]
-  wanted = query_param("latent")
-  if wanted is not None and wanted.isdigit() and int(wanted) not in options:
-    options = [int(wanted), *options]
+  current = st.session_state.get("latents_latent")
+  wanted, refused = (current, False) if current in options else wanted_latent(run, latents)
+  if wanted is not None and wanted not in options:  # asked for, but filtered out of the table: still openable
+    options = [wanted, *options]
   if not options:
     return
-  index = options.index(int(wanted)) if wanted is not None and wanted.isdigit() else 0
-  latent = st.selectbox("open latent", options, index=index, key="latents_latent")
-  if query_param("latent") != str(latent):
-    st.query_params["latent"] = str(latent)
+  index = None if refused else options.index(wanted) if wanted is not None else 0
+  latent = st.selectbox("open latent", options, index=index, key="latents_latent", placeholder="choose a latent",
+                        on_change=lambda: remember("latent", (run.name, st.session_state["latents_latent"])))
+  if latent is None:  # the URL's latent was refused above; the URL keeps it until one is picked
+    return
+  set_param("latent", str(latent))
   st.divider()
   render_latent(run, latents, int(latent))
 
 
-__all__ = ["QUANTILES", "context_html", "filters", "render", "render_latent", "search"]
+__all__ = ["GROUP_LABELS", "QUANTILES", "context_html", "filters", "render", "render_latent", "search",
+           "wanted_latent"]

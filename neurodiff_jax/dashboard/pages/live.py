@@ -1,7 +1,9 @@
 """Live page: type a prompt, read both models' next-token distributions and generations side by side, steer them.
 
 The model pair is one of those the results' runs and diffs were made from (`?run=NAME` or `?diff=NAME` picks
-the pair of that run or diff). Both models and the tokenizer load once per server session
+the pair of that run or diff, and the run to steer by; `?latent=N` the latent; a name or index the root does
+not hold is refused with an error naming the valid ones). A run or diff result steering, or reading, a pair it
+was not made from is named in a warning. Both models and the tokenizer load once per server session
 (`st.cache_resource`, `dashboard/live.py`'s `LiveSession`). Steering adds α · v after a layer at every
 position of both models; v is one of: δ_p of a diff result's ADL at a layer and position, a PCA component
 of a diff result, a latent's chat decoder row of a crosscoder run (units in `dashboard/live.py`). The
@@ -26,8 +28,16 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.dashboard import live
-from neurodiff_jax.dashboard.pages import adl_means, query_param
-from neurodiff_jax.dashboard.results import ResultsRoot
+from neurodiff_jax.dashboard.pages import (
+  adl_means,
+  not_found,
+  query_param,
+  remember,
+  remembered,
+  run_read,
+  set_param,
+)
+from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, Run
 
 SOURCES = ("none", "δ_p (ADL)", "PCA component", "crosscoder latent")
 DEFAULT_PROMPT = "Tell me something you know well."
@@ -74,12 +84,14 @@ def model_pairs(root: ResultsRoot) -> dict[str, tuple[str, str, list[str]]]:
   return {f"{Path(b).name} → {Path(f).name} ({', '.join(names)})": (b, f, names) for (b, f), names in out.items()}
 
 
-def _default_pair(pairs: dict[str, tuple[str, str, list[str]]]) -> int:
-  wanted = [f"run:{query_param('run')}" if query_param("run") else None,
-            f"diff:{query_param('diff')}" if query_param("diff") else None]
-  for i, (_, _, names) in enumerate(pairs.values()):
-    if any(w in names for w in wanted if w):
-      return i
+def _default_pair(pairs: dict[str, tuple[str, str, list[str]]], hints: dict[str, Any] | None = None) -> int:
+  """The pair of the hinted run, else of the hinted diff, else the first."""
+  hints = hints if hints is not None else {"run": query_param("run"), "diff": query_param("diff")}
+  for wanted in (f"run:{hints['run']}" if hints.get("run") else None,
+                 f"diff:{hints['diff']}" if hints.get("diff") else None):
+    for i, (_, _, names) in enumerate(pairs.values()):
+      if wanted is not None and wanted in names:
+        return i
   return 0
 
 
@@ -87,34 +99,122 @@ def _runs_with_checkpoints(root: ResultsRoot) -> dict[str, Any]:
   return {r.name: r for r in root.runs if (r.path / "checkpoints").is_dir()}
 
 
-def steering_widgets(root: ResultsRoot) -> tuple[live.Steering | None, dict[str, Any]]:
-  """The steering source and strength the user picked (None for no steering), and what was chosen."""
+def dict_size(run: Run) -> int | None:
+  """The run's number of latents, from its training config (else its latent table); None when neither is there."""
+  try:
+    cfg = run_read(run, "config")
+    size = cfg.get("crosscoder.dict_size", cfg.get("dict_size"))
+    if size is None and run.has("latents.parquet"):
+      size = len(run_read(run, "latents"))
+  except (OSError, ValueError, KeyError):
+    return None
+  return None if size is None else int(size)
+
+
+def hints(root: ResultsRoot) -> dict[str, Any]:
+  """The run, diff result and latent the URL names (else those chosen on another page), each checked.
+
+  A run or diff result the root does not hold, or a latent that is not an index of the run's dictionary, is
+  refused with an error naming the valid ones and not used; the ones used are written to the URL.
+  """
+  out: dict[str, Any] = {"run": None, "diff": None, "latent": None}
+  for param, names, noun in (("run", [r.name for r in root.runs], "run"),
+                             ("diff", [d.name for d in root.diffs], "diff result")):
+    wanted = query_param(param)
+    if wanted is None:
+      before = remembered(param)
+      if before in names:
+        out[param] = before
+        set_param(param, before)
+    elif wanted in names:
+      out[param] = wanted
+      remember(param, wanted)
+    else:
+      st.error(not_found(noun, wanted, names) + " The model pair below is the first one, not that " + noun + "'s.")
+  runs = _runs_with_checkpoints(root)
+  # The run the latent fields start on: the hinted one when it has checkpoints, else the first that has.
+  run = runs.get(out["run"] or "") or next(iter(runs.values()), None)
+  wanted = query_param("latent")
+  if wanted is None:
+    before = remembered("latent")
+    if isinstance(before, tuple) and run is not None and before[0] == run.name:
+      out["latent"] = int(before[1])
+      set_param("latent", str(before[1]))
+    return out
+  size = dict_size(run) if run is not None else None
+  if run is None:
+    st.error(f"latent '{wanted}': no run here has checkpoints to steer by or read latents of.")
+  elif not wanted.strip().isdigit() or (size is not None and int(wanted) >= size):
+    st.error(f"latent '{wanted}' is not a latent of run {run.name}: its latents are 0..."
+             f"{'?' if size is None else size - 1} (whole numbers). The latent fields below start empty or at 0.")
+  else:
+    out["latent"] = int(wanted)
+    remember("latent", (run.name, int(wanted)))
+  return out
+
+
+def _same(a: str, b: str) -> bool:
+  try:
+    return a == b or Path(a).resolve() == Path(b).resolve()
+  except OSError:
+    return a == b
+
+
+def made_from_other_pair(item: Run | DiffResult, pair: tuple[str, str] | None, what: str) -> str | None:
+  """A warning when `item` was made from another model pair than `pair` (base, fine-tuned), else None."""
+  if pair is None:
+    return None
+  kind = "run" if isinstance(item, Run) else "diff result"
+  try:
+    made = item.models()
+  except (OSError, ValueError):
+    made = None
+  if made is None:
+    return (f"{kind} {item.name} does not record the model pair it was made from (analysis/summary.json `models`, "
+            f"diff/pair.json): {what} may not belong to {Path(pair[0]).name} → {Path(pair[1]).name}.")
+  if _same(made[0], pair[0]) and _same(made[1], pair[1]):
+    return None
+  return (f"{kind} {item.name} was made from {Path(made[0]).name} → {Path(made[1]).name}, not from the selected "
+          f"pair {Path(pair[0]).name} → {Path(pair[1]).name}: {what} describes the other pair's activations, so "
+          "what it does here is not what it was found to do.")
+
+
+def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
+                     hint: dict[str, Any] | None = None) -> tuple[live.Steering | None, dict[str, Any]]:
+  """The steering source and strength the user picked (None for no steering), and what was chosen.
+
+  `pair` (base, fine-tuned) is the selected model pair: a source made from another pair is named in a warning.
+  """
+  hint = hint or {}
   chosen: dict[str, Any] = {}
   source = st.radio("Steering", SOURCES, horizontal=True, key="live_steer_source")
   chosen["source"] = source
   if source == "none":
     return None, chosen
   c1, c2, c3, c4 = st.columns(4)
-  if source == SOURCES[1]:
-    diffs = {d.name: d for d in root.diffs if d.has("adl", "means.npz")}
+  if source in (SOURCES[1], SOURCES[2]):
+    method, file = ("adl", "means.npz") if source == SOURCES[1] else ("pca", "components.npy")
+    diffs = {d.name: d for d in root.diffs if d.has(method, file)}
     if not diffs:
       st.info("No diff result has ADL means (diff/adl/means.npz): run `python -m launch.diff` (or `python -m "
-              "launch.demo`) to steer by δ_p.")
-      return None, chosen
-    name = c1.selectbox("diff result", list(diffs), key="live_steer_diff")
-    means = adl_means(diffs[name])
-    layer = c2.selectbox("layer", [int(l) for l in np.asarray(means["layers"]).reshape(-1)], key="live_steer_layer")
-    position = c3.selectbox("position p", live.adl_positions(means), key="live_steer_position")
-    alpha = c4.number_input("α (× typical residual norm)", value=1.0, step=0.25, key="live_alpha")
-    chosen.update(diff=name, layer=layer, position=position)
-    return live.adl_steering(means, layer, position, alpha), chosen
-  if source == SOURCES[2]:
-    diffs = {d.name: d for d in root.diffs if d.has("pca", "components.npy")}
-    if not diffs:
-      st.info("No diff result has PCA components (diff/pca/components.npy): run `python -m launch.diff "
+              "launch.demo`) to steer by δ_p." if method == "adl" else
+              "No diff result has PCA components (diff/pca/components.npy): run `python -m launch.diff "
               "--config.methods='(\"pca\",)'` to steer by a principal component.")
       return None, chosen
-    name = c1.selectbox("diff result", list(diffs), key="live_steer_diff")
+    names = list(diffs)
+    name = c1.selectbox("diff result", names, index=names.index(hint["diff"]) if hint.get("diff") in names else 0,
+                        key="live_steer_diff")
+    warning = made_from_other_pair(diffs[name], pair, "its δ_p" if method == "adl" else "its principal component")
+    if warning:
+      st.warning(warning)
+    if method == "adl":
+      means = adl_means(diffs[name])
+      layer = c2.selectbox("layer", [int(l) for l in np.asarray(means["layers"]).reshape(-1)],
+                           key="live_steer_layer")
+      position = c3.selectbox("position p", live.adl_positions(means), key="live_steer_position")
+      alpha = c4.number_input("α (× typical residual norm)", value=1.0, step=0.25, key="live_alpha")
+      chosen.update(diff=name, layer=layer, position=position)
+      return live.adl_steering(means, layer, position, alpha), chosen
     pca_dir = diffs[name].diff_dir / "pca"
     pca = pca_for(str(pca_dir), _stamp(pca_dir / "components.npy"))
     comp = c2.number_input(f"component (0..{len(pca['components']) - 1}; layer {pca['layer']})", min_value=0,
@@ -128,36 +228,52 @@ def steering_widgets(root: ResultsRoot) -> tuple[live.Steering | None, dict[str,
             "launch.demo`) to steer by a latent.")
     return None, chosen
   names = list(runs)
-  wanted = query_param("run")
+  wanted = hint.get("run")
   name = c1.selectbox("run", names, index=names.index(wanted) if wanted in names else 0, key="live_steer_run")
+  warning = made_from_other_pair(runs[name], pair, "its latents' decoder directions")
+  if warning:
+    st.warning(warning)
   run = run_for(str(runs[name].path), _stamp(runs[name].path / "checkpoints"))
-  default = int(query_param("latent", "0")) if (query_param("latent") or "").isdigit() else 0
-  latent = c2.number_input(f"latent (0..{run.crosscoder.cfg.dict_size - 1}; layer {run.layer})", min_value=0,
-                           max_value=run.crosscoder.cfg.dict_size - 1,
-                           value=min(default, run.crosscoder.cfg.dict_size - 1), key="live_steer_latent")
+  size = run.crosscoder.cfg.dict_size
+  default = hint["latent"] if hint.get("latent") is not None and name == (wanted or names[0]) else 0
+  latent = c2.number_input(f"latent (0..{size - 1}; layer {run.layer})", min_value=0, max_value=size - 1,
+                           value=min(default, size - 1), key="live_steer_latent")
   unit = "× max activation" if run.max_act is not None else "code units"
   alpha = c4.number_input(f"α ({unit})", value=1.0, step=0.5, key="live_alpha")
   chosen.update(run=name, latent=int(latent))
   return live.latent_steering(run, int(latent), alpha), chosen
 
 
-def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any]) -> tuple[str | None, list[int]]:
+def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[str, str] | None = None,
+                   hint: dict[str, Any] | None = None) -> tuple[str | None, list[int]]:
   """The run and latents whose activations on the prompt are shown (none when no run has checkpoints)."""
+  hint = hint or {}
   runs = _runs_with_checkpoints(root)
   if not runs:
     return None, []
   names = list(runs)
-  wanted = steer_choice.get("run") or query_param("run")
+  wanted = steer_choice.get("run") or hint.get("run")
   c1, c2 = st.columns([1, 2])
   name = c1.selectbox("activations of latents of run", names, index=names.index(wanted) if wanted in names else 0,
                       key="live_act_run")
-  default = steer_choice.get("latent", query_param("latent") or "")
-  text = c2.text_input("latents (comma-separated; empty: none)", value=str(default), key="live_act_latents")
+  default = steer_choice.get("latent", hint.get("latent") if name == (hint.get("run") or names[0]) else None)
+  text = c2.text_input("latents (comma-separated; empty: none)", value="" if default is None else str(default),
+                       key="live_act_latents")
   try:
     latents = [int(t) for t in text.replace(" ", "").split(",") if t]
   except ValueError:
     st.error(f"latents {text!r} are not integers: give indices like `12, 40`.")
     latents = []
+  size = dict_size(runs[name])
+  bad = [j for j in latents if j < 0 or (size is not None and j >= size)]
+  if bad:
+    st.error(f"latent(s) {', '.join(map(str, bad))} are not latents of run {name}: its latents are 0..."
+             f"{'?' if size is None else size - 1}.")
+    latents = [j for j in latents if j not in bad]
+  if latents:
+    warning = made_from_other_pair(runs[name], pair, "its latents")
+    if warning:
+      st.warning(warning)
   return name, latents
 
 
@@ -241,9 +357,10 @@ def render(root: ResultsRoot) -> None:
     st.info("No run or diff in these results records its model pair (analysis/summary.json `models`, "
             "diff/pair.json): rerun `python -m launch.analyze` or `python -m launch.diff`, or `python -m launch.demo`.")
     return
+  hint = hints(root)
   labels = list(pairs)
   c1, c2 = st.columns([4, 1])
-  label = c1.selectbox("model pair", labels, index=_default_pair(pairs), key="live_pair")
+  label = c1.selectbox("model pair", labels, index=_default_pair(pairs, hint), key="live_pair")
   dtype = c2.selectbox("dtype", ["float32", "bfloat16"], key="live_dtype")
   base, ft, _ = pairs[label]
   try:
@@ -254,11 +371,11 @@ def render(root: ResultsRoot) -> None:
   st.caption(f"{session.num_layers} layers, d={session.hidden_size}; prompts are "
              f"{'a user turn of the chat template' if session.chat else 'plain text after BOS'} unless unticked.")
   try:
-    steer, choice = steering_widgets(root)
+    steer, choice = steering_widgets(root, (base, ft), hint)
   except _ERRORS as e:
     st.error(str(e))
     steer, choice = None, {}
-  act_run, latents = latent_widgets(root, choice)
+  act_run, latents = latent_widgets(root, choice, (base, ft), hint)
   with st.form("live_form"):
     prompt = st.text_area("Prompt", value=DEFAULT_PROMPT, key="live_prompt")
     c1, c2, c3 = st.columns(3)
@@ -279,5 +396,5 @@ def render(root: ResultsRoot) -> None:
     show_outputs(out)
 
 
-__all__ = ["SOURCES", "latent_widgets", "model_pairs", "render", "run_for", "session_for", "show_outputs",
+__all__ = ["SOURCES", "dict_size", "hints", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
            "steering_widgets", "tokens_html"]

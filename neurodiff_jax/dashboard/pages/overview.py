@@ -1,6 +1,7 @@
 """Overview: each crosscoder run's config, final FVE / L0 / dead fraction, Δnorm classes and training curves.
 
-Query parameter `run=NAME` shows only that run (default: all, one tab each). Diff results are listed below.
+Query parameter `run=NAME` shows only that run (default: all, one tab each; a name not in the root is refused
+with the root's runs). Diff results are listed below.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import TAG_ORDER, fmt, query_param, run_read
+from neurodiff_jax.dashboard.pages import TAG_ORDER, fmt, pick, run_read
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
 # Training curves: (title, metrics.jsonl columns drawn together).
 CURVES = (("loss", ("loss/total", "loss/reconstruction")), ("FVE", ("fve/0", "fve/1")), ("L0", ("l0",)),
           ("dead fraction", ("dead_fraction",)))
+# What a legend calls each metrics.jsonl column: model 0 of the crosscoder is the base model, model 1 the chat
+# (fine-tuned) one.
+METRIC_LABELS = {"loss/total": "total loss", "loss/reconstruction": "reconstruction loss", "fve/0": "FVE base",
+                 "fve/1": "FVE chat", "l0": "L0", "dead_fraction": "dead fraction"}
+ALL_RUNS = "all runs"
 
 
 def config_rows(run: Run) -> dict[str, Any]:
@@ -51,10 +57,13 @@ def curves(history: pd.DataFrame) -> list[alt.Chart]:
     cols = [c for c in cols if c in history.columns]
     if "step" not in history.columns or not cols:
       continue
-    long = history[["step", *cols]].melt("step", var_name="metric", value_name="value").dropna()
+    long = history[["step", *cols]].rename(columns=METRIC_LABELS)
+    long = long.melt("step", var_name="metric", value_name="value").dropna()
     charts.append(alt.Chart(long, title=title).mark_line(point=True).encode(
-        x=alt.X("step:Q"), y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False)),
-        color=alt.Color("metric:N"), tooltip=["step", "metric", alt.Tooltip("value:Q", format=".4f")],
+        x=alt.X("step:Q", title="training step"), y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False)),
+        color=alt.Color("metric:N", title=None, sort=[METRIC_LABELS[c] for c in cols]),
+        tooltip=[alt.Tooltip("step:Q", title="step"), alt.Tooltip("metric:N", title="metric"),
+                 alt.Tooltip("value:Q", format=".4f")],
     ).properties(height=220).interactive())
   return charts
 
@@ -105,8 +114,10 @@ def render(root: ResultsRoot) -> None:
   st.title("Overview")
   st.caption(f"{root.path}")
   if root.runs:
-    wanted = query_param("run")
-    runs = [r for r in root.runs if r.name == wanted] or root.runs
+    name = pick("run", [r.name for r in root.runs], "run", key="overview_run", everything=ALL_RUNS)
+    if name is None:  # a run the root does not hold: refused above, nothing else shown as if it were asked for
+      return
+    runs = root.runs if name == ALL_RUNS else [root.run(name)]
     if len(runs) == 1:
       render_run(runs[0])
     else:
@@ -128,4 +139,4 @@ def render(root: ResultsRoot) -> None:
         st.error(d.error)
 
 
-__all__ = ["CURVES", "config_rows", "curves", "delta_norm_classes", "render", "render_run"]
+__all__ = ["ALL_RUNS", "CURVES", "METRIC_LABELS", "config_rows", "curves", "delta_norm_classes", "render", "render_run"]
