@@ -44,10 +44,12 @@ from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 THRESHOLDS = (0.1, 0.4, 0.6, 0.9)  # Δnorm class boundaries (docs/methods.md §3)
 CLASSES = ("chat_only", "shared", "base_only", "other")  # live classes, in the order the report lists them
+# "never fired" (tag `dead`: no firing on the analysed tokens) is never called a dead fraction: that name belongs to
+# training's metrics.json `dead_fraction` (idle in the last training window), a different count.
 CLASS_LABELS = {"chat_only": "chat-only", "base_only": "base-only", "shared": "shared", "other": "other",
-                "dead": "dead"}
+                "dead": "never fired"}
 CLASS_RANGES = {"chat_only": "Δnorm ≥ 0.9", "base_only": "Δnorm ≤ 0.1", "shared": "0.4 ≤ Δnorm ≤ 0.6",
-                "other": "in between", "dead": "never fired"}
+                "other": "in between", "dead": "no firing on the analysed tokens (not a class)"}
 COLORS = {"chat_only": "#d95f02", "base_only": "#1b9e77", "shared": "#7f7f7f", "other": "#7570b3"}
 DEFAULT_RULE = (0.2, 0.5)  # (ν^ε, ν^r) thresholds when summary.json does not state the rule
 PLOTS = ("delta_norm", "latent_scaling", "template_share")
@@ -390,7 +392,8 @@ def _classes(table: pd.DataFrame, out: Path) -> tuple[str, str]:
     attrs.append(f'data-class="{tag}"')
   n_chat = int(counts.get("chat_only", 0))
   n_base = int(counts.get("base_only", 0))
-  lead = (f"Of {_num('live', n_live)} live latents ({fmt(int(counts.get('dead', 0)))} dead), "
+  lead = (f"Of {_num('live', n_live)} live latents ({_num('never_fired', int(counts.get('dead', 0)))} more never "
+          "fired on the analysed tokens), "
           f"{_num('chat_only', n_chat)} are chat-only and {_num('base_only', n_base)} base-only by Δnorm.")
   body = (f"<h2>1 Classes</h2><p>{lead} Δnorm compares the norms of a latent's two decoder rows "
           "(1: only the chat model uses it, 0: only the base model, 0.5: both alike); the classes are those of "
@@ -590,7 +593,8 @@ def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame
   g = genuine_values(pd.Series([r.get("genuine")]))[0] if "genuine" in r else math.nan
   verdict = "" if math.isnan(g) else (", genuine by ν" if g == 1 else ", artifact by ν")
   half = f", {r['nu_half']} half by ν" if isinstance(r.get("nu_half"), str) and r["nu_half"] else ""
-  parts = [(f'<div class="card" id="latent-{j}"><h3>Latent {j}: {esc(CLASS_LABELS.get(tag, tag))}{esc(verdict)}'
+  label = "dead: never fired" if tag == "dead" else CLASS_LABELS.get(tag, tag)
+  parts = [(f'<div class="card" id="latent-{j}"><h3>Latent {j}: {esc(label)}{esc(verdict)}'
             f"{esc(half)}</h3>"),
            (f'<p class="facts">Δnorm {esc(fmt(r.get("delta_norm")))} · fires on {esc(_share(r.get("freq")))} of '
             f'tokens · max activation {esc(fmt(r.get("max_act")))} · template share '

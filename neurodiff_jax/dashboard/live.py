@@ -14,7 +14,9 @@ in both models, through the forward's `interventions`. v is one unit of strength
   v = σ_i · v_i with σ_i = √variance_i (`pca_variance.parquet`), as the PCA section suggests;
 - a crosscoder latent j: v = max_act_j · d_j^chat, the chat decoder row in original units times the
   latent's largest activation (`analysis/latents.parquet`), so α is a multiple of the latent's
-  strongest firing, the convention of `analysis/steering.py`.
+  strongest firing, the convention of `analysis/steering.py`; a latent without one (never fired, or
+  no analysis) steers in code units, v = d_j^chat (`latent_unit` says which, and the page's α label
+  is its text).
 
 Latent activations on typed text are the crosscoder's inference codes of the residuals at the run's
 layer of both models, stacked [T, 2, d], normalised by the run's `norm_scale` and encoded with
@@ -163,16 +165,25 @@ def load_run(path: str | Path) -> LoadedRun:
   return LoadedRun(path, cc, int(layer), max_act)
 
 
+def latent_unit(run: LoadedRun, latent: int) -> tuple[float, str]:
+  """(one unit of α for latent j, what that unit is): its max activation when the analysis found one (> 0), else
+  1 code unit (a latent that never fired, or a run without an analysis). The Live page's α label is this text."""
+  j = int(latent)
+  if run.max_act is not None and 0 <= j < len(run.max_act) and run.max_act[j] > 0:
+    return float(run.max_act[j]), f"× latent {j}'s max activation, {float(run.max_act[j]):.4g}"
+  why = "it never fired on the analysed tokens" if run.max_act is not None else "the run has no analysis"
+  return 1.0, f"× 1 code unit: latent {j} has no max activation ({why})"
+
+
 def latent_steering(run: LoadedRun, latent: int, alpha: float) -> Steering:
-  """Steering by latent j's chat decoder row at the run's layer: v = max_act_j · d_j^chat (d_j^chat without max_act)."""
+  """Steering by latent j's chat decoder row at the run's layer: v = unit_j · d_j^chat (`latent_unit`)."""
   m = run.crosscoder.cfg.dict_size
   if not 0 <= int(latent) < m:
     raise LiveError(f"latent {latent} does not exist; this crosscoder has latents 0..{m - 1}.")
   j = int(latent)
   d = run.crosscoder.decoder()[j, -1].astype(np.float64)  # [d]: the fine-tuned (chat) model's decoder row
-  unit = float(run.max_act[j]) if run.max_act is not None and run.max_act[j] > 0 else 1.0
-  what = "× max_act" if run.max_act is not None and run.max_act[j] > 0 else "× code units (no max_act)"
-  return Steering(run.layer, unit * d, float(alpha), f"latent {j} of {run.path.name} at layer {run.layer} ({what})")
+  unit, what = latent_unit(run, j)
+  return Steering(run.layer, unit * d, float(alpha), f"latent {j} of {run.path.name} at layer {run.layer} (α {what})")
 
 
 # ------------------------------------------------------------------------------------------------- session
@@ -370,4 +381,4 @@ class LiveSession:
 
 
 __all__ = ["Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering", "adl_positions",
-           "adl_steering", "latent_steering", "load_run", "pca_steering", "read_pca"]
+           "adl_steering", "latent_steering", "latent_unit", "load_run", "pca_steering", "read_pca"]

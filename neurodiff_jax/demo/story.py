@@ -126,7 +126,9 @@ def cards_section(organisms: dict[str, str]) -> str:
 
 def _run_row(name: str, run: RunFiles) -> list[str]:
   m, s = run.metrics, run.summary
-  cls = s.get("classes") or m.get("delta_norm_classes") or {}
+  # The analysis's classes (dead = never fired on the analysed tokens); training's count its dead in the last window,
+  # another quantity, so they are never shown under the analysis's name.
+  cls = s.get("classes") or {}
   knob = f"k={s.get('k')}" if s.get("sparsity") in ("batchtopk", "topk") else "L1"
   return [esc(name), esc(f"{s.get('sparsity', '?')} ({knob})"), esc(fmt(m.get("fve/0"))), esc(fmt(m.get("fve/1"))),
           esc(fmt(m.get("l0"))), esc(fmt(m.get("dead_fraction"))),
@@ -136,14 +138,17 @@ def _run_row(name: str, run: RunFiles) -> list[str]:
 def classes_section(runs: dict[str, RunFiles]) -> str:
   """Δnorm classes and training figures of every run, with their Δnorm histograms side by side."""
   rows = [_run_row(n, r) for n, r in runs.items()]
-  head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead fraction", "shared", "chat-only", "base-only", "other",
-          "dead"]
+  head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead in the last training window (share)", "shared",
+          "chat-only", "base-only", "other", "never fired (analysis; not a class)"]
   counts = {n: r.summary.get("classes", {}).get("chat_only", 0) for n, r in runs.items()}
   prose = "; ".join(f"{esc(n)} has {esc(fmt(c))} chat-only latents" for n, c in counts.items())
   plots = "".join(f"<div><h4>{esc(n)}</h4>{r.plot('delta_norm.png', f'{n} Δnorm')}</div>" for n, r in runs.items())
   return ("<h2>2. Δnorm classes: BatchTopK vs L1</h2>"
           "<p>Δnorm = ½((‖d_chat‖ − ‖d_base‖)/max(‖d_base‖, ‖d_chat‖) + 1): 0 = base-only, 1 = chat-only, ½ = shared "
-          f"(live latents; classes as in docs/methods.md). Here {prose}.</p>"
+          f"(live latents; classes as in docs/methods.md). Here {prose}. Two different counts of dead latents: "
+          "<i>never fired</i> counts the latents with no firing on any analysed token (left out of the classes and the "
+          "histograms: their Δnorm is their initialisation's); <i>dead in the last training window</i> is the share of "
+          "latents idle for the training's last dead-token window (metrics.json <code>dead_fraction</code>).</p>"
           + html_table(head, rows) + f'<div class="side">{plots}</div>')
 
 

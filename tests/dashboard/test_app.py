@@ -63,17 +63,24 @@ def test_overview_shows_each_runs_metrics(demo_root, monkeypatch):
   assert shown["FVE base (fve/0)"] == [f"{m['fve/0']:.4f}" for m in metrics]
   assert shown["FVE chat (fve/1)"] == [f"{m['fve/1']:.4f}" for m in metrics]
   assert shown["L0"] == [f"{m['l0']:.2f}" for m in metrics]
-  assert shown["dead fraction"] == [f"{m['dead_fraction']:.4f}" for m in metrics]
+  # Training's dead latents under their own name, never "dead fraction" (the analysis's are "never fired").
+  assert shown["dead in the last training window"] == [f"{m['dead_fraction']:.4f}" for m in metrics]
+  assert not any("dead fraction" in label for label in shown)
   tables = [t.value for t in at.table]
+  captions = [c.value for c in at.caption]
   for run, config, classes in zip(runs, tables[0::2], tables[1::2]):
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     assert config.loc["sparsity", "value"] == summary["sparsity"]
     assert config.loc["dict size", "value"] == str(summary["dict_size"])
     tags = pd.read_parquet(run / "analysis" / "latents.parquet")["tag"].astype(str).value_counts()
-    assert {k: int(v) for k, v in classes["latents"].items() if int(v)} == {k: int(v) for k, v in tags.items()}
+    # The classes are of the live latents; the ones that never fired are counted apart, under that name.
+    assert {k: int(v) for k, v in classes["latents"].items() if int(v)} == {k: int(v) for k, v in tags.items()
+                                                                          if k != "dead"}
+    assert "dead" not in classes.index
+    assert any(c.startswith(f"never fired: {int(tags.get('dead', 0))} (not in the classes") for c in captions)
   # Training curves: four altair charts per run from metrics.jsonl.
   charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
-  assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead fraction"] * len(runs)
+  assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead in the last training window"] * len(runs)
 
 
 def test_compare_plots_each_runs_latents(demo_root, monkeypatch):
@@ -82,14 +89,24 @@ def test_compare_plots_each_runs_latents(demo_root, monkeypatch):
   (counts,) = [t.value for t in at.table]
   assert list(counts.columns) == [r.name for r in runs]
   titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
+  frames = {spec["title"]: data for spec, data in _chart_frames(at)}
+  captions = [c.value for c in at.caption]
   for run in runs:
     lat = pd.read_parquet(run / "analysis" / "latents.parquet")
     tags = lat["tag"].astype(str).value_counts()
-    for tag in ("chat_only", "shared", "dead"):
+    for tag in ("chat_only", "shared", "other", "base_only"):
       assert int(counts.loc[tag, run.name]) == int(tags.get(tag, 0))
+    # The latents that never fired are in no class count and no histogram, and are counted apart.
+    assert "dead" not in counts.index
+    assert int(counts.loc["never fired (not a class)", run.name]) == int(tags.get("dead", 0))
+    assert int(counts.loc["live latents", run.name]) == int((lat["tag"].astype(str) != "dead").sum())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert counts.loc["dead in the last training window (share)", run.name] == f"{metrics['dead_fraction']:.4f}"
+    hist = frames[f"{run.name}: Δnorm of the live latents"]
+    assert sorted(hist["latent"]) == sorted(lat.loc[lat["tag"].astype(str) != "dead", "latent"])
+    assert f"never fired: {int(tags.get('dead', 0))} (not in the histogram)" in captions
     chat = lat[(lat["tag"].astype(str) == "chat_only") & np.isfinite(lat["nu_error"]) & np.isfinite(lat["nu_recon"])]
     assert f"{run.name}: latent scaling ({len(chat)} latents)" in titles
-    assert f"{run.name}: Δnorm" in titles
   # Every live latent instead of the chat-only ones.
   at.checkbox(key="compare_all").check().run()
   titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
@@ -359,6 +376,52 @@ def test_charts_have_human_labels(demo_root, monkeypatch):
         legends[(page, spec.get("title", ""))] = set(data[colour["field"]].astype(str))
   curves = {title: values for (page, title), values in legends.items() if page == "overview"}
   assert curves["FVE"] == {"FVE base", "FVE chat"} and curves["L0"] == {"L0"}
-  assert curves["loss"] <= {"total loss", "reconstruction loss"} and curves["dead fraction"] == {"dead fraction"}
+  assert curves["loss"] <= {"total loss", "reconstruction loss"}
+  assert curves["dead in the last training window"] == {"dead in the last training window"}
   for (page, title), values in legends.items():
     assert not any("/" in v or "_" in v for v in values), (page, title, values)
+
+
+# ------------------------------------------------------------------------------------------------ dead latents
+
+
+def _expected_default(lat: pd.DataFrame) -> int:
+  """The latent a page starts on, by docs/dashboard.md: the best-ranked live chat-only latent (lowest nu_rank), else
+  the live latent of highest Δnorm."""
+  live = lat[lat["tag"].astype(str) != "dead"]
+  chat = live[(live["tag"].astype(str) == "chat_only") & np.isfinite(live["nu_rank"].astype(float))]
+  if len(chat):
+    return int(chat.sort_values(["nu_rank", "latent"])["latent"].iloc[0])
+  return int(live.sort_values(["delta_norm", "latent"], ascending=[False, True])["latent"].iloc[0])
+
+
+def test_dead_latents_are_badged_and_never_the_default(demo_root, monkeypatch):
+  """Every latent that never fired carries the badge in the table, the picker and on its page; the page starts on
+  the best live latent; a dead latent's page says why it has no contexts (not `examples.context_latents`)."""
+  runs = _runs(demo_root)
+  with_dead = [r for r in runs if (pd.read_parquet(r / "analysis" / "latents.parquet")["tag"] == "dead").any()]
+  assert with_dead, "the demo root has no run with a latent that never fired: nothing to check"
+  for run in runs:
+    lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+    dead = set(lat.loc[lat["tag"].astype(str) == "dead", "latent"].astype(int))
+    at = open_page(demo_root, "latents", monkeypatch, run=run.name)
+    table = _table(at, "latent", "status")
+    assert set(table.loc[table["status"] == "dead: never fired", "latent"]) == dead
+    assert set(table.loc[table["status"] == "live", "latent"]) == set(lat["latent"]) - dead
+    opened = at.selectbox(key="latents_latent").value
+    assert opened == _expected_default(lat) and opened not in dead
+    assert at.query_params["latent"] == str(opened)
+    assert [h.value for h in at.header] == [f"Latent {opened}"]
+    assert not any("never fired" in w.value for w in at.warning)
+  run = with_dead[0]
+  lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+  j = int(lat.loc[lat["tag"] == "dead", "latent"].min())
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=j)
+  assert at.selectbox(key="latents_latent").format_func(j) == f"{j} (dead: never fired)"
+  assert any("dead: never fired" in m.value for m in at.markdown), [m.value for m in at.markdown]
+  (warning,) = [w.value for w in at.warning]
+  tokens = json.loads((run / "analysis" / "summary.json").read_text())["tokens"]
+  assert warning.startswith(f"Latent {j} never fired on the {tokens:,} analysed tokens")
+  infos = [i.value for i in at.info]
+  assert f"No contexts: latent {j} never fired on the analysed tokens." in infos
+  assert not any("context_latents" in i for i in infos)

@@ -371,3 +371,38 @@ def test_live_page_refuses_unknown_names_and_warns_of_another_pair(demo_root, mo
   at.selectbox(key="live_steer_diff").select(other.name).run()
   (warning,) = [w.value for w in at.warning]
   assert warning.startswith(f"diff result {other.name} was made from ") and "its δ_p" in warning
+
+
+def test_live_page_starts_on_a_live_latent_and_says_what_alpha_is(demo_root, monkeypatch):
+  """The steering latent starts on the best-ranked live chat-only latent of the run (else its most chat-leaning live
+  one), never on one that never fired; the α label names the unit `latent_steering` uses: that latent's max activation,
+  or code units (with the dead badge and a warning) for a latent that never fired."""
+  from neurodiff_jax.dashboard.results import discover
+
+  root = discover(demo_root)
+  at = _live_page(demo_root, monkeypatch)
+  at.radio(key="live_steer_source").set_value("crosscoder latent").run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+  name = at.selectbox(key="live_steer_run").value
+  lat = pd.read_parquet(root.run(name).path / "analysis" / "latents.parquet")
+  live_rows = lat[lat["tag"] != "dead"]
+  chat = live_rows[(live_rows["tag"] == "chat_only") & live_rows["nu_rank"].notna()]
+  want = int(chat.sort_values(["nu_rank", "latent"])["latent"].iloc[0]) if len(chat) else \
+      int(live_rows.sort_values(["delta_norm", "latent"], ascending=[False, True])["latent"].iloc[0])
+  assert at.number_input(key="live_steer_latent").value == want
+  max_act = float(lat.set_index("latent").loc[want, "max_act"])
+  assert max_act > 0
+  assert at.number_input(key="live_alpha").label == f"α (× latent {want}'s max activation, {max_act:.4g})"
+  assert not at.warning
+  dead = lat.loc[lat["tag"] == "dead", "latent"]
+  if not len(dead):
+    return
+  j = int(dead.min())
+  at.number_input(key="live_steer_latent").set_value(j).run()
+  assert at.number_input(key="live_alpha").label == (f"α (× 1 code unit: latent {j} has no max activation (it never "
+                                                      "fired on the analysed tokens))")
+  (warning,) = [w.value for w in at.warning]
+  assert warning.startswith(f"Latent {j} of run {name} never fired on the analysed tokens") and str(want) in warning
+  assert any("dead: never fired" in m.value for m in at.markdown)
+  steer = live.latent_steering(live.load_run(root.run(name).path), j, 1.0)
+  assert "code unit" in steer.label

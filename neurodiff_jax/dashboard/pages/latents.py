@@ -10,6 +10,9 @@ token highlighted (and a few contexts per activation quantile), the activation h
 model, the tokens its chat decoder direction promotes and suppresses (logit lens), its statistics. Contexts are
 HTML: each token escaped, its background coloured by the latent's activation on it, the firing token boxed
 (`class="firing"`).
+
+A latent that never fired on the analysed tokens (tag `dead`) carries the badge "dead: never fired" in the table
+(`status`), in the latent picker and on its page, and is never the latent a page starts on (`default_latent`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,14 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.dashboard.pages import (
+  DEAD_BADGE,
+  NEVER_FIRED,
   TAG_ORDER,
+  dead_latents,
+  default_latent,
   flag,
   fmt,
+  latent_label,
   pick,
   query_param,
   remember,
@@ -37,7 +45,7 @@ from neurodiff_jax.dashboard.pages import (
 )
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
-TABLE_COLUMNS = ["latent", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
+TABLE_COLUMNS = ["latent", "status", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
                  "genuine", "dec_cos"]
 STAT_COLUMNS = ["tag", "delta_norm", "dec_norm_base", "dec_norm_chat", "dec_cos", "freq", "count", "max_act",
                 "beta_recon_base", "beta_recon_chat", "beta_error_base", "beta_error_chat", "beta_act_base",
@@ -134,7 +142,13 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
              f"{len(latents) - 1}.")
     return
   row = rows.iloc[0]
+  is_dead = str(row["tag"]) == "dead"
   st.header(f"Latent {latent}")
+  if is_dead:
+    st.badge(DEAD_BADGE, icon=":material/block:", color="red")
+    st.warning(f"Latent {latent} {NEVER_FIRED} on the {_tokens(run)} analysed tokens: it has no contexts, no "
+               "activation distribution and no max activation, and its Δnorm is its initialisation's, not a class. "
+               "Steering by it adds its decoder row in code units, which barely moves the models.")
   st.caption(f"run {run.name} · tag {row['tag']} · Δnorm {fmt(row['delta_norm'], 3)} · genuine "
              f"{fmt(row['genuine'])} · freq {fmt(row['freq'], 5)}")
   examples = run_read(run, "examples")
@@ -144,8 +158,10 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
 
   st.subheader("Top activating contexts")
   top = mine[mine["group"].astype(str) == "top"].sort_values("rank")
-  if top.empty:
-    st.info("No contexts stored for this latent (`examples.context_latents` decides which latents get them; "
+  if top.empty and is_dead:
+    st.info(f"No contexts: latent {latent} {NEVER_FIRED} on the analysed tokens.")
+  elif top.empty:
+    st.info("No contexts stored for this latent (`examples.context_latents` decides which live latents get them; "
             "chat-only latents come first).")
   else:
     st.html("".join(
@@ -210,6 +226,15 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   st.table(pd.DataFrame({"value": list(stats.values())}, index=list(stats)))
 
 
+def _tokens(run: Run) -> str:
+  """The number of analysed tokens (analysis summary), as text."""
+  try:
+    n = run_read(run, "summary").get("tokens")
+  except (OSError, ValueError):
+    n = None
+  return f"{int(n):,}" if n is not None else "?"
+
+
 def row_token(example: Any) -> str:
   """The firing token of an example row, as read."""
   tokens = list(example.context_tokens)
@@ -266,6 +291,8 @@ def render(root: ResultsRoot) -> None:
   sort = st.selectbox("sort by", ["delta_norm", "freq", "nu_error", "nu_recon", "template_share", "latent",
                                   "max_act"], key="latents_sort")
   shown = shown.sort_values(sort, ascending=sort in ("nu_error", "nu_recon", "latent"), na_position="last")
+  dead = dead_latents(latents)
+  shown = shown.assign(status=np.where(shown["latent"].isin(dead), DEAD_BADGE, "live"))
   st.dataframe(shown[[c for c in TABLE_COLUMNS if c in shown.columns]], hide_index=True, key="latents_table")
 
   options = [int(x) for x in shown["latent"].head(500)]
@@ -275,8 +302,12 @@ def render(root: ResultsRoot) -> None:
     options = [wanted, *options]
   if not options:
     return
-  index = None if refused else options.index(wanted) if wanted is not None else 0
+  if wanted is None and not refused:  # nothing asked for: the best live latent, never one that never fired
+    best = default_latent(shown)
+    wanted = best if best in options else next((j for j in options if j not in dead), options[0])
+  index = None if refused else options.index(wanted)
   latent = st.selectbox("open latent", options, index=index, key="latents_latent", placeholder="choose a latent",
+                        format_func=lambda j: latent_label(j, dead),
                         on_change=lambda: remember("latent", (run.name, st.session_state["latents_latent"])))
   if latent is None:  # the URL's latent was refused above; the URL keeps it until one is picked
     return

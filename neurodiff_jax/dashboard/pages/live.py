@@ -29,7 +29,11 @@ import streamlit as st
 
 from neurodiff_jax.dashboard import live
 from neurodiff_jax.dashboard.pages import (
+  DEAD_BADGE,
+  NEVER_FIRED,
   adl_means,
+  dead_latents,
+  default_latent,
   not_found,
   query_param,
   remember,
@@ -235,13 +239,35 @@ def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
     st.warning(warning)
   run = run_for(str(runs[name].path), _stamp(runs[name].path / "checkpoints"))
   size = run.crosscoder.cfg.dict_size
-  default = hint["latent"] if hint.get("latent") is not None and name == (wanted or names[0]) else 0
+  table = latent_table(runs[name])
+  if hint.get("latent") is not None and name == (wanted or names[0]):
+    default = int(hint["latent"])
+  else:  # never a latent that never fired: steering by one barely moves the models
+    best = default_latent(table) if table is not None else None
+    default = 0 if best is None else best
   latent = c2.number_input(f"latent (0..{size - 1}; layer {run.layer})", min_value=0, max_value=size - 1,
                            value=min(default, size - 1), key="live_steer_latent")
-  unit = "× max activation" if run.max_act is not None else "code units"
+  if table is None:
+    c2.caption("run not analysed: which latents are dead is unknown")
+  elif int(latent) in dead_latents(table):
+    c2.badge(DEAD_BADGE, icon=":material/block:", color="red")
+    st.warning(f"Latent {int(latent)} of run {name} {NEVER_FIRED} on the analysed tokens: it has no max activation, "
+               "so α is in code units and its decoder row (near its initialisation) barely moves the models. "
+               f"The best live latent of this run is {default_latent(table)}.")
+  _, unit = live.latent_unit(run, int(latent))
   alpha = c4.number_input(f"α ({unit})", value=1.0, step=0.5, key="live_alpha")
   chosen.update(run=name, latent=int(latent))
   return live.latent_steering(run, int(latent), alpha), chosen
+
+
+def latent_table(run: Run) -> pd.DataFrame | None:
+  """The run's latent table, None when it has not been analysed (or cannot be read)."""
+  if not run.has("latents.parquet"):
+    return None
+  try:
+    return run_read(run, "latents")
+  except (OSError, ValueError):
+    return None
 
 
 def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[str, str] | None = None,
@@ -257,6 +283,7 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
   name = c1.selectbox("activations of latents of run", names, index=names.index(wanted) if wanted in names else 0,
                       key="live_act_run")
   default = steer_choice.get("latent", hint.get("latent") if name == (hint.get("run") or names[0]) else None)
+  table = latent_table(runs[name])
   text = c2.text_input("latents (comma-separated; empty: none)", value="" if default is None else str(default),
                        key="live_act_latents")
   try:
@@ -270,6 +297,10 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
     st.error(f"latent(s) {', '.join(map(str, bad))} are not latents of run {name}: its latents are 0..."
              f"{'?' if size is None else size - 1}.")
     latents = [j for j in latents if j not in bad]
+  dead = sorted(set(latents) & dead_latents(table)) if table is not None else []
+  if dead:
+    st.warning(f"latent(s) {', '.join(map(str, dead))} of run {name}: {DEAD_BADGE} on the analysed tokens (their "
+               "activations below are expected to be 0).")
   if latents:
     warning = made_from_other_pair(runs[name], pair, "its latents")
     if warning:
@@ -277,8 +308,9 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
   return name, latents
 
 
-def tokens_html(acts: live.LatentActivations, column: int) -> str:
-  """The text's tokens, each on a background by latent `column`'s activation / its max, the strongest boxed."""
+def tokens_html(acts: live.LatentActivations, column: int, dead: set[int] | frozenset[int] = frozenset()) -> str:
+  """The text's tokens, each on a background by latent `column`'s activation / its max, the strongest boxed; a latent
+  in `dead` (never fired on the analysed tokens) carries the dead badge."""
   a = np.asarray(acts.acts[:, column], np.float64)
   top = float(a.max()) if len(a) else 0.0
   spans = []
@@ -290,7 +322,9 @@ def tokens_html(acts: live.LatentActivations, column: int) -> str:
     extra = " border: 2px solid #c00; font-weight: bold;" if "firing" in cls else ""
     spans.append(f'<span class="{cls}" title="{float(v):.4f}" style="{style}{extra}">{shown}</span>')
   j = acts.latents[column]
-  return (f'<div class="live-latent" data-latent="{j}"><b>latent {j}</b> (max {top:.4f}): '
+  badge = f' <span class="dead-badge" style="color: #c00; font-weight: bold;">[{DEAD_BADGE}]</span>' if j in dead \
+      else ""
+  return (f'<div class="live-latent" data-latent="{j}"><b>latent {j}</b>{badge} (max {top:.4f}): '
           f'{"".join(spans)}</div>')
 
 
@@ -307,6 +341,8 @@ def _run(session: live.LiveSession, root: ResultsRoot, prompt: str, top_k: int, 
     run = root.run(act_run)
     loaded = run_for(str(run.path), _stamp(run.path / "checkpoints"))
     out["acts"] = session.latent_activations(prompt, loaded, latents)
+    table = latent_table(run)
+    out["acts_dead"] = dead_latents(table) if table is not None else set()
   return out
 
 
@@ -335,7 +371,7 @@ def show_outputs(out: dict[str, Any]) -> None:
     st.subheader("Latent activations on the prompt")
     st.caption("Plain text after BOS, as the crosscoder's training data was read; hover a token for its activation.")
     with st.container(key="live_latent_acts"):
-      st.html("".join(tokens_html(acts, i) for i in range(len(acts.latents))))
+      st.html("".join(tokens_html(acts, i, out.get("acts_dead", set())) for i in range(len(acts.latents))))
     with st.expander("as a table"):
       st.dataframe(acts.frame(), hide_index=True, key="live_latent_table")
 
@@ -396,5 +432,5 @@ def render(root: ResultsRoot) -> None:
     show_outputs(out)
 
 
-__all__ = ["SOURCES", "dict_size", "hints", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
+__all__ = ["SOURCES", "dict_size", "hints", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
            "steering_widgets", "tokens_html"]
