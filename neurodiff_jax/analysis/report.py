@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neurodiff_jax.analysis.verdicts import GROUP_NOTES, causal_verdict
 from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 THRESHOLDS = (0.1, 0.4, 0.6, 0.9)  # Δnorm class boundaries (docs/methods.md §3)
@@ -53,16 +54,6 @@ CLASS_RANGES = {"chat_only": "Δnorm ≥ 0.9", "base_only": "Δnorm ≤ 0.1", "s
 COLORS = {"chat_only": "#d95f02", "base_only": "#1b9e77", "shared": "#7f7f7f", "other": "#7570b3"}
 DEFAULT_RULE = (0.2, 0.5)  # (ν^ε, ν^r) thresholds when summary.json does not state the rule
 PLOTS = ("delta_norm", "latent_scaling", "template_share")
-GROUP_NOTES = {
-    "all_base": "S = ∅: the base residual only (the ceiling)",
-    "all_latents": "every latent: the error patch (the floor)",
-    "template_chat": "chat residual on chat-template tokens only",
-    "template": "chat residual on chat-template tokens only",
-    "nu_best_half": "chat-only latents, best half by ν (low ν: not explained by the base)",
-    "nu_worst_half": "chat-only latents, worst half by ν",
-    "dnorm_top_half": "chat-only latents, top half by Δnorm",
-    "dnorm_bottom_half": "chat-only latents, bottom half by Δnorm",
-}
 REGION_NOTES = {"reply": "assistant reply", "first": "first 10 reply tokens", "rest": "rest of the reply"}
 
 
@@ -495,7 +486,9 @@ def _causal(causal: pd.DataFrame | None, out: Path) -> tuple[str, str]:
   body = (head + "<p>The chat model runs on chat-formatted text with its residual at the crosscoder's layer replaced "
           "by x_base + Σ_{j∈S} f_j (d_j^chat − d_j^base); the table gives KL(P_chat ‖ P_patched) in nats per token, "
           "mean and 95% bootstrap interval over conversations. Lower means the latent set S restores more of the chat "
-          "model's behaviour.</p>" + (f'<p class="verdict">{verdict}</p>' if verdict else "")
+          "model's behaviour.</p>"
+          + f'<p class="verdict" id="causal-verdict"><strong>Verdict.</strong> {esc(causal_verdict(causal).sentence)}</p>'
+          + (f'<p class="verdict">{verdict}</p>' if verdict else "")
           + html_table(header, rows) + _image(out / "causal.png", "causal test bar chart"))
   return lead, body
 

@@ -78,6 +78,12 @@ def test_overview_shows_each_runs_metrics(demo_root, monkeypatch):
                                                                           if k != "dead"}
     assert "dead" not in classes.index
     assert any(c.startswith(f"never fired: {int(tags.get('dead', 0))} (not in the classes") for c in captions)
+  # The analysis outputs no other page shows: every steering sample, the report to download.
+  for i, run in enumerate(runs):
+    steer = pd.read_parquet(run / "analysis" / "steering.parquet")
+    shown = _table(at, "latent", "model", "prompt", "strength", "completion", which=i)
+    pd.testing.assert_frame_equal(shown.reset_index(drop=True), steer, check_dtype=False)
+  assert len(at.get("download_button")) == len(runs)
   # Training curves: four altair charts per run from metrics.jsonl.
   charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
   assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead in the last training window"] * len(runs)
@@ -250,7 +256,7 @@ def test_an_unknown_name_on_the_overview_is_refused_with_the_valid_ones(demo_roo
     assert at.query_params["run"] == "nosuchrun"  # the URL keeps what was asked: a reload shows the same refusal
   else:
     (err,) = _errors(at)
-    assert err.startswith("page 'nosuchpage' not found; pages: overview, compare, latents, adl, live"), err
+    assert err.startswith("page 'nosuchpage' not found; pages: overview, compare, latents, causal, adl, kl, methods, live"), err
     assert "/run-overview" in err
   # Nothing of any run is shown in its place.
   assert not at.metric and not at.get("vega_lite_chart") and not at.table and not at.dataframe
@@ -338,7 +344,7 @@ def test_the_url_follows_the_pages_and_the_run_is_kept(demo_root, monkeypatch):
 def test_documented_paths_open_their_pages(demo_root, monkeypatch):
   """Every dashboard path docs/dashboard.md names opens its page (the default page is not served at its path)."""
   doc = (Path(__file__).resolve().parents[2] / "docs" / "dashboard.md").read_text()
-  documented = dict(re.findall(r"^\| ([A-Z][\w ]+) \| `/([a-z-]+)`", doc, flags=re.MULTILINE))
+  documented = dict(re.findall(r"^\| ([A-Z][\w -]+) \| `/([a-z-]+)`", doc, flags=re.MULTILINE))
   assert documented == {title: URL_PATHS[slug] for slug, title in PAGES}
   monkeypatch.setenv("NEURODIFF_RESULTS", str(demo_root))
   for slug, title in PAGES:
@@ -369,7 +375,7 @@ def test_charts_have_human_labels(demo_root, monkeypatch):
   legends = {}
   for page, params in (("overview", {"run": run.name}), ("compare", {}), ("latents", {"run": run.name,
                                                                                       "latent": latent}),
-                       ("adl", {})):
+                       ("adl", {}), ("causal", {"run": run.name})):
     for spec, data in _chart_frames(open_page(demo_root, page, monkeypatch, **params)):
       colour = spec.get("encoding", {}).get("color")
       if colour:
@@ -425,3 +431,136 @@ def test_dead_latents_are_badged_and_never_the_default(demo_root, monkeypatch):
   infos = [i.value for i in at.info]
   assert f"No contexts: latent {j} never fired on the analysed tokens." in infos
   assert not any("context_latents" in i for i in infos)
+
+
+# ------------------------------------------------------------------------------ causal test, per-token KL, methods
+
+
+def test_causal_page_shows_the_table_the_intervals_and_a_verdict_from_them(demo_root, monkeypatch):
+  """Every run's causal.parquet: its numbers in the table and the bars' data, and a verdict whose words follow from the
+  95% intervals (significant = no overlap), for each region."""
+  from neurodiff_jax.analysis.verdicts import causal_verdict
+
+  runs = [r for r in _runs(demo_root) if (r / "analysis" / "causal.parquet").is_file()]
+  assert runs, "no run of the demo root has a causal test"
+  judged = 0
+  for run in runs:
+    frame = pd.read_parquet(run / "analysis" / "causal.parquet")
+    at = open_page(demo_root, "causal", monkeypatch, run=run.name)
+    assert not at.error, [e.value for e in at.error]
+    shown = _table(at, "group", "region", "kl_mean", "ci_low", "ci_high")
+    merged = frame.merge(shown, on=["group", "region"], suffixes=("", "_shown"))
+    assert len(merged) == len(frame) == len(shown)
+    for col in ("kl_mean", "ci_low", "ci_high", "n_tokens", "n_docs"):
+      np.testing.assert_array_equal(merged[col].to_numpy(), merged[f"{col}_shown"].to_numpy())
+    want = ["— (template tokens)" if n < 0 else str(n) for n in merged["n_latents"]]
+    assert merged["latents"].tolist() == want
+    for region in ("reply", "first", "rest"):
+      if at.radio(key="causal_region").value != region:
+        at.radio(key="causal_region").set_value(region).run()
+      rows = {r.group: r for r in frame[frame["region"] == region].itertuples()}
+      ((spec, data),) = _chart_frames(at)
+      assert spec["title"].startswith(f"{run.name}: KL on ")
+      assert sorted(data["group"]) == sorted(rows)
+      for r in data.itertuples():
+        assert (r.kl_mean, r.ci_low, r.ci_high) == (rows[r.group].kl_mean, rows[r.group].ci_low, rows[r.group].ci_high)
+      (verdict,) = [m.value for m in at.markdown if m.value.startswith("**Verdict.**")]
+      assert verdict == f"**Verdict.** {causal_verdict(frame, region).sentence}"
+      if "nu_best_half" in rows and "dnorm_top_half" in rows:
+        judged += 1
+        best, ctrl, base = rows["nu_best_half"], rows["dnorm_top_half"], rows["all_base"]
+        if best.ci_high < ctrl.ci_low:
+          assert "significantly more than the" in verdict and "do not overlap" in verdict
+        elif best.ci_low > ctrl.ci_high:
+          assert "significantly less than the" in verdict and "do not overlap" in verdict
+        else:
+          assert "not significantly more or less than the" in verdict and "intervals overlap" in verdict
+        below = "significantly below all-base" if best.ci_high < base.ci_low else "not significantly below all-base"
+        assert below in verdict
+        gap = (base.kl_mean - best.kl_mean) / (base.kl_mean - rows["all_latents"].kl_mean)
+        assert f"closes {100 * gap:.0f}% of the KL gap" in verdict
+      else:
+        assert "no live chat-only latent to patch" in verdict
+  assert judged, "no run has both chat-only halves: the verdict's comparison was never checked"
+
+
+def test_kl_page_colours_the_text_by_kl_and_browses_the_top_contexts(demo_root, monkeypatch):
+  diff = _diff(demo_root)
+  kl = diff / "diff" / "kl"
+  summary = pd.read_parquet(kl / "kl_summary.parquet")
+  top = pd.read_parquet(kl / "kl_top_contexts.parquet").sort_values("kl", ascending=False, kind="stable")
+  assert "context_kl" in top.columns, "kl_top_contexts.parquet has no context_kl: written by an older launch.diff"
+  at = open_page(demo_root, "kl", monkeypatch, diff=diff.name)
+  assert not at.error and not at.warning, ([e.value for e in at.error], [w.value for w in at.warning])
+  shown = _table(at, "kind", "n_tokens", "mean", "p99")
+  pd.testing.assert_frame_equal(shown.reset_index(drop=True), summary.reset_index(drop=True), check_dtype=False)
+  metrics = {m.label: m.value for m in at.metric}
+  assert metrics["mean KL"] == f"{summary.set_index('kind').loc['all', 'mean']:.4f}"
+  contexts = _table(at, "rank", "kl", "doc", "position")
+  np.testing.assert_array_equal(contexts["kl"].to_numpy(), top["kl"].to_numpy())
+  assert contexts["token"].tolist() == [repr(t) for t in top["token"]]
+  # The text coloured by KL: one span per token titled with its KL, the marked token boxed, in KL order.
+  page = at.get("html")[0].value
+  examples = page.split('class="kl-example"')[1:]
+  assert len(examples) == min(20, len(top))
+  scale = max(max(v) for v in top["context_kl"])
+  for part, r in zip(examples, top.itertuples()):
+    titles = [float(t.split('"')[0]) for t in part.split('title="KL ')[1:]]
+    np.testing.assert_allclose(titles, r.context_kl, atol=5e-5)  # printed with 4 decimals
+    assert part.count('class="firing"') == 1
+    firing = html.escape(r.token).replace("\n", "↵").replace("\t", "⇥")
+    assert f">{firing}</span>" in part.split('class="firing"')[1]
+    alphas = [float(a) for a in re.findall(r"rgba\(200, 30, 30, ([0-9.]+)\)", part)]
+    np.testing.assert_allclose(alphas, np.clip(np.asarray(r.context_kl) / scale, 0, 1), atol=5e-3)
+  # The browser: the second context's tokens and their KL.
+  at.selectbox(key="kl_context").set_value(1).run()
+  one = _table(at, "token", "KL")
+  second = top.iloc[1]
+  assert one["token"].tolist() == [repr(t) for t in second["context_tokens"]]
+  np.testing.assert_array_equal(one["KL"].to_numpy(), np.asarray(second["context_kl"], np.float64))
+  labels = {m.label: m.value for m in at.metric}
+  assert labels["fine-tuned model's top next"] == repr(second["top_ft"])
+  assert labels["base model's top next"] == repr(second["top_base"])
+
+
+def test_kl_contexts_written_before_context_kl_colour_the_marked_token_only():
+  from neurodiff_jax.dashboard.pages.kl import context_kls, kl_html
+
+  row = {"context_tokens": ["a", " b", " c"], "marked": 1, "kl": 2.5}
+  kls = context_kls(row)
+  assert np.isnan(kls[0]) and kls[1] == 2.5 and np.isnan(kls[2])
+  page = kl_html(row["context_tokens"], kls, 1, 5.0)
+  assert page.count('title="KL not stored"') == 2 and 'title="KL 2.5000"' in page
+  assert re.findall(r"rgba\(200, 30, 30, ([0-9.]+)\)", page) == ["0.00", "0.50", "0.00"]
+
+
+def test_diff_methods_page_shows_every_file_of_every_method(demo_root, tmp_path, monkeypatch):
+  """Each method's Parquet tables (values), plots and arrays, including a method no other page knows."""
+  import shutil
+
+  diff = _diff(demo_root)
+  root = tmp_path / "root"
+  shutil.copytree(diff, root / "diffs" / diff.name)
+  extra = root / "diffs" / diff.name / "diff" / "norms"
+  extra.mkdir()
+  table = pd.DataFrame({"layer": [0, 1], "group": ["text", "text"], "quantity": ["cos", "cos"], "mean": [0.25, 0.5]})
+  table.to_parquet(extra / "norms_summary.parquet", index=False)
+  shutil.copy(next((diff / "diff").glob("*/*.png")), extra / "norms_hist.png")
+  (extra / "done.json").write_text(json.dumps({"key": "k", "seconds": 1.0, "summary": {"layers": [0, 1]}}))
+  at = open_page(root, "methods", monkeypatch, diff=diff.name)
+  assert not at.error, [e.value for e in at.error]
+  methods = sorted(p.name for p in (root / "diffs" / diff.name / "diff").iterdir() if (p / "done.json").is_file())
+  assert [t.label for t in at.tabs] == methods and "norms" in methods
+  frames = [d.value for d in at.dataframe]
+  for method in methods:
+    for f in sorted((root / "diffs" / diff.name / "diff" / method).glob("*.parquet")):
+      want = pd.read_parquet(f)
+      hits = [d for d in frames if list(d.columns) == list(want.columns) and len(d) == min(len(want), 2000)]
+      assert hits, f"{method}/{f.name} not shown"
+      assert any(d.head(5).astype(str).equals(want.head(5).astype(str)) for d in hits), f"{method}/{f.name} values"
+  assert "**norms_summary.parquet** — 2 rows" in [m.value for m in at.markdown]
+  pngs = sorted(p.name for p in (root / "diffs" / diff.name / "diff").glob("*/*.png"))
+  assert sorted(i.proto.imgs[0].caption for i in at.get("image")) == pngs
+  arrays = _table(at, "array", "shape", "dtype")
+  with np.load(root / "diffs" / diff.name / "diff" / "adl" / "means.npz") as z:
+    assert dict(zip(arrays["array"], arrays["shape"])) == {k: str(tuple(z[k].shape)) for k in z.files}

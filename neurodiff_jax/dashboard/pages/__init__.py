@@ -80,8 +80,8 @@ def adl_means(diff: DiffResult) -> dict[str, np.ndarray] | None:
 
 # The URL parameters of the dashboard, and which of them each page reads (docs/dashboard.md, "URLs").
 URL_PARAMS = ("page", "run", "runs", "diff", "latent")
-PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "adl": ("diff",),
-               "live": ("run", "diff", "latent")}
+PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "causal": ("run",),
+               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent")}
 _MEMORY = "dashboard_selection"  # session-state key of the selection carried across pages (run, runs, diff, latent)
 
 

@@ -13,7 +13,16 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import DEAD_IN_WINDOW, LIVE_CLASSES, NEVER_FIRED, TAG_ORDER, fmt, pick, run_read
+from neurodiff_jax.dashboard.pages import (
+  DEAD_IN_WINDOW,
+  LIVE_CLASSES,
+  NEVER_FIRED,
+  TAG_ORDER,
+  fmt,
+  pick,
+  run_read,
+  run_table,
+)
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
 # Training curves: (title, metrics.jsonl columns drawn together).
@@ -77,6 +86,29 @@ def curves(history: pd.DataFrame) -> list[alt.Chart]:
   return charts
 
 
+def analysis_outputs(run: Run) -> None:
+  """The analysis files no other page shows: the template statistics and plot, every steering sample, the report."""
+  with st.expander("analysis outputs: template tokens, steering samples, report"):
+    template = run_read(run, "summary").get("template") or {}
+    if template:
+      st.caption(f"template tokens: {fmt(template.get('template_token_fraction'))} of the analysed tokens; chat-only "
+                 f"latents firing mostly on them: {template.get('chat_only_mostly_template')} of "
+                 f"{template.get('chat_only_live')}; median template share {fmt(template.get('median_template_share_chat_only'))}"
+                 f" (chat-only) vs {fmt(template.get('median_template_share_live'))} (live)")
+    if run.has("template_share.png"):
+      st.image(str(run.analysis / "template_share.png"), caption="template_share.png")
+    if run.has("steering.parquet"):
+      steer = run_table(run, "steering.parquet")
+      st.markdown(f"**steering.parquet** — {len(steer)} samples of latents {', '.join(map(str, steer['latent'].unique()))}"
+                  " (each latent's page shows its own)")
+      st.dataframe(steer, hide_index=True, key=f"overview_steering_{run.name}")
+    if run.has("causal.parquet"):
+      st.markdown(f"The causal test: [Causal test](/causal-test?run={run.name}).")
+    if run.has("report.html"):
+      st.download_button("download the analysis report (report.html)", (run.analysis / "report.html").read_bytes(),
+                         file_name=f"{run.name}-report.html", mime="text/html", key=f"overview_report_{run.name}")
+
+
 def render_run(run: Run) -> None:
   """One run's section."""
   st.subheader(run.name)
@@ -113,6 +145,8 @@ def render_run(run: Run) -> None:
       if genuine:
         st.caption(f"genuine chat-only latents: {genuine.get('genuine')} of {genuine.get('chat_only_live')} "
                    f"({genuine.get('rule', '')})")
+  if run.analysis is not None and not run.error:
+    analysis_outputs(run)
   history = run_read(run, "metrics_history")
   if history.empty:
     st.info("No training curves (tensorboard/metrics.jsonl) in this run.")
@@ -154,4 +188,4 @@ def render(root: ResultsRoot) -> None:
         st.error(d.error)
 
 
-__all__ = ["ALL_RUNS", "CURVES", "METRIC_LABELS", "config_rows", "curves", "delta_norm_class_source", "delta_norm_classes", "render", "render_run"]
+__all__ = ["ALL_RUNS", "CURVES", "analysis_outputs", "METRIC_LABELS", "config_rows", "curves", "delta_norm_class_source", "delta_norm_classes", "render", "render_run"]
