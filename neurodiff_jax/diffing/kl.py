@@ -31,7 +31,7 @@ from jaxtyping import Array, Bool, Int
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, TokenBatch
 from neurodiff_jax.utils.config import ConfigError
-from neurodiff_jax.utils.plots import figure, png_html, save_png
+from neurodiff_jax.utils.plots import figure, integer_ticks, png_html, save_png
 
 KIND_NAMES = {KIND_TEXT: "text", KIND_SPECIAL: "special", KIND_TEMPLATE: "template"}
 CONTEXT_BEFORE = 12  # tokens shown before the marked token
@@ -119,6 +119,7 @@ def plot_by_position(profile: pd.DataFrame, path: Path) -> Path:
   ax = fig.add_subplot(1, 1, 1)
   ax.plot(profile["position"], profile["mean_kl"], color="#b30000", lw=1.5)
   ax.set_xlabel("position in document")
+  integer_ticks(ax.xaxis)
   ax.set_ylabel("mean KL(P_ft ‖ P_base) [nats]")
   ax2 = ax.twinx()
   ax2.fill_between(profile["position"], profile["n_tokens"], color="#999", alpha=0.2, step="mid")
