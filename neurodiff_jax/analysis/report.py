@@ -21,10 +21,9 @@ the genuine rule), 3 causal test, 4 template tokens, 5 example latents, 6 method
 
 A latent card follows the SAE-dashboard order: top contexts (firing token outlined, every token
 shaded by the latent's activation on it), a few contexts per activation quantile, the logit lens
-when available, its statistics, then its steering samples. It has no activation histogram: the
-pass keeps only each latent's top activations and a small sample of its firings, and
-examples.parquet holds the few picked from that sample, so a histogram of a dozen points would
-mislead; the per-quantile rows, labelled with their activation ranges, show the spread instead.
+when available, its statistics, then its steering samples. It has no activation histogram (the
+dashboard's latent page draws `latent_histograms.npz`, every analysed activation in fixed bins);
+the per-quantile rows, labelled with their activation ranges, show the spread here.
 """
 
 from __future__ import annotations

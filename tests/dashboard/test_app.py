@@ -430,6 +430,7 @@ def test_dead_latents_are_badged_and_never_the_default(demo_root, monkeypatch):
   assert warning.startswith(f"Latent {j} never fired on the {tokens:,} analysed tokens")
   infos = [i.value for i in at.info]
   assert f"No contexts: latent {j} never fired on the analysed tokens." in infos
+  assert f"Latent {j} never fired on the {tokens:,} analysed tokens: no activation to count." in infos
   assert not any("context_latents" in i for i in infos)
 
 
@@ -564,3 +565,52 @@ def test_diff_methods_page_shows_every_file_of_every_method(demo_root, tmp_path,
   arrays = _table(at, "array", "shape", "dtype")
   with np.load(root / "diffs" / diff.name / "diff" / "adl" / "means.npz") as z:
     assert dict(zip(arrays["array"], arrays["shape"])) == {k: str(tuple(z[k].shape)) for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------------ latent pages
+
+
+def test_latent_page_histogram_contributions_steering_and_links(demo_root, monkeypatch):
+  """A steered latent's page: the activation histogram of every analysed token (latent_histograms.npz, summing to
+  the latent's firing count), each top context's decoder contribution per model, every steered completion in full, a
+  link to Live with the latent and a strength, and the table's link to each latent's page."""
+  run = next(r for r in _runs(demo_root) if (r / "analysis" / "steering.parquet").is_file())
+  lat = pd.read_parquet(run / "analysis" / "latents.parquet").set_index("latent")
+  steer = pd.read_parquet(run / "analysis" / "steering.parquet")
+  ex = pd.read_parquet(run / "analysis" / "examples.parquet")
+  latent = int(next(j for j in steer["latent"] if ((ex["latent"] == j) & (ex["group"] == "top")).any()))
+  with np.load(run / "analysis" / "latent_histograms.npz") as z:
+    counts, edges = z["counts"][latent], z["edges"]
+  assert counts.sum() == lat.loc[latent, "count"] > 0
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=latent)
+  assert not at.error, [e.value for e in at.error]
+  # The table links each row to its latent page.
+  table = _table(at, "latent", "status", "page")
+  assert table["page"].tolist() == [f"/latent-browser?run={run.name}&latent={j}" for j in table["latent"]]
+  # The histogram: the stored bins of this latent, every analysed token, not the examples.
+  frames = {spec.get("title", ""): data for spec, data in _chart_frames(at)}
+  tokens = json.loads((run / "analysis" / "summary.json").read_text())["tokens"]
+  data = frames[f"{int(counts.sum()):,} firings over {tokens:,} analysed tokens"]
+  keep = counts > 0
+  np.testing.assert_array_equal(data["firings"].to_numpy(), counts[keep])
+  np.testing.assert_array_equal(data["low"].to_numpy(), edges[:-1][keep])
+  # The decoder contribution on each top context: activation × ‖d‖ of each model's decoder row.
+  contexts = at.get("html")[0].value
+  top = ex[(ex["latent"] == latent) & (ex["group"] == "top")].sort_values("rank").head(10)
+  base = [float(v) for v in re.findall(r'data-base="([^"]+)"', contexts)]
+  chat = [float(v) for v in re.findall(r'data-chat="([^"]+)"', contexts)]
+  np.testing.assert_allclose(base, top["activation"] * lat.loc[latent, "dec_norm_base"], rtol=1e-5)
+  np.testing.assert_allclose(chat, top["activation"] * lat.loc[latent, "dec_norm_chat"], rtol=1e-5)
+  # Every steered completion of the latent, whole.
+  shown = next(h.value for h in at.get("html") if 'class="steer"' in h.value)
+  mine = steer[steer["latent"] == latent]
+  assert shown.count('class="completion"') == len(mine)
+  for text in mine["completion"]:
+    assert f">{html.escape(text)}</td>" in shown
+  # The link to Live: this latent, and the smallest multiple that changed the chat model's completion (else 2).
+  chat_rows = mine[mine["model"] == "chat"]
+  plain = chat_rows[chat_rows["multiple"] == 0].set_index("prompt")["completion"]
+  moved = [m for p, m, c in zip(chat_rows["prompt"], chat_rows["multiple"], chat_rows["completion"])
+           if m > 0 and c != plain[p]]
+  alpha = min(moved) if moved else 2.0
+  assert any(f"(/live-models?run={run.name}&latent={latent}&alpha={alpha:g})" in m.value for m in at.markdown)

@@ -406,3 +406,23 @@ def test_live_page_starts_on_a_live_latent_and_says_what_alpha_is(demo_root, mon
   assert any("dead: never fired" in m.value for m in at.markdown)
   steer = live.latent_steering(live.load_run(root.run(name).path), j, 1.0)
   assert "code unit" in steer.label
+
+
+def test_a_latent_pages_link_opens_live_steering_by_that_latent(demo_root, monkeypatch):
+  """`?run=R&latent=J&alpha=A` (the link a latent page gives) opens Live steering by latent J of run R at α = A; a
+  strength that is not a number is refused."""
+  from neurodiff_jax.dashboard.results import discover
+
+  root = discover(demo_root)
+  run = root.runs[-1]
+  at = _live_page(demo_root, monkeypatch, run=run.name, latent=5, alpha=3)
+  assert not at.error, [e.value for e in at.error]
+  assert at.radio(key="live_steer_source").value == "crosscoder latent"
+  assert at.selectbox(key="live_steer_run").value == run.name
+  assert at.number_input(key="live_steer_latent").value == 5 and at.number_input(key="live_alpha").value == 3.0
+  at.number_input(key="live_alpha").set_value(4.5).run()
+  assert at.query_params["alpha"] == "4.5"  # the URL follows the strength shown
+  at = _live_page(demo_root, monkeypatch, run=run.name, latent=5, alpha="lots")
+  assert [e.value for e in at.error] == ["alpha 'lots' is not a number: give the steering strength as one (e.g. "
+                                         "alpha=2). α starts at 1."]
+  assert at.radio(key="live_steer_source").value == "none"

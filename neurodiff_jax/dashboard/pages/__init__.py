@@ -41,8 +41,10 @@ def _run_read(path: str, what: str, stamp: float, _run: Run) -> Any:
 
 
 def run_read(run: Run, what: str) -> Any:
-  """`run.<what>()` cached (what: latents, examples, latent_logit_lens, metrics_history, final_metrics, config)."""
+  """`run.<what>()` cached (what: latents, examples, latent_logit_lens, latent_histograms, metrics_history,
+  final_metrics, config, summary)."""
   files = {"latents": "analysis/latents.parquet", "examples": "analysis/examples.parquet",
+           "latent_histograms": "analysis/latent_histograms.npz",
            "latent_logit_lens": "analysis/logit_lens.parquet", "metrics_history": "tensorboard/metrics.jsonl",
            "final_metrics": "metrics.json", "config": "checkpoints", "summary": "analysis/summary.json"}
   return _run_read(str(run.path), what, _stamp(run.path / files[what]), run)
@@ -79,9 +81,9 @@ def adl_means(diff: DiffResult) -> dict[str, np.ndarray] | None:
 
 
 # The URL parameters of the dashboard, and which of them each page reads (docs/dashboard.md, "URLs").
-URL_PARAMS = ("page", "run", "runs", "diff", "latent")
+URL_PARAMS = ("page", "run", "runs", "diff", "latent", "alpha")
 PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "causal": ("run",),
-               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent")}
+               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent", "alpha")}
 _MEMORY = "dashboard_selection"  # session-state key of the selection carried across pages (run, runs, diff, latent)
 
 

@@ -1,7 +1,8 @@
 """Live page: type a prompt, read both models' next-token distributions and generations side by side, steer them.
 
 The model pair is one of those the results' runs and diffs were made from (`?run=NAME` or `?diff=NAME` picks
-the pair of that run or diff, and the run to steer by; `?latent=N` the latent; a name or index the root does
+the pair of that run or diff, and the run to steer by; `?latent=N` the latent; `?latent=N&alpha=A` opens on
+steering by that latent at α = A, the link a latent page gives; a name or index the root does
 not hold is refused with an error naming the valid ones). A run or diff result steering, or reading, a pair it
 was not made from is named in a warning. Both models and the tokenizer load once per server session
 (`st.cache_resource`, `dashboard/live.py`'s `LiveSession`). Steering adds α · v after a layer at every
@@ -121,7 +122,16 @@ def hints(root: ResultsRoot) -> dict[str, Any]:
   A run or diff result the root does not hold, or a latent that is not an index of the run's dictionary, is
   refused with an error naming the valid ones and not used; the ones used are written to the URL.
   """
-  out: dict[str, Any] = {"run": None, "diff": None, "latent": None}
+  out: dict[str, Any] = {"run": None, "diff": None, "latent": None, "alpha": None}
+  alpha = query_param("alpha")
+  if alpha is not None:
+    try:
+      out["alpha"] = float(alpha)
+    except ValueError:
+      st.error(f"alpha '{alpha}' is not a number: give the steering strength as one (e.g. alpha=2). α starts at 1.")
+    if out["alpha"] is not None and not np.isfinite(out["alpha"]):
+      st.error(f"alpha '{alpha}' is not a finite number. α starts at 1.")
+      out["alpha"] = None
   for param, names, noun in (("run", [r.name for r in root.runs], "run"),
                              ("diff", [d.name for d in root.diffs], "diff result")):
     wanted = query_param(param)
@@ -191,7 +201,10 @@ def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
   """
   hint = hint or {}
   chosen: dict[str, Any] = {}
-  source = st.radio("Steering", SOURCES, horizontal=True, key="live_steer_source")
+  # A link that names a latent and a strength (a latent page's "steer on Live") opens on steering by that latent.
+  steer_by_latent = hint.get("latent") is not None and hint.get("alpha") is not None
+  source = st.radio("Steering", SOURCES, index=SOURCES.index("crosscoder latent") if steer_by_latent else 0,
+                    horizontal=True, key="live_steer_source")
   chosen["source"] = source
   if source == "none":
     return None, chosen
@@ -255,7 +268,10 @@ def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
                "so α is in code units and its decoder row (near its initialisation) barely moves the models. "
                f"The best live latent of this run is {default_latent(table)}.")
   _, unit = live.latent_unit(run, int(latent))
-  alpha = c4.number_input(f"α ({unit})", value=1.0, step=0.5, key="live_alpha")
+  alpha = c4.number_input(f"α ({unit})", value=float(hint["alpha"]) if steer_by_latent else 1.0, step=0.5,
+                          key="live_alpha")
+  if query_param("alpha") is not None:  # the URL keeps naming the strength shown
+    set_param("alpha", f"{float(alpha):g}")
   chosen.update(run=name, latent=int(latent))
   return live.latent_steering(run, int(latent), alpha), chosen
 
