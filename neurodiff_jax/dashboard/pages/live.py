@@ -15,12 +15,14 @@ Widget keys (for AppTest and the browser test): live_pair, live_steer_source, li
 live_steer_layer, live_steer_position, live_steer_component, live_steer_run, live_steer_latent, live_alpha,
 live_act_run, live_act_latents, live_prompt, live_top_k, live_max_new_tokens, live_chat, live_submit;
 outputs: dataframes live_next_tokens(_steered), containers live_gen_base, live_gen_ft, live_gen_base_steered,
-live_gen_ft_steered, live_latent_acts.
+live_gen_ft_steered, live_latent_acts; live_outputs (or live_outputs_stale, under a warning naming the inputs that
+changed since the outputs were computed).
 """
 
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 from typing import Any
 
@@ -378,10 +380,12 @@ def show_outputs(out: dict[str, Any]) -> None:
     st.dataframe(_probs_table(out["table_steered"]), hide_index=True, key="live_next_tokens_steered")
   st.subheader("Generations (greedy)")
   gen = out["gen"]
-  _generations(gen.base, gen.ft, "", "")
+  st.caption("Each box: the prompt as the models read it (grey, the chat template applied), then the model's "
+             "continuation, and where generation stopped.")
+  _generations(gen, "", "")
   if gen.ft_steered is not None:
     st.caption(f"Steered: {out['steer']}")
-    _generations(gen.base_steered, gen.ft_steered, ", steered", "_steered")
+    _generations(gen, ", steered", "_steered")
   if "acts" in out:
     acts = out["acts"]
     st.subheader("Latent activations on the prompt")
@@ -392,13 +396,18 @@ def show_outputs(out: dict[str, Any]) -> None:
       st.dataframe(acts.frame(), hide_index=True, key="live_latent_table")
 
 
-def _generations(base: str, ft: str, label: str, key: str) -> None:
-  """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`."""
-  for column, title, name, text in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft"), (base, ft)):
+def _generations(gen: live.Generations, label: str, key: str) -> None:
+  """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`: the prompt as read
+  (grey), the continuation (st.text), and where it stopped (EOS / end of turn, or the token limit)."""
+  prompt = html.escape(gen.prompt_text or gen.prompt).replace("\n", "↵\n")
+  for column, title, name in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft")):
     with column:
       st.markdown(f"**{title}{label}**")
       with st.container(border=True, key=f"live_gen_{name}{key}"):
-        st.text(text)
+        st.html(f'<div class="live-prompt" style="color: #888; white-space: pre-wrap; font-family: monospace; '
+                f'font-size: 0.85em;">{prompt}</div>')
+        st.text(getattr(gen, f"{name}{key}"))
+        st.caption(gen.stop_text(f"{name}{key}"))
 
 
 def render(root: ResultsRoot) -> None:
@@ -435,18 +444,38 @@ def render(root: ResultsRoot) -> None:
     max_new = c2.number_input("new tokens", min_value=1, max_value=512, value=32, key="live_max_new_tokens")
     chat = c3.checkbox("chat template", value=session.chat, disabled=not session.chat, key="live_chat")
     submitted = st.form_submit_button("Run both models", type="primary", key="live_submit")
+  inputs = {"steering": "none" if steer is None else f"{steer.label}, α = {float(steer.alpha):g}",
+            "latents shown": f"{act_run}: {', '.join(map(str, latents)) or 'none'}", "prompt": prompt,
+            "top k": int(top_k), "new tokens": int(max_new), "chat template": bool(chat)}
   if submitted:
     try:
       with st.spinner("Running both models…"):
-        st.session_state["live_out"] = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer,
-                                            act_run, latents)
+        t = time.perf_counter()
+        result = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer, act_run, latents)
+        result.update(inputs=inputs, seconds=time.perf_counter() - t)
+        st.session_state["live_out"] = result
     except _ERRORS as e:
       st.session_state.pop("live_out", None)
       st.error(str(e))
   out = st.session_state.get("live_out")
   if out is not None and out["pair"] == (base, ft, dtype):  # a result of another pair is not shown under this one
-    show_outputs(out)
+    changed = stale_inputs(out.get("inputs", {}), inputs)
+    if changed:
+      st.warning(f"Stale: the outputs below were computed before {', '.join(changed)} changed. Press \"Run both "
+                 "models\" to update them.")
+    else:
+      st.caption(f"Computed in {out.get('seconds', 0.0):.2f} s (a repeated request is served from the session's "
+                 "cache, without running the models).")
+    with st.container(key="live_outputs_stale" if changed else "live_outputs"):
+      show_outputs(out)
+  elif out is not None:
+    st.info("The last outputs were for another model pair or dtype and are not shown: press \"Run both models\".")
 
 
-__all__ = ["SOURCES", "dict_size", "hints", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
+def stale_inputs(shown: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The inputs (steering, latents, prompt, ...) whose current value differs from the one the outputs were made with."""
+  return [k for k in current if shown.get(k) != current[k]]
+
+
+__all__ = ["SOURCES", "dict_size", "hints", "stale_inputs", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
            "steering_widgets", "tokens_html"]
