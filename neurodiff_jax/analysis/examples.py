@@ -12,7 +12,7 @@ of tokens. Examples per activation quantile are drawn from the sample at the end
 the convention of SAE dashboards (a few contexts from each quantile of the latent's activations).
 
 `ActivationHistogram` counts each latent's activations over every analysed token in fixed log-spaced
-bins, [m, bins] whatever the number of tokens: the activation distribution of a latent page, not the
+bins (a scatter-add per batch), [m, bins] whatever the number of tokens: the activation distribution of a latent page, not the
 distribution of the few stored examples.
 
 `contexts` reads each example's document window from the store, decodes it, and gives the
@@ -101,43 +101,43 @@ class ActivationHistogram(Accumulator):
 
   The bins are log-spaced (`histogram_edges`): bin k holds activations in [e_k, e_{k+1}), bin 0 everything in
   (0, e_1) and the last bin everything ≥ e_{bins-1}, so no firing is lost and each latent's bins sum to its firing
-  count. Streaming and order-free: the device sums, per interior edge, how many of the batch's codes reach it
-  (`f ≥ e`, a compare fused into the reduction over the batch, never an [B, m, bins] array) and how many fire
-  (`f > 0`); `finalize` differences them into bins. Latents sit on the `latent` axis like every other accumulator.
+  count. Streaming and order-free: each batch's codes get a bin index, floor((log10 f − lo) · bins / (hi − lo))
+  clipped to the bins, and a scatter-add of the firings (f > 0) into [m, bins] counts. Its temporary memory is a few
+  [B, m] int32 arrays, like the other accumulators' (a compare of the codes against every edge, [B, m, bins], was
+  measured to be materialised by XLA:CPU: 8.3 GB at B = 4,096, m = 8,192). Latents sit on the `latent` axis.
   """
 
   name = "histogram"
-  summed = ("reach", "fired")
+  summed = ("counts",)
 
   def __init__(self, dict_size: int, latent_shards: int = 1, bins: int = HIST_BINS,
                decades: tuple[float, float] = HIST_DECADES):
-    if bins < 2:
-      raise ValueError(f"bins={bins} must be at least 2.")
+    if bins < 2 or not decades[1] > decades[0]:
+      raise ValueError(f"bins={bins} must be at least 2 and decades={decades} increasing.")
     self.m, self.bins, self.decades = dict_size, int(bins), (float(decades[0]), float(decades[1]))
     self.shard = dict_size % latent_shards == 0
-    self.inner = histogram_edges(self.bins, self.decades)[1:-1].astype(np.float32)  # [bins - 1]
 
   def __repr__(self) -> str:
     return f"ActivationHistogram({self.m}, {self.bins}, {self.decades})"
 
   def init(self) -> dict[str, np.ndarray]:
-    return {"reach": np.zeros((self.m, self.bins - 1), np.int32), "fired": np.zeros(self.m, np.int32)}
+    return {"counts": np.zeros((self.m, self.bins), np.int32)}
 
   def specs(self) -> dict[str, P]:
-    return {"reach": P("latent", None), "fired": P("latent")} if self.shard else {}
+    return {"counts": P("latent", None)} if self.shard else {}
 
   def update(self, state: dict[str, Array], ctx: Context) -> dict[str, Array]:
     f = ctx.f  # [B, m]; 0 on excluded and padding tokens
-    inner = jnp.asarray(self.inner)  # [bins - 1]
-    reach = jnp.sum((f[:, :, None] >= inner[None, None, :]).astype(jnp.int32), axis=0)  # [m, bins - 1]
-    return {"reach": state["reach"] + reach, "fired": state["fired"] + jnp.sum((f > 0).astype(jnp.int32), 0)}
+    lo, hi = self.decades
+    on = f > 0
+    where = (jnp.log10(jnp.where(on, f, 1.0)) - lo) * (self.bins / (hi - lo))  # [B, m], the bin in fractional units
+    idx = jnp.clip(jnp.floor(where), 0, self.bins - 1).astype(jnp.int32)  # [B, m]
+    lat = jax.lax.broadcasted_iota(jnp.int32, f.shape, 1)  # [B, m]
+    return {"counts": state["counts"].at[lat, idx].add(on.astype(jnp.int32))}
 
   def finalize(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """counts [m, bins] (int64) and the nominal edges [bins + 1]."""
-    reach = np.asarray(host["reach"], np.int64)
-    fired = np.asarray(host["fired"], np.int64)
-    bounds = np.concatenate([fired[:, None], reach, np.zeros((len(fired), 1), np.int64)], axis=1)  # [m, bins + 1]
-    return {"counts": bounds[:, :-1] - bounds[:, 1:], "edges": histogram_edges(self.bins, self.decades)}
+    return {"counts": np.asarray(host["counts"], np.int64), "edges": histogram_edges(self.bins, self.decades)}
 
 
 def _hash_keys(token: Array, m: int) -> Array:
