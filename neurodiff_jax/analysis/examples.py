@@ -12,8 +12,8 @@ of tokens. Examples per activation quantile are drawn from the sample at the end
 the convention of SAE dashboards (a few contexts from each quantile of the latent's activations).
 
 `ActivationHistogram` counts each latent's activations over every analysed token in fixed log-spaced
-bins (a scatter-add per batch), [m, bins] whatever the number of tokens: the activation distribution of a latent page, not the
-distribution of the few stored examples.
+bins (a scatter-add per batch), [m, bins] whatever the number of tokens: the activation distribution
+of a latent page, not the distribution of the few stored examples.
 
 `contexts` reads each example's document window from the store, decodes it, and gives the
 latent's activation on every token of the window.
@@ -342,5 +342,5 @@ def contexts(cc: Crosscoder, store: ActivationStore, layer: int, rows: pd.DataFr
   return out
 
 
-__all__ = ["HIST_BINS", "HIST_DECADES", "ActivationHistogram", "LatentStats", "TopExamples", "histogram_edges", "contexts", "dataset_names", "example_rows", "is_template",
-           "quantile_examples"]
+__all__ = ["HIST_BINS", "HIST_DECADES", "ActivationHistogram", "LatentStats", "TopExamples", "contexts",
+           "dataset_names", "example_rows", "histogram_edges", "is_template", "quantile_examples"]

@@ -448,5 +448,5 @@ class LiveSession:
                              acts=codes[:, chosen])
 
 
-__all__ = ["CACHE_SIZE", "Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering", "adl_positions",
-           "adl_steering", "latent_steering", "latent_unit", "load_run", "pca_steering", "read_pca"]
+__all__ = ["CACHE_SIZE", "Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering",
+           "adl_positions", "adl_steering", "latent_steering", "latent_unit", "load_run", "pca_steering", "read_pca"]

@@ -233,6 +233,6 @@ def fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-__all__ = ["DEAD_BADGE", "DEAD_IN_WINDOW", "LIVE_CLASSES", "NEVER_FIRED", "PAGE_PARAMS", "TAG_ORDER", "dead_latents",
-           "default_latent", "latent_label", "URL_PARAMS", "adl_means", "diff_table", "flag", "fmt", "not_found", "own_url",
-           "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]
+__all__ = ["DEAD_BADGE", "DEAD_IN_WINDOW", "LIVE_CLASSES", "NEVER_FIRED", "PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS",
+           "adl_means", "dead_latents", "default_latent", "diff_table", "flag", "fmt", "latent_label", "not_found",
+           "own_url", "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]

@@ -170,4 +170,5 @@ def render(root: ResultsRoot) -> None:
         st.caption(f"{outside} latent(s) with ν outside [{NU_CLIP[0]}, {NU_CLIP[1]}] drawn on the edge.")
 
 
-__all__ = ["DEAD_IN_WINDOW_ROW", "NEVER_FIRED_ROW", "NU_CLIP", "TAG_COLOURS", "never_fired", "TAG_LABELS", "chosen_runs", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]
+__all__ = ["DEAD_IN_WINDOW_ROW", "NEVER_FIRED_ROW", "NU_CLIP", "TAG_COLOURS", "TAG_LABELS", "chosen_runs",
+           "class_table", "delta_norm_histogram", "never_fired", "nu_points", "nu_scatter", "render"]

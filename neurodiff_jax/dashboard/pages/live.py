@@ -477,5 +477,5 @@ def stale_inputs(shown: dict[str, Any], current: dict[str, Any]) -> list[str]:
   return [k for k in current if shown.get(k) != current[k]]
 
 
-__all__ = ["SOURCES", "dict_size", "hints", "stale_inputs", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
-           "steering_widgets", "tokens_html"]
+__all__ = ["SOURCES", "dict_size", "hints", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs",
+           "render", "run_for", "session_for", "show_outputs", "stale_inputs", "steering_widgets", "tokens_html"]

@@ -188,4 +188,5 @@ def render(root: ResultsRoot) -> None:
         st.error(d.error)
 
 
-__all__ = ["ALL_RUNS", "CURVES", "analysis_outputs", "METRIC_LABELS", "config_rows", "curves", "delta_norm_class_source", "delta_norm_classes", "render", "render_run"]
+__all__ = ["ALL_RUNS", "CURVES", "METRIC_LABELS", "analysis_outputs", "config_rows", "curves",
+           "delta_norm_class_source", "delta_norm_classes", "render", "render_run"]
