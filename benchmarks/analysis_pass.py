@@ -7,10 +7,11 @@ Same synthetic store and crosscoder for every row (random parameters, BatchTopK 
 about k active latents per token); each row is one `run_pass` over the whole store, the fastest of
 `--repeats` calls after one that compiles. Rows: the forward only (an accumulator that adds nothing),
 `LatentStats` (counts, mass, template share, max), `TopExamples` (top-k and the bottom-k hash
-sample, per batch `lax.top_k` over [m, B] twice), `LatentScaling`, and all three (what
+sample, per batch `lax.top_k` over [m, B] twice), `LatentScaling`, `ActivationHistogram`, and all four (what
 `launch.analyze` runs). An accumulator that does not read the reconstruction (`LatentStats`,
-`TopExamples` alone) lets XLA drop the decoder, so those rows can be cheaper than the forward pass;
-the last row is the one to read. The state of `TopExamples` is [m, top_k + sample_size] whatever
+`TopExamples`, `ActivationHistogram` alone) lets XLA drop the decoder, so those rows can be cheaper than the
+forward pass; the last row is the one to read. `ActivationHistogram` (issue 26) bins every code of every token:
+a bin index per code and one scatter-add per batch. The state of `TopExamples` is [m, top_k + sample_size] whatever
 the tokens.
 """
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neurodiff_jax.activations.store import write_arrays
-from neurodiff_jax.analysis.examples import LatentStats, TopExamples
+from neurodiff_jax.analysis.examples import ActivationHistogram, LatentStats, TopExamples
 from neurodiff_jax.analysis.latent_scaling import LatentScaling
 from neurodiff_jax.analysis.stream import Accumulator, run_pass
 from neurodiff_jax.crosscoder.model import Crosscoder, CrosscoderConfig, init_params, pre_activations, scores
@@ -58,6 +59,7 @@ def main() -> None:
   p.add_argument("--top-k", type=int, default=20)
   p.add_argument("--sample-size", type=int, default=64)
   p.add_argument("--repeats", type=int, default=2, help="timed calls per row (the fastest counts)")
+  p.add_argument("--only", nargs="*", default=(), help="rows to run (by name; default all)")
   args = p.parse_args()
   rng = np.random.default_rng(0)
   n, d, m = args.tokens, args.d_model, args.dict_size
@@ -74,8 +76,12 @@ def main() -> None:
     rows = [("forward only", [Nothing()]), ("LatentStats alone", [LatentStats(m)]),
             ("TopExamples alone", [TopExamples(m, args.top_k, args.sample_size)]),
             ("LatentScaling alone", [LatentScaling(cc)]),
-            ("all three (launch.analyze)", [LatentStats(m), LatentScaling(cc), TopExamples(m, args.top_k,
-                                                                                        args.sample_size)])]
+            ("ActivationHistogram alone", [ActivationHistogram(m)]),
+            ("all three (before issue 26)", [LatentStats(m), LatentScaling(cc), TopExamples(m, args.top_k,
+                                                                                         args.sample_size)]),
+            ("all four (launch.analyze)", [LatentStats(m), LatentScaling(cc), ActivationHistogram(m),
+                                           TopExamples(m, args.top_k, args.sample_size)])]
+    rows = [r for r in rows if not args.only or r[0] in args.only]
     times = {}
     for name, accs in rows:
       run_pass(cc, store, 0, accs, batch_size=args.batch, progress=False)  # compile
@@ -86,7 +92,7 @@ def main() -> None:
         best = min(best, time.perf_counter() - t)
       times[name] = best
     l0 = float(np.mean(out["stats"]["count"])) * m / n
-  base = times["forward only"]
+  base = times.get("forward only", float("nan"))
   print(f"analysis pass, {n:,} tokens, d={d}, m={m:,}, batch {args.batch}, L0 {l0:.1f}, "
         f"{jax.devices()[0].platform} ({jax.device_count()} device)")
   print(f"{'pass':30s} {'s':>8s} {'× forward':>10s} {'ktok/s':>8s}")

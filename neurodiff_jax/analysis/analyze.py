@@ -6,7 +6,8 @@ when its inputs have not changed (`force` recomputes):
 
   pass       one streaming pass over the store: latent scaling (β, ν), firing statistics, template
              share, max-activating examples (`stream.run_pass`; resumes mid-pass after a kill)
-  table      latents.parquet (`latent_table.py`) and examples.parquet (decoded contexts)
+  table      latents.parquet (`latent_table.py`), latent_histograms.npz (each latent's activation histogram over
+             every analysed token) and examples.parquet (decoded contexts)
   causal     causal.parquet + causal.png (`causal.py`, docs/methods.md §5)
   steering   steering.parquet (`steering.py`)
   logit_lens logit_lens.parquet: the tokens each shown latent's chat decoder row promotes and suppresses
@@ -266,7 +267,8 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
   pass_file = out / "pass.npz"
   pass_key = _digest({"cc": fp, "store": store.manifest.get("config_key"), "layer": layer, "latents": config.latents,
                       "exclude": list(config.exclude), "max_tokens": config.max_tokens,
-                      "examples": config.examples.to_dict(), "batch": config.batch_size})
+                      "examples": config.examples.to_dict(), "batch": config.batch_size,
+                      "histogram": [examples_lib.HIST_BINS, list(examples_lib.HIST_DECADES)]})
   if parts.fresh("pass", pass_key, [pass_file]):
     log("pass: reusing pass.npz")
     with np.load(pass_file, allow_pickle=False) as z:
@@ -276,7 +278,7 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
 
     data, lat = (int(v) for v in config.mesh)
     mesh = sharding.make_mesh(data, lat)
-    accs = [examples_lib.LatentStats(m, lat), LatentScaling(cc, latents, lat)]
+    accs = [examples_lib.LatentStats(m, lat), LatentScaling(cc, latents, lat), examples_lib.ActivationHistogram(m, lat)]
     if config.examples.enabled:
       accs.append(examples_lib.TopExamples(m, int(config.examples.top_k), int(config.examples.sample_size), lat,
                                              mesh))
@@ -295,16 +297,20 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
   stats = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("stats/")}
   scaling = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("latent_scaling/")}
   ex = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("examples/")}
+  hist = {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("histogram/")}
 
   # ---- tables ----
-  table_file, ex_file = out / "latents.parquet", out / "examples.parquet"
+  table_file, ex_file, hist_file = out / "latents.parquet", out / "examples.parquet", out / "latent_histograms.npz"
   g = config.genuine
   table_key = _digest({"pass": pass_key, "genuine": g.to_dict(), "ctx": config.examples.to_dict()})
   table = latent_table(cc, stats, scaling, float(g.nu_error_max), float(g.nu_recon_max))
-  if parts.fresh("table", table_key, [table_file] + ([ex_file] if ex else [])):
+  if parts.fresh("table", table_key, [table_file, hist_file] + ([ex_file] if ex else [])):
     log("table: reusing latents.parquet")
   else:
     table.to_parquet(table_file, index=False)
+    tmp = out / "latent_histograms.tmp.npz"
+    np.savez(tmp, counts=hist["counts"].astype(np.int64), edges=hist["edges"].astype(np.float64))
+    tmp.replace(hist_file)
     if ex:
       chosen = context_latents(table, int(config.examples.context_latents))
       rows = examples_lib.example_rows(chosen, ex, int(config.examples.n_quantiles), int(config.examples.per_quantile))

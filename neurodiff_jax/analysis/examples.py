@@ -11,6 +11,10 @@ per-latent top-k into the running lists, so memory is [m, top_k + sample_size] w
 of tokens. Examples per activation quantile are drawn from the sample at the end (`quantile_examples`),
 the convention of SAE dashboards (a few contexts from each quantile of the latent's activations).
 
+`ActivationHistogram` counts each latent's activations over every analysed token in fixed log-spaced
+bins (a scatter-add per batch), [m, bins] whatever the number of tokens: the activation distribution
+of a latent page, not the distribution of the few stored examples.
+
 `contexts` reads each example's document window from the store, decodes it, and gives the
 latent's activation on every token of the window.
 """
@@ -81,6 +85,59 @@ class LatentStats(Accumulator):
             "mean_act": np.where(count > 0, host["mass"] / np.maximum(count, 1), np.nan),
             "template_share": share, "template_mass_share": mass_share, "tokens": np.asarray(int(host["tokens"])),
             "template_token_fraction": np.asarray(int(host["tokens_template"]) / tokens)}
+
+
+HIST_DECADES = (-4.0, 4.0)  # log10 of the activation range the histogram's bins span (codes are unit-free)
+HIST_BINS = 64  # 8 bins a decade
+
+
+def histogram_edges(bins: int = HIST_BINS, decades: tuple[float, float] = HIST_DECADES) -> np.ndarray:
+  """The bins+1 log-spaced nominal edges of `ActivationHistogram`; bin 0 reaches down to 0, the last bin up to ∞."""
+  return np.logspace(decades[0], decades[1], bins + 1)
+
+
+class ActivationHistogram(Accumulator):
+  """Per latent, a fixed-bin histogram of its activations over every analysed token where it fired: [m, bins].
+
+  The bins are log-spaced (`histogram_edges`): bin k holds activations in [e_k, e_{k+1}), bin 0 everything in
+  (0, e_1) and the last bin everything ≥ e_{bins-1}, so no firing is lost and each latent's bins sum to its firing
+  count. Streaming and order-free: each batch's codes get a bin index, floor((log10 f − lo) · bins / (hi − lo))
+  clipped to the bins, and a scatter-add of the firings (f > 0) into [m, bins] counts. Its temporary memory is a few
+  [B, m] int32 arrays, like the other accumulators' (a compare of the codes against every edge, [B, m, bins], was
+  measured to be materialised by XLA:CPU: 8.3 GB at B = 4,096, m = 8,192). Latents sit on the `latent` axis.
+  """
+
+  name = "histogram"
+  summed = ("counts",)
+
+  def __init__(self, dict_size: int, latent_shards: int = 1, bins: int = HIST_BINS,
+               decades: tuple[float, float] = HIST_DECADES):
+    if bins < 2 or not decades[1] > decades[0]:
+      raise ValueError(f"bins={bins} must be at least 2 and decades={decades} increasing.")
+    self.m, self.bins, self.decades = dict_size, int(bins), (float(decades[0]), float(decades[1]))
+    self.shard = dict_size % latent_shards == 0
+
+  def __repr__(self) -> str:
+    return f"ActivationHistogram({self.m}, {self.bins}, {self.decades})"
+
+  def init(self) -> dict[str, np.ndarray]:
+    return {"counts": np.zeros((self.m, self.bins), np.int32)}
+
+  def specs(self) -> dict[str, P]:
+    return {"counts": P("latent", None)} if self.shard else {}
+
+  def update(self, state: dict[str, Array], ctx: Context) -> dict[str, Array]:
+    f = ctx.f  # [B, m]; 0 on excluded and padding tokens
+    lo, hi = self.decades
+    on = f > 0
+    where = (jnp.log10(jnp.where(on, f, 1.0)) - lo) * (self.bins / (hi - lo))  # [B, m], the bin in fractional units
+    idx = jnp.clip(jnp.floor(where), 0, self.bins - 1).astype(jnp.int32)  # [B, m]
+    lat = jax.lax.broadcasted_iota(jnp.int32, f.shape, 1)  # [B, m]
+    return {"counts": state["counts"].at[lat, idx].add(on.astype(jnp.int32))}
+
+  def finalize(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """counts [m, bins] (int64) and the nominal edges [bins + 1]."""
+    return {"counts": np.asarray(host["counts"], np.int64), "edges": histogram_edges(self.bins, self.decades)}
 
 
 def _hash_keys(token: Array, m: int) -> Array:
@@ -285,5 +342,5 @@ def contexts(cc: Crosscoder, store: ActivationStore, layer: int, rows: pd.DataFr
   return out
 
 
-__all__ = ["LatentStats", "TopExamples", "contexts", "dataset_names", "example_rows", "is_template",
-           "quantile_examples"]
+__all__ = ["HIST_BINS", "HIST_DECADES", "ActivationHistogram", "LatentStats", "TopExamples", "contexts",
+           "dataset_names", "example_rows", "histogram_edges", "is_template", "quantile_examples"]

@@ -21,10 +21,9 @@ the genuine rule), 3 causal test, 4 template tokens, 5 example latents, 6 method
 
 A latent card follows the SAE-dashboard order: top contexts (firing token outlined, every token
 shaded by the latent's activation on it), a few contexts per activation quantile, the logit lens
-when available, its statistics, then its steering samples. It has no activation histogram: the
-pass keeps only each latent's top activations and a small sample of its firings, and
-examples.parquet holds the few picked from that sample, so a histogram of a dozen points would
-mislead; the per-quantile rows, labelled with their activation ranges, show the spread instead.
+when available, its statistics, then its steering samples. It has no activation histogram (the
+dashboard's latent page draws `latent_histograms.npz`, every analysed activation in fixed bins);
+the per-quantile rows, labelled with their activation ranges, show the spread here.
 """
 
 from __future__ import annotations
@@ -40,27 +39,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from neurodiff_jax.analysis.verdicts import GROUP_NOTES, causal_verdict
 from neurodiff_jax.utils.plots import figure, png_html, save_png
 
 THRESHOLDS = (0.1, 0.4, 0.6, 0.9)  # Δnorm class boundaries (docs/methods.md §3)
 CLASSES = ("chat_only", "shared", "base_only", "other")  # live classes, in the order the report lists them
+# "never fired" (tag `dead`: no firing on the analysed tokens) is never called a dead fraction: that name belongs to
+# training's metrics.json `dead_fraction` (idle in the last training window), a different count.
 CLASS_LABELS = {"chat_only": "chat-only", "base_only": "base-only", "shared": "shared", "other": "other",
-                "dead": "dead"}
+                "dead": "never fired"}
 CLASS_RANGES = {"chat_only": "Δnorm ≥ 0.9", "base_only": "Δnorm ≤ 0.1", "shared": "0.4 ≤ Δnorm ≤ 0.6",
-                "other": "in between", "dead": "never fired"}
+                "other": "in between", "dead": "no firing on the analysed tokens (not a class)"}
 COLORS = {"chat_only": "#d95f02", "base_only": "#1b9e77", "shared": "#7f7f7f", "other": "#7570b3"}
 DEFAULT_RULE = (0.2, 0.5)  # (ν^ε, ν^r) thresholds when summary.json does not state the rule
 PLOTS = ("delta_norm", "latent_scaling", "template_share")
-GROUP_NOTES = {
-    "all_base": "S = ∅: the base residual only (the ceiling)",
-    "all_latents": "every latent: the error patch (the floor)",
-    "template_chat": "chat residual on chat-template tokens only",
-    "template": "chat residual on chat-template tokens only",
-    "nu_best_half": "chat-only latents, best half by ν (low ν: not explained by the base)",
-    "nu_worst_half": "chat-only latents, worst half by ν",
-    "dnorm_top_half": "chat-only latents, top half by Δnorm",
-    "dnorm_bottom_half": "chat-only latents, bottom half by Δnorm",
-}
 REGION_NOTES = {"reply": "assistant reply", "first": "first 10 reply tokens", "rest": "rest of the reply"}
 
 
@@ -390,7 +382,8 @@ def _classes(table: pd.DataFrame, out: Path) -> tuple[str, str]:
     attrs.append(f'data-class="{tag}"')
   n_chat = int(counts.get("chat_only", 0))
   n_base = int(counts.get("base_only", 0))
-  lead = (f"Of {_num('live', n_live)} live latents ({fmt(int(counts.get('dead', 0)))} dead), "
+  lead = (f"Of {_num('live', n_live)} live latents ({_num('never_fired', int(counts.get('dead', 0)))} more never "
+          "fired on the analysed tokens), "
           f"{_num('chat_only', n_chat)} are chat-only and {_num('base_only', n_base)} base-only by Δnorm.")
   body = (f"<h2>1 Classes</h2><p>{lead} Δnorm compares the norms of a latent's two decoder rows "
           "(1: only the chat model uses it, 0: only the base model, 0.5: both alike); the classes are those of "
@@ -492,7 +485,9 @@ def _causal(causal: pd.DataFrame | None, out: Path) -> tuple[str, str]:
   body = (head + "<p>The chat model runs on chat-formatted text with its residual at the crosscoder's layer replaced "
           "by x_base + Σ_{j∈S} f_j (d_j^chat − d_j^base); the table gives KL(P_chat ‖ P_patched) in nats per token, "
           "mean and 95% bootstrap interval over conversations. Lower means the latent set S restores more of the chat "
-          "model's behaviour.</p>" + (f'<p class="verdict">{verdict}</p>' if verdict else "")
+          "model's behaviour.</p>"
+          + f'<p class="verdict" id="causal-verdict"><strong>Verdict.</strong> {esc(causal_verdict(causal).sentence)}</p>'
+          + (f'<p class="verdict">{verdict}</p>' if verdict else "")
           + html_table(header, rows) + _image(out / "causal.png", "causal test bar chart"))
   return lead, body
 
@@ -590,7 +585,8 @@ def _card(j: int, r: dict[str, Any], ex: pd.DataFrame | None, lens: pd.DataFrame
   g = genuine_values(pd.Series([r.get("genuine")]))[0] if "genuine" in r else math.nan
   verdict = "" if math.isnan(g) else (", genuine by ν" if g == 1 else ", artifact by ν")
   half = f", {r['nu_half']} half by ν" if isinstance(r.get("nu_half"), str) and r["nu_half"] else ""
-  parts = [(f'<div class="card" id="latent-{j}"><h3>Latent {j}: {esc(CLASS_LABELS.get(tag, tag))}{esc(verdict)}'
+  label = "dead: never fired" if tag == "dead" else CLASS_LABELS.get(tag, tag)
+  parts = [(f'<div class="card" id="latent-{j}"><h3>Latent {j}: {esc(label)}{esc(verdict)}'
             f"{esc(half)}</h3>"),
            (f'<p class="facts">Δnorm {esc(fmt(r.get("delta_norm")))} · fires on {esc(_share(r.get("freq")))} of '
             f'tokens · max activation {esc(fmt(r.get("max_act")))} · template share '

@@ -1,13 +1,17 @@
 """The dashboard's Streamlit entry: `streamlit run neurodiff_jax/dashboard/app.py -- --results DIR`.
 
 The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
-each in `pages/` with `render(root)`): Overview, Compare runs, Latents, ADL, Live.
+each in `pages/` with `render(root)`): Overview, Compare runs, Latents, Causal test, ADL, Per-token KL, Diff
+methods, Live.
 
 URLs: each page has its own path, and its URL always names what it shows (docs/dashboard.md, "URLs"):
   /run-overview?page=overview&run=NAME        the runs' metrics (no run: every run)
   /compare-runs?page=compare&runs=A,B         the runs side by side
   /latent-browser?page=latents&run=NAME&latent=N
+  /causal-test?page=causal&run=NAME           the causal test: verdict, bars with intervals, table
   /adl-lens?page=adl&diff=NAME
+  /kl-divergence?page=kl&diff=NAME            per-token KL: text coloured by KL, the contexts of highest KL
+  /diff-methods?page=methods&diff=NAME        every file of every diff method
   /live-models?page=live&run=NAME&diff=NAME&latent=N
 `/?page=NAME&...` (NAME a page or its path) opens that page with the other parameters; `/` alone opens the
 overview. A name or index that does not exist is refused with an error naming the valid ones, never replaced by
@@ -30,13 +34,13 @@ import streamlit as st
 from neurodiff_jax.dashboard.pages import own_url, query_param
 from neurodiff_jax.dashboard.results import NoResults, OldResults, ResultsRoot, discover
 
-PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("adl", "ADL"),
-         ("live", "Live"))
+PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("causal", "Causal test"),
+         ("adl", "ADL"), ("kl", "Per-token KL"), ("methods", "Diff methods"), ("live", "Live"))
 # The URL path of each page. Never a module name of `pages/`: Streamlit treats a `pages/` folder beside the main
 # script as v1 multipage scripts and, on a session's first run (and on every AppTest run), would execute
 # `pages/<url path>.py` itself, which only defines `render` and shows nothing.
-URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "adl": "adl-lens",
-             "live": "live-models"}
+URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "causal": "causal-test",
+             "adl": "adl-lens", "kl": "kl-divergence", "methods": "diff-methods", "live": "live-models"}
 # What `?page=` accepts: a page's name or its URL path, any case.
 PAGE_NAMES = {**{path: slug for slug, path in URL_PATHS.items()}, **{slug: slug for slug in URL_PATHS}}
 

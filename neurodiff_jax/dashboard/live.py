@@ -14,7 +14,9 @@ in both models, through the forward's `interventions`. v is one unit of strength
   v = σ_i · v_i with σ_i = √variance_i (`pca_variance.parquet`), as the PCA section suggests;
 - a crosscoder latent j: v = max_act_j · d_j^chat, the chat decoder row in original units times the
   latent's largest activation (`analysis/latents.parquet`), so α is a multiple of the latent's
-  strongest firing, the convention of `analysis/steering.py`.
+  strongest firing, the convention of `analysis/steering.py`; a latent without one (never fired, or
+  no analysis) steers in code units, v = d_j^chat (`latent_unit` says which, and the page's α label
+  is its text).
 
 Latent activations on typed text are the crosscoder's inference codes of the residuals at the run's
 layer of both models, stacked [T, 2, d], normalised by the run's `norm_scale` and encoded with
@@ -23,10 +25,12 @@ layer of both models, stacked [T, 2, d], normalised by the run's `norm_scale` an
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,7 @@ from neurodiff_jax.models import Transformer, load_model, load_tokenizer
 from neurodiff_jax.models.generate import GreedyGenerator, cut_at_stop, encode_prompt, stop_ids
 
 T_BUCKET = 16  # prompts are right-padded to a multiple of this: few shapes, few compilations
+CACHE_SIZE = 64  # results of model work a LiveSession keeps (generations, next-token distributions, residuals)
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -67,6 +72,11 @@ class Steering:
   def addition(self) -> np.ndarray:
     """The vector added to the residual, [d] float32."""
     return (float(self.alpha) * np.asarray(self.vector, np.float64)).astype(np.float32)
+
+  @property
+  def key(self) -> tuple[int, str]:
+    """What the models see of this steering (layer and the added vector's bytes), for LiveSession's cache."""
+    return int(self.layer), hashlib.sha256(self.addition.tobytes()).hexdigest()
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -142,8 +152,16 @@ class LoadedRun:
     return encode
 
   def encode(self, x: np.ndarray) -> np.ndarray:
-    """Codes [T, m] of activations [T, M, d] in original units, as the analysis pass encodes the store."""
-    return np.asarray(self._encode(jnp.asarray(x, jnp.float32)))
+    """Codes [T, m] of activations [T, M, d] in original units, as the analysis pass encodes the store.
+
+    Rows are padded with zeros to a multiple of T_BUCKET (inference codes are per token), so prompts of nearby
+    lengths share one compilation instead of compiling per length.
+    """
+    x = np.asarray(x, np.float32)
+    t = x.shape[0]
+    padded = np.zeros((max(T_BUCKET, -(-t // T_BUCKET) * T_BUCKET),) + x.shape[1:], np.float32)
+    padded[:t] = x
+    return np.asarray(self._encode(jnp.asarray(padded)))[:t]
 
 
 def load_run(path: str | Path) -> LoadedRun:
@@ -163,16 +181,25 @@ def load_run(path: str | Path) -> LoadedRun:
   return LoadedRun(path, cc, int(layer), max_act)
 
 
+def latent_unit(run: LoadedRun, latent: int) -> tuple[float, str]:
+  """(one unit of α for latent j, what that unit is): its max activation when the analysis found one (> 0), else
+  1 code unit (a latent that never fired, or a run without an analysis). The Live page's α label is this text."""
+  j = int(latent)
+  if run.max_act is not None and 0 <= j < len(run.max_act) and run.max_act[j] > 0:
+    return float(run.max_act[j]), f"× latent {j}'s max activation, {float(run.max_act[j]):.4g}"
+  why = "it never fired on the analysed tokens" if run.max_act is not None else "the run has no analysis"
+  return 1.0, f"× 1 code unit: latent {j} has no max activation ({why})"
+
+
 def latent_steering(run: LoadedRun, latent: int, alpha: float) -> Steering:
-  """Steering by latent j's chat decoder row at the run's layer: v = max_act_j · d_j^chat (d_j^chat without max_act)."""
+  """Steering by latent j's chat decoder row at the run's layer: v = unit_j · d_j^chat (`latent_unit`)."""
   m = run.crosscoder.cfg.dict_size
   if not 0 <= int(latent) < m:
     raise LiveError(f"latent {latent} does not exist; this crosscoder has latents 0..{m - 1}.")
   j = int(latent)
   d = run.crosscoder.decoder()[j, -1].astype(np.float64)  # [d]: the fine-tuned (chat) model's decoder row
-  unit = float(run.max_act[j]) if run.max_act is not None and run.max_act[j] > 0 else 1.0
-  what = "× max_act" if run.max_act is not None and run.max_act[j] > 0 else "× code units (no max_act)"
-  return Steering(run.layer, unit * d, float(alpha), f"latent {j} of {run.path.name} at layer {run.layer} ({what})")
+  unit, what = latent_unit(run, j)
+  return Steering(run.layer, unit * d, float(alpha), f"latent {j} of {run.path.name} at layer {run.layer} (α {what})")
 
 
 # ------------------------------------------------------------------------------------------------- session
@@ -180,7 +207,11 @@ def latent_steering(run: LoadedRun, latent: int, alpha: float) -> Steering:
 
 @dataclasses.dataclass
 class Generations:
-  """Greedy continuations (text) of both models, unsteered and (when asked) steered."""
+  """Greedy continuations (text) of both models, unsteered and (when asked) steered, and where each stopped.
+
+  `prompt_text` is the prompt as the models read it (the chat template applied, special tokens kept); `stops` maps
+  each continuation (base, ft, base_steered, ft_steered) to why it ended: `stop_text` of it says so in words.
+  """
 
   prompt: str
   base: str
@@ -188,6 +219,16 @@ class Generations:
   base_steered: str | None = None
   ft_steered: str | None = None
   ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  prompt_text: str = ""
+  stops: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # name -> (stop token or "", tokens)
+  max_new_tokens: int = 0
+
+  def stop_text(self, name: str) -> str:
+    """Why continuation `name` ended: at a stop token (EOS, end of turn) or at the max_new_tokens limit."""
+    token, n = self.stops.get(name, ("", len(self.ids.get(name, []))))
+    if token:
+      return f"stopped at {token!r} (end of sequence / turn) after {n} new token{'s' if n != 1 else ''}"
+    return f"stopped at the {self.max_new_tokens}-token limit (no end-of-sequence token)"
 
 
 @dataclasses.dataclass
@@ -241,6 +282,19 @@ class LiveSession:
     self._stops = stop_ids(self.tokenizer)
     self._fwd = {"base": _forward_fn(self.base), "ft": _forward_fn(self.ft)}
     self._gen = {"base": GreedyGenerator(self.base, T_BUCKET), "ft": GreedyGenerator(self.ft, T_BUCKET)}
+    # Results of model work by (what, prompt ids, steering, length): a repeated click runs no model.
+    self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+
+  def _cached(self, key: tuple, work: Callable[[], Any]) -> Any:
+    """`work()`'s result for `key`, computed once (the CACHE_SIZE most recent kept)."""
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    value = work()
+    self._cache[key] = value
+    while len(self._cache) > CACHE_SIZE:
+      self._cache.popitem(last=False)
+    return value
 
   @property
   def num_layers(self) -> int:
@@ -284,17 +338,22 @@ class LiveSession:
     return jnp.asarray(row), jnp.asarray(mask)
 
   def next_token_probs(self, ids: Sequence[int], steer: Steering | None = None) -> dict[str, np.ndarray]:
-    """Each model's next-token distribution [V] (float64) after `ids`, steered when asked."""
+    """Each model's next-token distribution [V] (float64) after `ids`, steered when asked (cached: read-only)."""
     steer = self._check_steer(steer)
-    x, mask = self._batch(ids)
-    out = {}
-    for name, fwd in self._fwd.items():
-      add, layer = (steer.addition, steer.layer) if steer is not None else (None, -1)
-      logits, _ = fwd(x, mask, add=add, layer=layer)
-      z = np.asarray(logits[0, len(ids) - 1], np.float64)
-      p = np.exp(z - z.max())
-      out[name] = p / p.sum()
-    return out
+
+    def work() -> dict[str, np.ndarray]:
+      x, mask = self._batch(ids)
+      out = {}
+      for name, fwd in self._fwd.items():
+        add, layer = (steer.addition, steer.layer) if steer is not None else (None, -1)
+        logits, _ = fwd(x, mask, add=add, layer=layer)
+        # A traced index: a Python int would compile a new slice for every prompt length.
+        z = np.asarray(jax.lax.dynamic_index_in_dim(logits[0], jnp.int32(len(ids) - 1), keepdims=False), np.float64)
+        p = np.exp(z - z.max())
+        out[name] = p / p.sum()
+      return out
+
+    return self._cached(("probs", tuple(int(i) for i in ids), steer.key if steer is not None else None), work)
 
   def next_token_table(self, prompt: str, top_k: int = 10, steer: Steering | None = None,
                        chat: bool | None = None) -> pd.DataFrame:
@@ -314,43 +373,63 @@ class LiveSession:
     order = np.maximum(df.p_base, df.p_ft).to_numpy()
     return df.iloc[np.argsort(-order, kind="stable")].reset_index(drop=True)
 
-  def _generate(self, name: str, ids: list[int], max_new_tokens: int, steer: Steering | None) -> list[list[int]]:
-    """[unsteered] or [unsteered, steered] continuations of one model: both rows in one compiled call."""
+  def _generate(self, name: str, ids: list[int], max_new_tokens: int,
+                steer: Steering | None) -> list[tuple[list[int], int | None]]:
+    """[unsteered] or [unsteered, steered] continuations of one model, each (tokens before the first stop token, that
+    stop token or None when the limit came first): both rows in one compiled call."""
     pad = getattr(self.tokenizer, "pad_token_id", None)
     if steer is None:
       rows, add, layer = [ids], None, -1
     else:  # [2, d]: row 0 unsteered, row 1 steered
       rows, add, layer = [ids, ids], np.stack([np.zeros(self.hidden_size, np.float32), steer.addition]), steer.layer
     outs = self._gen[name](rows, int(max_new_tokens), add=add, layer=int(layer), pad_id=0 if pad is None else int(pad))
-    return [cut_at_stop(out, self._stops) for out in outs]
+    result = []
+    for out in outs:
+      kept = cut_at_stop(out, self._stops)
+      result.append((kept, int(out[len(kept)]) if len(kept) < len(out) else None))
+    return result
 
   def generate(self, prompt: str, max_new_tokens: int = 32, steer: Steering | None = None,
                chat: bool | None = None) -> Generations:
-    """Greedy continuations of both models (cut at EOS / end of turn); steered ones too when `steer` is given."""
+    """Greedy continuations of both models (cut at EOS / end of turn); steered ones too when `steer` is given.
+
+    Cached by (prompt ids, steering, max_new_tokens): the same request again runs no model (the result is shared:
+    read it, do not change it).
+    """
     if int(max_new_tokens) < 1:
       raise LiveError(f"max_new_tokens={max_new_tokens} must be at least 1.")
     steer = self._check_steer(steer)
     ids = self.encode(prompt, chat)
+    key = ("gen", tuple(ids), int(max_new_tokens), steer.key if steer is not None else None)
+    return self._cached(key, lambda: self._generations(prompt, ids, int(max_new_tokens), steer))
+
+  def _generations(self, prompt: str, ids: list[int], max_new_tokens: int, steer: Steering | None) -> Generations:
     dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)
-    out = {}
+    out, stops = {}, {}
     for name in ("base", "ft"):
       rows = self._generate(name, ids, max_new_tokens, steer)
-      out[name] = rows[0]
-      if steer is not None:
-        out[f"{name}_steered"] = rows[1]
+      for suffix, (tokens, stop) in zip(("", "_steered"), rows):
+        out[name + suffix] = tokens
+        stops[name + suffix] = ("" if stop is None else dec([stop]), len(tokens))
     return Generations(prompt=prompt, base=dec(out["base"]), ft=dec(out["ft"]),
                        base_steered=dec(out["base_steered"]) if steer is not None else None,
-                       ft_steered=dec(out["ft_steered"]) if steer is not None else None, ids=out)
+                       ft_steered=dec(out["ft_steered"]) if steer is not None else None, ids=out,
+                       prompt_text=dec(ids), stops=stops, max_new_tokens=max_new_tokens)
 
   def residuals(self, ids: Sequence[int], layer: int) -> np.ndarray:
     """Both models' residuals after block `layer` on `ids`, stacked [T, 2, d] (base first), float32."""
     if not 0 <= int(layer) < self.num_layers:
       raise LiveError(f"layer {layer} is out of range for models with {self.num_layers} layers: this run was trained "
                       "on another model pair; pick the run's own pair.")
-    x, mask = self._batch(ids)
-    acts = [np.asarray(self._fwd[n](x, mask, capture=(int(layer),))[1][int(layer)][0, :len(ids)], np.float32)
-            for n in ("base", "ft")]
-    return np.stack(acts, axis=1)
+
+    def work() -> np.ndarray:
+      x, mask = self._batch(ids)
+      # Sliced on the host: slicing the device array to the prompt's length compiled once per length.
+      acts = [np.asarray(self._fwd[n](x, mask, capture=(int(layer),))[1][int(layer)][0], np.float32)[:len(ids)]
+              for n in ("base", "ft")]
+      return np.stack(acts, axis=1)
+
+    return self._cached(("residuals", tuple(int(i) for i in ids), int(layer)), work)
 
   def latent_activations(self, text: str, run: LoadedRun, latents: Sequence[int],
                          chat: bool = False) -> LatentActivations:
@@ -369,5 +448,5 @@ class LiveSession:
                              acts=codes[:, chosen])
 
 
-__all__ = ["Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering", "adl_positions",
-           "adl_steering", "latent_steering", "load_run", "pca_steering", "read_pca"]
+__all__ = ["CACHE_SIZE", "Generations", "LatentActivations", "LiveError", "LiveSession", "LoadedRun", "Steering",
+           "adl_positions", "adl_steering", "latent_steering", "latent_unit", "load_run", "pca_steering", "read_pca"]

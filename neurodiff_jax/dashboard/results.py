@@ -140,6 +140,12 @@ class Run:
     """Tokens each shown latent's chat decoder row promotes / suppresses (`analysis/logit_lens.parquet`)."""
     return pd.read_parquet(self._analysis_file("logit_lens.parquet"))
 
+  def latent_histograms(self) -> dict[str, np.ndarray]:
+    """`analysis/latent_histograms.npz`: counts [m, bins] of each latent's activations over every analysed token, and
+    the bins' nominal edges [bins + 1] (bin 0 reaches down to 0, the last up to ∞; docs/analysis.md)."""
+    with np.load(self._analysis_file("latent_histograms.npz")) as z:
+      return {"counts": np.asarray(z["counts"]), "edges": np.asarray(z["edges"])}
+
   def table(self, file: str) -> pd.DataFrame:
     """Any other analysis table by file name (`causal.parquet`, `steering.parquet`)."""
     return pd.read_parquet(self._analysis_file(file if "." in file else f"{file}.parquet"))

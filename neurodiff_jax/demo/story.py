@@ -5,9 +5,13 @@
 3. which chat-only latents latent scaling calls genuine and which artifacts (Complete Shrinkage:
    ν^ε too high; Latent Decoupling: ν^r too high);
 4. the genuine latents' top contexts, firing token outlined;
-5. the causal KL test;
+5. the causal KL test, with a verdict computed from its intervals (`analysis/verdicts.py`);
 6. ADL on base vs narrow: δ_p's tokens against the card, relevance against the trivial baseline,
-   steered samples.
+   steered samples, and the per-token KL;
+7. what each method found, one line each.
+
+Links go only to files that exist: each diff result's own `report.html` is written here
+(`diffing.report.write_report`) before it is linked.
 
 Every number is read from the files `launch.analyze` and `launch.diff` wrote (nothing is recomputed
 here); the page embeds its plots, so it is one self-contained file. Claims in the prose are
@@ -25,6 +29,7 @@ from typing import Any
 import pandas as pd
 
 from neurodiff_jax.analysis.report import CSS, context_html, esc, fmt, genuine_rule, html_table
+from neurodiff_jax.analysis.verdicts import GROUP_NOTES, causal_verdict
 from neurodiff_jax.demo.pipeline import STAGES
 from neurodiff_jax.utils.plots import png_html
 
@@ -126,7 +131,9 @@ def cards_section(organisms: dict[str, str]) -> str:
 
 def _run_row(name: str, run: RunFiles) -> list[str]:
   m, s = run.metrics, run.summary
-  cls = s.get("classes") or m.get("delta_norm_classes") or {}
+  # The analysis's classes (dead = never fired on the analysed tokens); training's count its dead in the last window,
+  # another quantity, so they are never shown under the analysis's name.
+  cls = s.get("classes") or {}
   knob = f"k={s.get('k')}" if s.get("sparsity") in ("batchtopk", "topk") else "L1"
   return [esc(name), esc(f"{s.get('sparsity', '?')} ({knob})"), esc(fmt(m.get("fve/0"))), esc(fmt(m.get("fve/1"))),
           esc(fmt(m.get("l0"))), esc(fmt(m.get("dead_fraction"))),
@@ -136,14 +143,17 @@ def _run_row(name: str, run: RunFiles) -> list[str]:
 def classes_section(runs: dict[str, RunFiles]) -> str:
   """Δnorm classes and training figures of every run, with their Δnorm histograms side by side."""
   rows = [_run_row(n, r) for n, r in runs.items()]
-  head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead fraction", "shared", "chat-only", "base-only", "other",
-          "dead"]
+  head = ["run", "sparsity", "FVE base", "FVE chat", "L0", "dead in the last training window (share)", "shared",
+          "chat-only", "base-only", "other", "never fired (analysis; not a class)"]
   counts = {n: r.summary.get("classes", {}).get("chat_only", 0) for n, r in runs.items()}
   prose = "; ".join(f"{esc(n)} has {esc(fmt(c))} chat-only latents" for n, c in counts.items())
   plots = "".join(f"<div><h4>{esc(n)}</h4>{r.plot('delta_norm.png', f'{n} Δnorm')}</div>" for n, r in runs.items())
   return ("<h2>2. Δnorm classes: BatchTopK vs L1</h2>"
           "<p>Δnorm = ½((‖d_chat‖ − ‖d_base‖)/max(‖d_base‖, ‖d_chat‖) + 1): 0 = base-only, 1 = chat-only, ½ = shared "
-          f"(live latents; classes as in docs/methods.md). Here {prose}.</p>"
+          f"(live latents; classes as in docs/methods.md). Here {prose}. Two different counts of dead latents: "
+          "<i>never fired</i> counts the latents with no firing on any analysed token (left out of the classes and the "
+          "histograms: their Δnorm is their initialisation's); <i>dead in the last training window</i> is the share of "
+          "latents idle for the training's last dead-token window (metrics.json <code>dead_fraction</code>).</p>"
           + html_table(head, rows) + f'<div class="side">{plots}</div>')
 
 
@@ -226,21 +236,34 @@ def contexts_section(runs: dict[str, RunFiles], per_latent: int = 3, max_latents
   return "\n".join(parts)
 
 
+def _latents_cell(n: Any) -> str:
+  """A causal group's latent count in words: the template patch selects tokens, not latents (stored as -1)."""
+  if n is None or pd.isna(n):
+    return "–"
+  return "none: chat activations on template tokens" if int(n) < 0 else fmt(int(n))
+
+
 def causal_section(runs: dict[str, RunFiles]) -> str:
-  """The causal KL test of each run on the reply tokens."""
+  """The causal KL test of each run on the reply tokens, with its verdict computed from the intervals."""
   parts = ["<h2>5. Causal test: do the chat-only latents carry the chat behaviour?</h2>",
            "<p>KL(P_chat ‖ P_patched) on held-out chat replies when the chat model’s activation is replaced by the base "
            "model’s plus the named latents’ chat-minus-base difference (docs/analysis.md); all_base = the whole "
            "base activation (the ceiling), all_latents = every latent (the error term alone remains). Lower = that group "
-           "carries more of the chat behaviour. 95% bootstrap intervals.</p>"]
+           "carries more of the chat behaviour. 95% bootstrap intervals; <i>significant</i> = the intervals do not "
+           "overlap.</p>"]
   for name, r in runs.items():
     t = r.causal
     if t is None:
       continue
-    t = t[t.region == "reply"]
-    rows = [[esc(r.group), esc(fmt(r.n_latents)), esc(fmt(r.kl_mean)), esc(f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]")]
-            for r in t.itertuples()]
-    parts.append(f"<h4>{esc(name)}</h4>" + html_table(["group", "latents", "KL (reply)", "95% CI"], rows))
+    verdict = causal_verdict(t, "reply")
+    reply = t[t.region == "reply"]
+    rows = [[f"<code>{esc(x.group)}</code>", esc(GROUP_NOTES.get(x.group, "")), esc(_latents_cell(x.n_latents)),
+             esc(fmt(x.kl_mean)), esc(f"[{fmt(x.ci_low)}, {fmt(x.ci_high)}]"),
+             esc("–" if not math.isfinite(verdict.closed.get(x.group, math.nan))
+                 else f"{100 * verdict.closed[x.group]:.0f}%")] for x in reply.itertuples()]
+    parts.append(f"<h4>{esc(name)}</h4>" + f'<p class="verdict" data-run="{esc(name)}"><b>Verdict.</b> '
+                 f"{esc(verdict.sentence)}</p>"
+                 + html_table(["group", "patches", "latents", "KL (reply)", "95% CI", "gap closed"], rows))
   return "\n".join(parts)
 
 
@@ -299,6 +322,73 @@ def adl_section(diff_dir: Path, organisms: dict[str, str], name: str = "narrow",
   return "\n".join(parts)
 
 
+def _adl_finding(diff_dir: Path, organisms: dict[str, str], name: str) -> str | None:
+  """What ADL found on one diff: the best card-word share of δ_p's tokens against the baseline, and its top tokens."""
+  d = diff_dir / "diff" / "adl"
+  rel, lens = _parquet(d / "relevance.parquet"), _parquet(d / "logit_lens.parquet")
+  if rel is None or not len(rel):
+    return None
+  base = rel[rel.source == "baseline"].share
+  base_s = float(base.iloc[0]) if len(base) else math.nan
+  best = rel[rel.source != "baseline"].sort_values("share", ascending=False, kind="stable").head(1)
+  if not len(best):
+    return None
+  b = best.iloc[0]
+  above = math.isfinite(base_s) and float(b.share) > base_s
+  words = ""
+  if lens is not None and len(lens):
+    at = lens[(lens.sign == "+") & (lens.position == b.position) & (lens.layer == b.layer)]
+    top = at.sort_values("rank").token.head(5).tolist()
+    if top:
+      words = f"; the logit lens of +δ_p there reads {', '.join(repr(t) for t in top)}"
+  topic = _card(organisms.get(name)).get("domain") or name
+  return (f"ADL on base vs {name}: at best {fmt(b.share)} of the top tokens ({b.source}, position {fmt(b.position)}) "
+          f"are words of the card ({topic}), {'above' if above else 'not above'} the {fmt(base_s)} of the data’s most "
+          f"frequent tokens{words}.")
+
+
+def _kl_finding(diff_dir: Path, name: str) -> str | None:
+  """What the per-token KL found on one diff: its mean and tail, and where it is largest."""
+  kl = _read_json(diff_dir / "diff" / "kl" / "done.json").get("summary", {})
+  if not kl:
+    return None
+  top = (kl.get("top_contexts") or [{}])[0]
+  where = f"; largest ({fmt(top.get('kl'))} nats) at “{top.get('context', '')}”" if top.get("context") else ""
+  return (f"Per-token KL(P_{name} ‖ P_base) over {fmt(kl.get('n_tokens'))} tokens of general text: mean "
+          f"{fmt(kl.get('mean'))} nats, median {fmt(kl.get('median'))}, p99 {fmt(kl.get('p99'))}{where}.")
+
+
+def summary_section(runs: dict[str, RunFiles], diffs: dict[str, Path], organisms: dict[str, str],
+                    number: str = "7") -> str:
+  """The closing summary: one line per method and result of what it found, every number read from the files."""
+  items = []
+  for name, r in runs.items():
+    if r.latents is not None:
+      tags = r.latents["tag"].astype(str).value_counts()
+      live = int(len(r.latents) - tags.get("dead", 0))
+      items.append(f"<b>Crosscoder {esc(name)}</b> (Δnorm): {fmt(int(tags.get('chat_only', 0)))} chat-only and "
+                   f"{fmt(int(tags.get('base_only', 0)))} base-only latents of {fmt(live)} live ones "
+                   f"({fmt(int(tags.get('dead', 0)))} never fired).")
+      c = _scaling_counts(r.latents, r.summary)
+      items.append(f"<b>Latent scaling, {esc(name)}</b>: " + (
+          f"{fmt(c['genuine'])} of the {fmt(c['measured'])} chat-only latents with ν are genuine; "
+          f"{fmt(c['shrinkage'])} look like Complete Shrinkage and {fmt(c['decoupling'])} like Latent Decoupling."
+          if c["measured"] else "no chat-only latent to judge."))
+    if r.causal is not None:
+      items.append(f"<b>Causal test, {esc(name)}</b>: {esc(causal_verdict(r.causal, 'reply').sentence)}")
+  for name, path in diffs.items():
+    for finding in (_adl_finding(path, organisms, name), _kl_finding(path, name)):
+      if finding:
+        items.append(esc(finding))
+  return (f"<h2>{number}. What each method found</h2><ul class=\"summary\">"
+          + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
+
+
+def _link(root: Path, rel: str, text: str) -> str | None:
+  """A link to `root/rel` when that file exists (None otherwise: the story never links to a missing file)."""
+  return f'<a href="{esc(rel)}">{esc(text)}</a>' if (root / rel).is_file() else None
+
+
 def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   """Writes `<root>/report.html` from the runs and diff results under `root`; returns its path."""
   root = Path(root)
@@ -308,8 +398,14 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   stages = manifest.get("stages", {})
   order = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))  # demo.json sorts its keys
   timing = ", ".join(f"{k} {stages[k].get('seconds', 0):.0f} s" for k in order)
-  links = " · ".join([f'<a href="{esc(f"runs/{n}/analysis/report.html")}">{esc(n)} analysis</a>' for n in runs]
-                     + [f'<a href="{esc(f"diffs/{n}/report.html")}">{esc(n)} diff</a>' for n in diffs])
+  from neurodiff_jax.diffing.report import write_report as write_diff_report
+
+  for path in diffs.values():  # each diff's own report, so that the link to it resolves
+    if (path / "diff").is_dir():
+      write_diff_report(path)
+  links = [_link(root, f"{manifest['runs'][n]}/analysis/report.html", f"{n} analysis") for n in runs]
+  links += [_link(root, f"{manifest['diffs'][n]}/report.html", f"{n} diff") for n in diffs]
+  links = " · ".join(x for x in links if x) or "none written"
   page = [
       "<!doctype html><html><head><meta charset='utf-8'><title>neurodiff-jax demo: what fine-tuning changed</title>"
       f"<style>{STORY_CSS}</style></head><body>",
@@ -320,6 +416,7 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
       causal_section(runs),
       *(adl_section(p, organisms, n, f"6{chr(ord('a') + i)}" if len(diffs) > 1 else "6")
         for i, (n, p) in enumerate(diffs.items())),
+      summary_section(runs, diffs, organisms),
       "</body></html>",
   ]
   path = root / "report.html"
@@ -330,4 +427,4 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
 
 
 __all__ = ["RunFiles", "adl_section", "cards_section", "causal_section", "classes_section", "contexts_section",
-           "scaling_section", "write_story"]
+           "scaling_section", "summary_section", "write_story"]

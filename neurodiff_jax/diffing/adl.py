@@ -47,7 +47,7 @@ from neurodiff_jax.models.generate import cut_at_stop, encode_prompt, greedy_gen
 from neurodiff_jax.models.lens import logit_lens
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.config import ConfigError
-from neurodiff_jax.utils.plots import figure, png_html, save_png
+from neurodiff_jax.utils.plots import figure, integer_ticks, png_html, save_png
 
 # Identity prompts: each maps a word to itself, so the model's next token after "? ->" says what
 # the patched residual at "?"'s last position encodes.
@@ -436,6 +436,7 @@ def plot_delta_norms(means: dict[str, np.ndarray], path: Path) -> Path:
     ax.axvline(-0.5, color="grey", lw=0.8, ls=":")  # left of it: the tokens before the assistant turn
   ax.set_xlabel("position p (< 0: before the assistant turn)" if min(labels) < 0 else "position p")
   ax.set_ylabel("‖δ_p‖ / mean ‖h_ft‖")
+  integer_ticks(ax.xaxis)
   ax.legend(fontsize=8)
   return save_png(fig, path)
 

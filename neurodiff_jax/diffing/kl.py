@@ -7,8 +7,9 @@ At every real token t of the dataset both models predict the next token; the met
 in float32 from the two log-softmaxes, in one jitted function of both models per batch. It
 reports where the fine-tune changed the output distribution: summary statistics (overall and by
 token kind: text, special, chat template), the mean KL by position, and the highest-KL contexts
-with the token marked and both models' top next token. Only [B, T] numbers leave the device; the
-per-token values are kept on the host (4 bytes a token) for exact quantiles, never written out.
+with the token marked, the KL at every token of their window (`context_kl`, for colouring the text)
+and both models' top next token. Only [B, T] numbers leave the device; the per-token values are
+kept on the host (4 bytes a token) for exact quantiles, never written out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jaxtyping import Array, Bool, Int
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, TokenBatch
 from neurodiff_jax.utils.config import ConfigError
-from neurodiff_jax.utils.plots import figure, png_html, save_png
+from neurodiff_jax.utils.plots import figure, integer_ticks, png_html, save_png
 
 KIND_NAMES = {KIND_TEXT: "text", KIND_SPECIAL: "special", KIND_TEMPLATE: "template"}
 CONTEXT_BEFORE = 12  # tokens shown before the marked token
@@ -118,6 +119,7 @@ def plot_by_position(profile: pd.DataFrame, path: Path) -> Path:
   ax = fig.add_subplot(1, 1, 1)
   ax.plot(profile["position"], profile["mean_kl"], color="#b30000", lw=1.5)
   ax.set_xlabel("position in document")
+  integer_ticks(ax.xaxis)
   ax.set_ylabel("mean KL(P_ft ‖ P_base) [nats]")
   ax2 = ax.twinx()
   ax2.fill_between(profile["position"], profile["n_tokens"], color="#999", alpha=0.2, step="mid")
@@ -192,7 +194,8 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
           continue
         seen.add(key)
         new.append({"kl": float(kl[r, c]), "doc": int(batch.docs[r]), "position": int(c), "key": key,
-                    "window": batch.ids[r, lo:hi].copy(), "at": int(c - lo),
+                    "window": batch.ids[r, lo:hi].copy(), "window_kl": kl[r, lo:hi].astype(np.float64).copy(),
+                    "at": int(c - lo),
                     "next": int(batch.ids[r, c + 1]) if c + 1 < hi else -1, "top_ft_id": int(top_f[r, c]),
                     "top_base_id": int(top_b[r, c]), "p_top_ft": float(p_f[r, c]), "p_top_base": float(p_b[r, c])})
         if len(new) == k:
@@ -219,12 +222,13 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
     window, at = decode_tokens(tok, c["window"]), c["at"]
     nxt = tok.decode([c["next"]]) if c["next"] >= 0 else ""
     top_rows.append({"doc": c["doc"], "position": c["position"], "kl": c["kl"], "token": window[at],
-                     "context": _mark(window, at), "context_tokens": window, "marked": at, "next_token": nxt,
+                     "context": _mark(window, at), "context_tokens": window,
+                     "context_kl": [float(v) for v in c["window_kl"]], "marked": at, "next_token": nxt,
                      "top_ft": tok.decode([c["top_ft_id"]]), "top_ft_id": c["top_ft_id"], "p_top_ft": c["p_top_ft"],
                      "top_base": tok.decode([c["top_base_id"]]), "top_base_id": c["top_base_id"],
                      "p_top_base": c["p_top_base"]})
-  cols = ["doc", "position", "kl", "token", "context", "context_tokens", "marked", "next_token", "top_ft", "top_ft_id",
-          "p_top_ft", "top_base", "top_base_id", "p_top_base"]
+  cols = ["doc", "position", "kl", "token", "context", "context_tokens", "context_kl", "marked", "next_token", "top_ft",
+          "top_ft_id", "p_top_ft", "top_base", "top_base_id", "p_top_base"]
   top = pd.DataFrame(top_rows, columns=cols)
   top.to_parquet(out / "kl_top_contexts.parquet", index=False)
 

@@ -31,7 +31,7 @@ from neurodiff_jax.diffing import differences as dx
 from neurodiff_jax.diffing.context import DiffContext
 from neurodiff_jax.models.lens import logit_lens, top_tokens
 from neurodiff_jax.utils.config import ConfigError
-from neurodiff_jax.utils.plots import figure, png_html, save_png
+from neurodiff_jax.utils.plots import figure, integer_ticks, png_html, save_png
 
 FOLD_EVERY = 16  # chunks summed in float32 on the device before each float64 fold on the host
 TOP_TOKENS = 20  # tokens read from each component's logit lens
@@ -108,6 +108,7 @@ def _variance_plot(ratio: np.ndarray, k: int, path: Path) -> None:
   ax2.plot(idx, np.cumsum(ratio)[:shown], "C1.-", label="cumulative")
   ax2.set_ylim(0, 1.02)
   ax.set_xlabel("component")
+  integer_ticks(ax.xaxis)
   ax.set_ylabel("share of variance")
   ax2.set_ylabel("cumulative share")
   ax.set_title(f"PCA of h_ft − h_base (first {k} kept, in blue)")

@@ -20,6 +20,13 @@ def figure(size: tuple[float, float] = (6.4, 4.0), dpi: int = 110) -> Any:
   return Figure(figsize=size, dpi=dpi)
 
 
+def integer_ticks(axis: Any) -> None:
+  """Ticks at whole numbers only on `axis` (ax.xaxis): positions, layers and components have no fractional ones."""
+  from matplotlib.ticker import MaxNLocator
+
+  axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save_png(fig: Any, path: str | Path) -> Path:
   """Lays the figure out and writes it as PNG atomically; returns the path."""
   path = Path(path)
@@ -36,4 +43,4 @@ def png_html(path: str | Path, alt: str) -> str:
   return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
 
 
-__all__ = ["figure", "png_html", "save_png"]
+__all__ = ["figure", "integer_ticks", "png_html", "save_png"]

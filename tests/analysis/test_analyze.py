@@ -52,6 +52,11 @@ def test_analysis_without_models_writes_the_tables_and_reuses_them(trained, tmp_
   chat = table[table["tag"] == "chat_only"]
   assert len(chat) >= 4 and chat["nu_error"].abs().median() < 0.1
   assert (tmp_path / "a" / "report.html").is_file()
+  # Each latent's activation histogram over every analysed token: its bins hold each of its firings once.
+  with np.load(tmp_path / "a" / "latent_histograms.npz") as z:
+    counts, edges = z["counts"], z["edges"]
+  assert counts.shape == (128, len(edges) - 1) and (counts >= 0).all()
+  np.testing.assert_array_equal(counts.sum(1), table.sort_values("latent")["count"].to_numpy())
   logs.clear()
   analyze.analyze(_config(tmp / "run", out_dir=str(tmp_path / "a")), log=logs.append)
   assert any("pass: reusing" in line for line in logs) and any("table: reusing" in line for line in logs)

@@ -10,6 +10,7 @@ import pytest
 from neurodiff_jax.activations.datasets import KIND_SPECIAL, KIND_TEMPLATE, KIND_TEXT
 from neurodiff_jax.activations.store import write_arrays
 from neurodiff_jax.analysis.examples import (
+  ActivationHistogram,
   LatentStats,
   TopExamples,
   contexts,
@@ -70,6 +71,37 @@ def test_stats_and_top_examples_match_numpy(setup, mesh_shape):
     assert_close(ex["sample_val"][j][ok], f[ex["sample_tok"][j][ok], j], c=c_code, scale=f.max(),
                  what=f"latent {j}: sampled tokens' codes are the reported values")
   assert (ex["top_tok"][0] == -1).all() and (ex["sample_tok"][0] == -1).all()
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (2, 4)])
+def test_activation_histogram_counts_every_analysed_firing(setup, mesh_shape):
+  """Each latent's histogram is numpy's histogram of its codes over every analysed token in the same bins (bin 0 down
+  to 0, the last up to ∞), so its bins sum to the number of analysed tokens where it fired; excluded tokens count
+  nowhere. A code within float32 rounding of an edge may fall on either side of it."""
+  store, cc, f, meta = setup
+  mesh = sharding.make_mesh(*mesh_shape)
+  exclude_kind = meta["token_kind"] == KIND_TEMPLATE
+  # The bins span the middle of the codes' range, so that both open ends (below and above) are exercised too.
+  lo, hi = np.log10(np.quantile(f[f > 0], [0.1, 0.9]))
+  hist = ActivationHistogram(M_LAT, mesh_shape[1], bins=12, decades=(float(lo), float(hi)))
+  res = run_pass(cc, store, 0, [hist, LatentStats(M_LAT, mesh_shape[1])], batch_size=512,
+                 exclude=("chat_template",), progress=False, fold_every=3, mesh=mesh)
+  counts, edges = res["histogram"]["counts"], res["histogram"]["edges"]
+  assert counts.shape == (M_LAT, 12) and counts.dtype == np.int64
+  np.testing.assert_allclose(edges, np.logspace(lo, hi, 13))
+  g = np.where(exclude_kind[:, None], 0.0, f)  # the analysed codes: excluded tokens are 0
+  on = g > 0
+  np.testing.assert_array_equal(counts.sum(1), on.sum(0))  # every firing in one bin
+  np.testing.assert_array_equal(counts.sum(1), res["stats"]["count"])
+  assert counts[0].sum() == 0 and counts[:, 0].sum() > 0 and counts[:, -1].sum() > 0
+  inner = edges[1:-1]
+  near = np.abs(np.log10(np.where(on, g, 1.0))[..., None] - np.log10(inner)).min(-1) < 1e-5  # [N, m]
+  for j in range(M_LAT):
+    v = g[on[:, j], j]
+    want = np.bincount(np.searchsorted(inner, v, side="right"), minlength=12)  # bin k: [e_k, e_k+1)
+    ambiguous = int((near[:, j] & on[:, j]).sum())
+    assert np.abs(counts[j] - want).sum() <= 2 * ambiguous, (j, counts[j], want)
+  assert near[on].mean() < 1e-3  # the rounding allowance covers a handful of codes at most
 
 
 def test_the_sample_is_uniform_over_firings(setup):

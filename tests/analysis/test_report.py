@@ -152,6 +152,9 @@ def test_report_numbers_images_and_escaping(results: Path):
     hit = re.search(rf'data-class="{tag}">.*?class="count">(\d+)<', page)
     assert hit and int(hit.group(1)) == TAGS.count(tag), tag
   assert _num(page, "live") == str(len(TAGS) - TAGS.count("dead"))
+  # The analysis's dead latents are "never fired", never training's "dead fraction" (another quantity).
+  assert _num(page, "never_fired") == str(TAGS.count("dead"))
+  assert "dead fraction" not in page
   # the latent-scaling verdict, from the rule applied here to the planted ν
   ne, nr = np.asarray(NU_ERROR_CHAT), np.asarray(NU_RECON_CHAT)
   known = np.isfinite(ne) & np.isfinite(nr)

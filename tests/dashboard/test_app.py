@@ -63,17 +63,30 @@ def test_overview_shows_each_runs_metrics(demo_root, monkeypatch):
   assert shown["FVE base (fve/0)"] == [f"{m['fve/0']:.4f}" for m in metrics]
   assert shown["FVE chat (fve/1)"] == [f"{m['fve/1']:.4f}" for m in metrics]
   assert shown["L0"] == [f"{m['l0']:.2f}" for m in metrics]
-  assert shown["dead fraction"] == [f"{m['dead_fraction']:.4f}" for m in metrics]
+  # Training's dead latents under their own name, never "dead fraction" (the analysis's are "never fired").
+  assert shown["dead in the last training window"] == [f"{m['dead_fraction']:.4f}" for m in metrics]
+  assert not any("dead fraction" in label for label in shown)
   tables = [t.value for t in at.table]
+  captions = [c.value for c in at.caption]
   for run, config, classes in zip(runs, tables[0::2], tables[1::2]):
     summary = json.loads((run / "analysis" / "summary.json").read_text())
     assert config.loc["sparsity", "value"] == summary["sparsity"]
     assert config.loc["dict size", "value"] == str(summary["dict_size"])
     tags = pd.read_parquet(run / "analysis" / "latents.parquet")["tag"].astype(str).value_counts()
-    assert {k: int(v) for k, v in classes["latents"].items() if int(v)} == {k: int(v) for k, v in tags.items()}
+    # The classes are of the live latents; the ones that never fired are counted apart, under that name.
+    assert {k: int(v) for k, v in classes["latents"].items() if int(v)} == {k: int(v) for k, v in tags.items()
+                                                                          if k != "dead"}
+    assert "dead" not in classes.index
+    assert any(c.startswith(f"never fired: {int(tags.get('dead', 0))} (not in the classes") for c in captions)
+  # The analysis outputs no other page shows: every steering sample, the report to download.
+  for i, run in enumerate(runs):
+    steer = pd.read_parquet(run / "analysis" / "steering.parquet")
+    shown = _table(at, "latent", "model", "prompt", "strength", "completion", which=i)
+    pd.testing.assert_frame_equal(shown.reset_index(drop=True), steer, check_dtype=False)
+  assert len(at.get("download_button")) == len(runs)
   # Training curves: four altair charts per run from metrics.jsonl.
   charts = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
-  assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead fraction"] * len(runs)
+  assert [c["title"] for c in charts] == ["loss", "FVE", "L0", "dead in the last training window"] * len(runs)
 
 
 def test_compare_plots_each_runs_latents(demo_root, monkeypatch):
@@ -82,14 +95,24 @@ def test_compare_plots_each_runs_latents(demo_root, monkeypatch):
   (counts,) = [t.value for t in at.table]
   assert list(counts.columns) == [r.name for r in runs]
   titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
+  frames = {spec["title"]: data for spec, data in _chart_frames(at)}
+  captions = [c.value for c in at.caption]
   for run in runs:
     lat = pd.read_parquet(run / "analysis" / "latents.parquet")
     tags = lat["tag"].astype(str).value_counts()
-    for tag in ("chat_only", "shared", "dead"):
+    for tag in ("chat_only", "shared", "other", "base_only"):
       assert int(counts.loc[tag, run.name]) == int(tags.get(tag, 0))
+    # The latents that never fired are in no class count and no histogram, and are counted apart.
+    assert "dead" not in counts.index
+    assert int(counts.loc["never fired (not a class)", run.name]) == int(tags.get("dead", 0))
+    assert int(counts.loc["live latents", run.name]) == int((lat["tag"].astype(str) != "dead").sum())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert counts.loc["dead in the last training window (share)", run.name] == f"{metrics['dead_fraction']:.4f}"
+    hist = frames[f"{run.name}: Δnorm of the live latents"]
+    assert sorted(hist["latent"]) == sorted(lat.loc[lat["tag"].astype(str) != "dead", "latent"])
+    assert f"never fired: {int(tags.get('dead', 0))} (not in the histogram)" in captions
     chat = lat[(lat["tag"].astype(str) == "chat_only") & np.isfinite(lat["nu_error"]) & np.isfinite(lat["nu_recon"])]
     assert f"{run.name}: latent scaling ({len(chat)} latents)" in titles
-    assert f"{run.name}: Δnorm" in titles
   # Every live latent instead of the chat-only ones.
   at.checkbox(key="compare_all").check().run()
   titles = [json.loads(c.proto.spec)["title"] for c in at.get("vega_lite_chart")]
@@ -233,7 +256,7 @@ def test_an_unknown_name_on_the_overview_is_refused_with_the_valid_ones(demo_roo
     assert at.query_params["run"] == "nosuchrun"  # the URL keeps what was asked: a reload shows the same refusal
   else:
     (err,) = _errors(at)
-    assert err.startswith("page 'nosuchpage' not found; pages: overview, compare, latents, adl, live"), err
+    assert err.startswith("page 'nosuchpage' not found; pages: overview, compare, latents, causal, adl, kl, methods, live"), err
     assert "/run-overview" in err
   # Nothing of any run is shown in its place.
   assert not at.metric and not at.get("vega_lite_chart") and not at.table and not at.dataframe
@@ -321,7 +344,7 @@ def test_the_url_follows_the_pages_and_the_run_is_kept(demo_root, monkeypatch):
 def test_documented_paths_open_their_pages(demo_root, monkeypatch):
   """Every dashboard path docs/dashboard.md names opens its page (the default page is not served at its path)."""
   doc = (Path(__file__).resolve().parents[2] / "docs" / "dashboard.md").read_text()
-  documented = dict(re.findall(r"^\| ([A-Z][\w ]+) \| `/([a-z-]+)`", doc, flags=re.MULTILINE))
+  documented = dict(re.findall(r"^\| ([A-Z][\w -]+) \| `/([a-z-]+)`", doc, flags=re.MULTILINE))
   assert documented == {title: URL_PATHS[slug] for slug, title in PAGES}
   monkeypatch.setenv("NEURODIFF_RESULTS", str(demo_root))
   for slug, title in PAGES:
@@ -352,13 +375,242 @@ def test_charts_have_human_labels(demo_root, monkeypatch):
   legends = {}
   for page, params in (("overview", {"run": run.name}), ("compare", {}), ("latents", {"run": run.name,
                                                                                       "latent": latent}),
-                       ("adl", {})):
+                       ("adl", {}), ("causal", {"run": run.name})):
     for spec, data in _chart_frames(open_page(demo_root, page, monkeypatch, **params)):
       colour = spec.get("encoding", {}).get("color")
       if colour:
         legends[(page, spec.get("title", ""))] = set(data[colour["field"]].astype(str))
   curves = {title: values for (page, title), values in legends.items() if page == "overview"}
   assert curves["FVE"] == {"FVE base", "FVE chat"} and curves["L0"] == {"L0"}
-  assert curves["loss"] <= {"total loss", "reconstruction loss"} and curves["dead fraction"] == {"dead fraction"}
+  assert curves["loss"] <= {"total loss", "reconstruction loss"}
+  assert curves["dead in the last training window"] == {"dead in the last training window"}
   for (page, title), values in legends.items():
     assert not any("/" in v or "_" in v for v in values), (page, title, values)
+
+
+# ------------------------------------------------------------------------------------------------ dead latents
+
+
+def _expected_default(lat: pd.DataFrame) -> int:
+  """The latent a page starts on, by docs/dashboard.md: the best-ranked live chat-only latent (lowest nu_rank), else
+  the live latent of highest Δnorm."""
+  live = lat[lat["tag"].astype(str) != "dead"]
+  chat = live[(live["tag"].astype(str) == "chat_only") & np.isfinite(live["nu_rank"].astype(float))]
+  if len(chat):
+    return int(chat.sort_values(["nu_rank", "latent"])["latent"].iloc[0])
+  return int(live.sort_values(["delta_norm", "latent"], ascending=[False, True])["latent"].iloc[0])
+
+
+def test_dead_latents_are_badged_and_never_the_default(demo_root, monkeypatch):
+  """Every latent that never fired carries the badge in the table, the picker and on its page; the page starts on
+  the best live latent; a dead latent's page says why it has no contexts (not `examples.context_latents`)."""
+  runs = _runs(demo_root)
+  with_dead = [r for r in runs if (pd.read_parquet(r / "analysis" / "latents.parquet")["tag"] == "dead").any()]
+  assert with_dead, "the demo root has no run with a latent that never fired: nothing to check"
+  for run in runs:
+    lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+    dead = set(lat.loc[lat["tag"].astype(str) == "dead", "latent"].astype(int))
+    at = open_page(demo_root, "latents", monkeypatch, run=run.name)
+    table = _table(at, "latent", "status")
+    assert set(table.loc[table["status"] == "dead: never fired", "latent"]) == dead
+    assert set(table.loc[table["status"] == "live", "latent"]) == set(lat["latent"]) - dead
+    opened = at.selectbox(key="latents_latent").value
+    assert opened == _expected_default(lat) and opened not in dead
+    assert at.query_params["latent"] == str(opened)
+    assert [h.value for h in at.header] == [f"Latent {opened}"]
+    assert not any("never fired" in w.value for w in at.warning)
+  run = with_dead[0]
+  lat = pd.read_parquet(run / "analysis" / "latents.parquet")
+  j = int(lat.loc[lat["tag"] == "dead", "latent"].min())
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=j)
+  assert at.selectbox(key="latents_latent").format_func(j) == f"{j} (dead: never fired)"
+  assert any("dead: never fired" in m.value for m in at.markdown), [m.value for m in at.markdown]
+  (warning,) = [w.value for w in at.warning]
+  tokens = json.loads((run / "analysis" / "summary.json").read_text())["tokens"]
+  assert warning.startswith(f"Latent {j} never fired on the {tokens:,} analysed tokens")
+  infos = [i.value for i in at.info]
+  assert f"No contexts: latent {j} never fired on the analysed tokens." in infos
+  assert f"Latent {j} never fired on the {tokens:,} analysed tokens: no activation to count." in infos
+  assert not any("context_latents" in i for i in infos)
+
+
+# ------------------------------------------------------------------------------ causal test, per-token KL, methods
+
+
+def test_causal_page_shows_the_table_the_intervals_and_a_verdict_from_them(demo_root, monkeypatch):
+  """Every run's causal.parquet: its numbers in the table and the bars' data, and a verdict whose words follow from the
+  95% intervals (significant = no overlap), for each region."""
+  from neurodiff_jax.analysis.verdicts import causal_verdict
+
+  runs = [r for r in _runs(demo_root) if (r / "analysis" / "causal.parquet").is_file()]
+  assert runs, "no run of the demo root has a causal test"
+  judged = 0
+  for run in runs:
+    frame = pd.read_parquet(run / "analysis" / "causal.parquet")
+    at = open_page(demo_root, "causal", monkeypatch, run=run.name)
+    assert not at.error, [e.value for e in at.error]
+    shown = _table(at, "group", "region", "kl_mean", "ci_low", "ci_high")
+    merged = frame.merge(shown, on=["group", "region"], suffixes=("", "_shown"))
+    assert len(merged) == len(frame) == len(shown)
+    for col in ("kl_mean", "ci_low", "ci_high", "n_tokens", "n_docs"):
+      np.testing.assert_array_equal(merged[col].to_numpy(), merged[f"{col}_shown"].to_numpy())
+    want = ["— (template tokens)" if n < 0 else str(n) for n in merged["n_latents"]]
+    assert merged["latents"].tolist() == want
+    for region in ("reply", "first", "rest"):
+      if at.radio(key="causal_region").value != region:
+        at.radio(key="causal_region").set_value(region).run()
+      rows = {r.group: r for r in frame[frame["region"] == region].itertuples()}
+      ((spec, data),) = _chart_frames(at)
+      assert spec["title"].startswith(f"{run.name}: KL on ")
+      assert sorted(data["group"]) == sorted(rows)
+      for r in data.itertuples():
+        assert (r.kl_mean, r.ci_low, r.ci_high) == (rows[r.group].kl_mean, rows[r.group].ci_low, rows[r.group].ci_high)
+      (verdict,) = [m.value for m in at.markdown if m.value.startswith("**Verdict.**")]
+      assert verdict == f"**Verdict.** {causal_verdict(frame, region).sentence}"
+      if "nu_best_half" in rows and "dnorm_top_half" in rows:
+        judged += 1
+        best, ctrl, base = rows["nu_best_half"], rows["dnorm_top_half"], rows["all_base"]
+        if best.ci_high < ctrl.ci_low:
+          assert "significantly more than the" in verdict and "do not overlap" in verdict
+        elif best.ci_low > ctrl.ci_high:
+          assert "significantly less than the" in verdict and "do not overlap" in verdict
+        else:
+          assert "not significantly more or less than the" in verdict and "intervals overlap" in verdict
+        below = "significantly below all-base" if best.ci_high < base.ci_low else "not significantly below all-base"
+        assert below in verdict
+        gap = (base.kl_mean - best.kl_mean) / (base.kl_mean - rows["all_latents"].kl_mean)
+        assert f"closes {100 * gap:.0f}% of the KL gap" in verdict
+      else:
+        assert "no live chat-only latent to patch" in verdict
+  assert judged, "no run has both chat-only halves: the verdict's comparison was never checked"
+
+
+def test_kl_page_colours_the_text_by_kl_and_browses_the_top_contexts(demo_root, monkeypatch):
+  diff = _diff(demo_root)
+  kl = diff / "diff" / "kl"
+  summary = pd.read_parquet(kl / "kl_summary.parquet")
+  top = pd.read_parquet(kl / "kl_top_contexts.parquet").sort_values("kl", ascending=False, kind="stable")
+  assert "context_kl" in top.columns, "kl_top_contexts.parquet has no context_kl: written by an older launch.diff"
+  at = open_page(demo_root, "kl", monkeypatch, diff=diff.name)
+  assert not at.error and not at.warning, ([e.value for e in at.error], [w.value for w in at.warning])
+  shown = _table(at, "kind", "n_tokens", "mean", "p99")
+  pd.testing.assert_frame_equal(shown.reset_index(drop=True), summary.reset_index(drop=True), check_dtype=False)
+  metrics = {m.label: m.value for m in at.metric}
+  assert metrics["mean KL"] == f"{summary.set_index('kind').loc['all', 'mean']:.4f}"
+  contexts = _table(at, "rank", "kl", "doc", "position")
+  np.testing.assert_array_equal(contexts["kl"].to_numpy(), top["kl"].to_numpy())
+  assert contexts["token"].tolist() == [repr(t) for t in top["token"]]
+  # The text coloured by KL: one span per token titled with its KL, the marked token boxed, in KL order.
+  page = at.get("html")[0].value
+  examples = page.split('class="kl-example"')[1:]
+  assert len(examples) == min(20, len(top))
+  scale = max(max(v) for v in top["context_kl"])
+  for part, r in zip(examples, top.itertuples()):
+    titles = [float(t.split('"')[0]) for t in part.split('title="KL ')[1:]]
+    np.testing.assert_allclose(titles, r.context_kl, atol=5e-5)  # printed with 4 decimals
+    assert part.count('class="firing"') == 1
+    firing = html.escape(r.token).replace("\n", "↵").replace("\t", "⇥")
+    assert f">{firing}</span>" in part.split('class="firing"')[1]
+    alphas = [float(a) for a in re.findall(r"rgba\(200, 30, 30, ([0-9.]+)\)", part)]
+    np.testing.assert_allclose(alphas, np.clip(np.asarray(r.context_kl) / scale, 0, 1), atol=5e-3)
+  # The browser: the second context's tokens and their KL.
+  at.selectbox(key="kl_context").set_value(1).run()
+  one = _table(at, "token", "KL")
+  second = top.iloc[1]
+  assert one["token"].tolist() == [repr(t) for t in second["context_tokens"]]
+  np.testing.assert_array_equal(one["KL"].to_numpy(), np.asarray(second["context_kl"], np.float64))
+  labels = {m.label: m.value for m in at.metric}
+  assert labels["fine-tuned model's top next"] == repr(second["top_ft"])
+  assert labels["base model's top next"] == repr(second["top_base"])
+
+
+def test_kl_contexts_written_before_context_kl_colour_the_marked_token_only():
+  from neurodiff_jax.dashboard.pages.kl import context_kls, kl_html
+
+  row = {"context_tokens": ["a", " b", " c"], "marked": 1, "kl": 2.5}
+  kls = context_kls(row)
+  assert np.isnan(kls[0]) and kls[1] == 2.5 and np.isnan(kls[2])
+  page = kl_html(row["context_tokens"], kls, 1, 5.0)
+  assert page.count('title="KL not stored"') == 2 and 'title="KL 2.5000"' in page
+  assert re.findall(r"rgba\(200, 30, 30, ([0-9.]+)\)", page) == ["0.00", "0.50", "0.00"]
+
+
+def test_diff_methods_page_shows_every_file_of_every_method(demo_root, tmp_path, monkeypatch):
+  """Each method's Parquet tables (values), plots and arrays, including a method no other page knows."""
+  import shutil
+
+  diff = _diff(demo_root)
+  root = tmp_path / "root"
+  shutil.copytree(diff, root / "diffs" / diff.name)
+  extra = root / "diffs" / diff.name / "diff" / "norms"
+  extra.mkdir()
+  table = pd.DataFrame({"layer": [0, 1], "group": ["text", "text"], "quantity": ["cos", "cos"], "mean": [0.25, 0.5]})
+  table.to_parquet(extra / "norms_summary.parquet", index=False)
+  shutil.copy(next((diff / "diff").glob("*/*.png")), extra / "norms_hist.png")
+  (extra / "done.json").write_text(json.dumps({"key": "k", "seconds": 1.0, "summary": {"layers": [0, 1]}}))
+  at = open_page(root, "methods", monkeypatch, diff=diff.name)
+  assert not at.error, [e.value for e in at.error]
+  methods = sorted(p.name for p in (root / "diffs" / diff.name / "diff").iterdir() if (p / "done.json").is_file())
+  assert [t.label for t in at.tabs] == methods and "norms" in methods
+  frames = [d.value for d in at.dataframe]
+  for method in methods:
+    for f in sorted((root / "diffs" / diff.name / "diff" / method).glob("*.parquet")):
+      want = pd.read_parquet(f)
+      hits = [d for d in frames if list(d.columns) == list(want.columns) and len(d) == min(len(want), 2000)]
+      assert hits, f"{method}/{f.name} not shown"
+      assert any(d.head(5).astype(str).equals(want.head(5).astype(str)) for d in hits), f"{method}/{f.name} values"
+  assert "**norms_summary.parquet** — 2 rows" in [m.value for m in at.markdown]
+  pngs = sorted(p.name for p in (root / "diffs" / diff.name / "diff").glob("*/*.png"))
+  assert sorted(i.proto.imgs[0].caption for i in at.get("image")) == pngs
+  arrays = _table(at, "array", "shape", "dtype")
+  with np.load(root / "diffs" / diff.name / "diff" / "adl" / "means.npz") as z:
+    assert dict(zip(arrays["array"], arrays["shape"])) == {k: str(tuple(z[k].shape)) for k in z.files}
+
+
+# ------------------------------------------------------------------------------------------------ latent pages
+
+
+def test_latent_page_histogram_contributions_steering_and_links(demo_root, monkeypatch):
+  """A steered latent's page: the activation histogram of every analysed token (latent_histograms.npz, summing to
+  the latent's firing count), each top context's decoder contribution per model, every steered completion in full, a
+  link to Live with the latent and a strength, and the table's link to each latent's page."""
+  run = next(r for r in _runs(demo_root) if (r / "analysis" / "steering.parquet").is_file())
+  lat = pd.read_parquet(run / "analysis" / "latents.parquet").set_index("latent")
+  steer = pd.read_parquet(run / "analysis" / "steering.parquet")
+  ex = pd.read_parquet(run / "analysis" / "examples.parquet")
+  latent = int(next(j for j in steer["latent"] if ((ex["latent"] == j) & (ex["group"] == "top")).any()))
+  with np.load(run / "analysis" / "latent_histograms.npz") as z:
+    counts, edges = z["counts"][latent], z["edges"]
+  assert counts.sum() == lat.loc[latent, "count"] > 0
+  at = open_page(demo_root, "latents", monkeypatch, run=run.name, latent=latent)
+  assert not at.error, [e.value for e in at.error]
+  # The table links each row to its latent page.
+  table = _table(at, "latent", "status", "page")
+  assert table["page"].tolist() == [f"/latent-browser?run={run.name}&latent={j}" for j in table["latent"]]
+  # The histogram: the stored bins of this latent, every analysed token, not the examples.
+  frames = {spec.get("title", ""): data for spec, data in _chart_frames(at)}
+  tokens = json.loads((run / "analysis" / "summary.json").read_text())["tokens"]
+  data = frames[f"{int(counts.sum()):,} firings over {tokens:,} analysed tokens"]
+  keep = counts > 0
+  np.testing.assert_array_equal(data["firings"].to_numpy(), counts[keep])
+  np.testing.assert_array_equal(data["low"].to_numpy(), edges[:-1][keep])
+  # The decoder contribution on each top context: activation × ‖d‖ of each model's decoder row.
+  contexts = at.get("html")[0].value
+  top = ex[(ex["latent"] == latent) & (ex["group"] == "top")].sort_values("rank").head(10)
+  base = [float(v) for v in re.findall(r'data-base="([^"]+)"', contexts)]
+  chat = [float(v) for v in re.findall(r'data-chat="([^"]+)"', contexts)]
+  np.testing.assert_allclose(base, top["activation"] * lat.loc[latent, "dec_norm_base"], rtol=1e-5)
+  np.testing.assert_allclose(chat, top["activation"] * lat.loc[latent, "dec_norm_chat"], rtol=1e-5)
+  # Every steered completion of the latent, whole.
+  shown = next(h.value for h in at.get("html") if 'class="steer"' in h.value)
+  mine = steer[steer["latent"] == latent]
+  assert shown.count('class="completion"') == len(mine)
+  for text in mine["completion"]:
+    assert f">{html.escape(text)}</td>" in shown
+  # The link to Live: this latent, and the smallest multiple that changed the chat model's completion (else 2).
+  chat_rows = mine[mine["model"] == "chat"]
+  plain = chat_rows[chat_rows["multiple"] == 0].set_index("prompt")["completion"]
+  moved = [m for p, m, c in zip(chat_rows["prompt"], chat_rows["multiple"], chat_rows["completion"])
+           if m > 0 and c != plain[p]]
+  alpha = min(moved) if moved else 2.0
+  assert any(f"(/live-models?run={run.name}&latent={latent}&alpha={alpha:g})" in m.value for m in at.markdown)

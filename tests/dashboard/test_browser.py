@@ -156,10 +156,14 @@ def test_live_page_shows_both_models_generations(server, browser):
     prompt.wait_for(timeout=PAGE_TIMEOUT_MS)
     prompt.fill(prompt_text)
     page.locator(".st-key-live_submit button").click()
-    for key, text in (("live_gen_base", want.base), ("live_gen_ft", want.ft)):
+    for key, name, text in (("live_gen_base", "base", want.base), ("live_gen_ft", "ft", want.ft)):
       box = page.locator(f".st-key-{key}")
       box.wait_for(timeout=PAGE_TIMEOUT_MS)
-      assert text.strip() and box.inner_text().strip() == text.strip(), (key, box.inner_text(), text)
+      # The prompt as the models read it, then the continuation, then where generation stopped.
+      shown = box.locator('[data-testid="stText"]').inner_text().strip()
+      assert text.strip() and shown == text.strip(), (key, shown, text)
+      assert prompt_text in box.locator(".live-prompt").inner_text()
+      assert want.stop_text(name) in box.inner_text()
     page.get_by_text("Base model", exact=True).wait_for(timeout=10_000)
     page.get_by_text("Fine-tuned model", exact=True).wait_for(timeout=10_000)
     page.get_by_text("Next token", exact=True).wait_for(timeout=10_000)

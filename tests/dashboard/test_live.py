@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 
 import jax
@@ -371,3 +372,154 @@ def test_live_page_refuses_unknown_names_and_warns_of_another_pair(demo_root, mo
   at.selectbox(key="live_steer_diff").select(other.name).run()
   (warning,) = [w.value for w in at.warning]
   assert warning.startswith(f"diff result {other.name} was made from ") and "its δ_p" in warning
+
+
+def test_live_page_starts_on_a_live_latent_and_says_what_alpha_is(demo_root, monkeypatch):
+  """The steering latent starts on the best-ranked live chat-only latent of the run (else its most chat-leaning live
+  one), never on one that never fired; the α label names the unit `latent_steering` uses: that latent's max activation,
+  or code units (with the dead badge and a warning) for a latent that never fired."""
+  from neurodiff_jax.dashboard.results import discover
+
+  root = discover(demo_root)
+  at = _live_page(demo_root, monkeypatch)
+  at.radio(key="live_steer_source").set_value("crosscoder latent").run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+  name = at.selectbox(key="live_steer_run").value
+  lat = pd.read_parquet(root.run(name).path / "analysis" / "latents.parquet")
+  live_rows = lat[lat["tag"] != "dead"]
+  chat = live_rows[(live_rows["tag"] == "chat_only") & live_rows["nu_rank"].notna()]
+  want = int(chat.sort_values(["nu_rank", "latent"])["latent"].iloc[0]) if len(chat) else \
+      int(live_rows.sort_values(["delta_norm", "latent"], ascending=[False, True])["latent"].iloc[0])
+  assert at.number_input(key="live_steer_latent").value == want
+  max_act = float(lat.set_index("latent").loc[want, "max_act"])
+  assert max_act > 0
+  assert at.number_input(key="live_alpha").label == f"α (× latent {want}'s max activation, {max_act:.4g})"
+  assert not at.warning
+  dead = lat.loc[lat["tag"] == "dead", "latent"]
+  if not len(dead):
+    return
+  j = int(dead.min())
+  at.number_input(key="live_steer_latent").set_value(j).run()
+  assert at.number_input(key="live_alpha").label == (f"α (× 1 code unit: latent {j} has no max activation (it never "
+                                                      "fired on the analysed tokens))")
+  (warning,) = [w.value for w in at.warning]
+  assert warning.startswith(f"Latent {j} of run {name} never fired on the analysed tokens") and str(want) in warning
+  assert any("dead: never fired" in m.value for m in at.markdown)
+  steer = live.latent_steering(live.load_run(root.run(name).path), j, 1.0)
+  assert "code unit" in steer.label
+
+
+def test_a_latent_pages_link_opens_live_steering_by_that_latent(demo_root, monkeypatch):
+  """`?run=R&latent=J&alpha=A` (the link a latent page gives) opens Live steering by latent J of run R at α = A; a
+  strength that is not a number is refused."""
+  from neurodiff_jax.dashboard.results import discover
+
+  root = discover(demo_root)
+  run = root.runs[-1]
+  at = _live_page(demo_root, monkeypatch, run=run.name, latent=5, alpha=3)
+  assert not at.error, [e.value for e in at.error]
+  assert at.radio(key="live_steer_source").value == "crosscoder latent"
+  assert at.selectbox(key="live_steer_run").value == run.name
+  assert at.number_input(key="live_steer_latent").value == 5 and at.number_input(key="live_alpha").value == 3.0
+  at.number_input(key="live_alpha").set_value(4.5).run()
+  assert at.query_params["alpha"] == "4.5"  # the URL follows the strength shown
+  at = _live_page(demo_root, monkeypatch, run=run.name, latent=5, alpha="lots")
+  assert [e.value for e in at.error] == ["alpha 'lots' is not a number: give the steering strength as one (e.g. "
+                                         "alpha=2). α starts at 1."]
+  assert at.radio(key="live_steer_source").value == "none"
+
+
+def _count_model_work(session: live.LiveSession) -> dict[str, int]:
+  """Wraps the session's generators and forwards to count the calls that run a model; returns the live counts."""
+  calls = {"generate": 0, "forward": 0}
+  for name in ("base", "ft"):
+    gen, fwd = session._gen[name], session._fwd[name]
+
+    def counted_gen(*a, _g=gen, **k):
+      calls["generate"] += 1
+      return _g(*a, **k)
+
+    def counted_fwd(*a, _f=fwd, **k):
+      calls["forward"] += 1
+      return _f(*a, **k)
+
+    session._gen[name], session._fwd[name] = counted_gen, counted_fwd
+  return calls
+
+
+def test_a_repeated_request_runs_no_model(pair_dirs):
+  """The same pair, prompt, steering and length again is served from the session's cache: no generator or forward
+  call; a different length, steering strength, prompt or template runs the models again."""
+  session = live.LiveSession(*pair_dirs)
+  calls = _count_model_work(session)
+  first = session.generate(PROMPT, 6)
+  assert calls == {"generate": 2, "forward": 0}  # one call per model
+  again = session.generate(PROMPT, 6)
+  assert calls["generate"] == 2 and again is first
+  session.generate(PROMPT, 7)
+  assert calls["generate"] == 4
+  steer = live.Steering(0, np.ones(session.hidden_size), 1.0, "ones")
+  session.generate(PROMPT, 6, steer=steer)
+  session.generate(PROMPT, 6, steer=live.Steering(0, np.ones(session.hidden_size), 1.0, "another label"))
+  assert calls["generate"] == 6  # the label is not what the models see: the same steering
+  session.generate(PROMPT, 6, steer=live.Steering(0, np.ones(session.hidden_size), 2.0))
+  session.generate(PROMPT, 6, chat=False)
+  session.generate(PROMPT + " twice", 6)
+  assert calls["generate"] == 12
+  table = session.next_token_table(PROMPT, 5)
+  assert calls["forward"] == 2
+  pd.testing.assert_frame_equal(session.next_token_table(PROMPT, 5), table)
+  session.next_token_table(PROMPT, 3)  # another k of the same distributions: no forward
+  assert calls["forward"] == 2
+  session.residuals(session.encode(PROMPT), 1)
+  session.residuals(session.encode(PROMPT), 1)
+  assert calls["forward"] == 4
+
+
+def test_generations_say_where_they_stopped(pair_dirs):
+  """A continuation ends at the first stop token (EOS, end of turn), named with the number of tokens before it, or at
+  the token limit; the prompt is kept as the models read it."""
+  session = live.LiveSession(*pair_dirs)
+  stops = stop_ids(session.tokenizer)
+  stop = min(stops)
+  a, b = [i for i in range(10, 100) if i not in stops][:2]
+  session._gen["base"] = lambda rows, n, **k: [[a, b, stop, a][:n] for _ in rows]  # a model that stops after 2
+  session._gen["ft"] = lambda rows, n, **k: [[b] * n for _ in rows]  # and one that never does
+  gen = session.generate(PROMPT, 4)
+  assert gen.ids == {"base": [a, b], "ft": [b, b, b, b]}
+  assert gen.stop_text("base") == (f"stopped at {session.tokenizer.decode([stop])!r} (end of sequence / turn) after 2 "
+                                   "new tokens")
+  assert gen.stop_text("ft") == "stopped at the 4-token limit (no end-of-sequence token)"
+  assert gen.prompt_text == session.tokenizer.decode(session.encode(PROMPT), skip_special_tokens=False)
+  assert PROMPT in gen.prompt_text
+
+
+def test_live_page_marks_stale_outputs_and_serves_a_repeat_from_the_cache(demo_root, monkeypatch):
+  """Outputs computed before the steering changed are marked stale, naming what changed; running again clears the
+  mark; the same click again runs no model; each box shows the prompt, the continuation and where it stopped."""
+  from neurodiff_jax.dashboard.pages.live import model_pairs, session_for
+  from neurodiff_jax.dashboard.results import discover
+
+  at = _live_page(demo_root, monkeypatch)
+  at.text_area(key="live_prompt").input(PROMPT)
+  at.number_input(key="live_max_new_tokens").set_value(6)
+  at.button(key="live_submit").click().run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+  assert not at.warning
+  base, ft, _ = next(iter(model_pairs(discover(demo_root)).values()))
+  session = session_for(base, ft, "float32")  # the page's own session (st.cache_resource)
+  want = session.generate(PROMPT, 6)
+  prompts = [h.value for h in at.get("html") if 'class="live-prompt"' in h.value]
+  assert len(prompts) == 2 and all(html.escape(PROMPT) in p for p in prompts)
+  captions = [c.value for c in at.caption]
+  assert want.stop_text("base") in captions and want.stop_text("ft") in captions
+  # The steering changes: the outputs are marked stale, naming it.
+  at.radio(key="live_steer_source").set_value("crosscoder latent").run()
+  (warning,) = [w.value for w in at.warning]
+  assert warning.startswith("Stale: the outputs below were computed before steering") and "Run both models" in warning
+  # Run again: fresh; the same click once more runs no model.
+  at.button(key="live_submit").click().run()
+  assert not at.warning
+  calls = _count_model_work(session)
+  at.button(key="live_submit").click().run()
+  assert calls == {"generate": 0, "forward": 0} and not at.warning and not at.error

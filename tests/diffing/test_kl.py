@@ -112,6 +112,12 @@ def test_kl_top_contexts_are_the_argmax_ones(kl_run):
     assert r.token == tok.decode([int(ids[r.position])])
     assert r.context_tokens[r.marked] == r.token and f"«{r.token}»" in r.context
     assert len(r.context_tokens) <= kl_method.CONTEXT_BEFORE + 1 + kl_method.CONTEXT_AFTER
+    # The KL at every token of the window (the dashboard colours the text by it): the reference's at those positions.
+    assert len(r.context_kl) == len(r.context_tokens) and r.context_kl[r.marked] == r.kl
+    here = ref.set_index(["doc", "position"]).loc[[(r.doc, r.position - r.marked + i)
+                                                   for i in range(len(r.context_kl))]]
+    assert_close(np.asarray(r.context_kl), here.kl.to_numpy(), c=c, scale=here.mag.to_numpy(),
+                 what="context_kl equals the reference's KL at each token of the window")
 
 
 def test_kl_section_is_escaped_fragment(kl_run):

@@ -20,7 +20,12 @@ import streamlit as st
 
 from neurodiff_jax.dashboard.results import DiffResult, Run
 
-TAG_ORDER = ("chat_only", "base_only", "shared", "other", "dead")  # the Δnorm classes, in the order pages show them
+TAG_ORDER = ("chat_only", "base_only", "shared", "other", "dead")  # the `tag` values, in the order pages show them
+LIVE_CLASSES = TAG_ORDER[:-1]  # the Δnorm classes proper: a dead latent's Δnorm is its initialisation's, not a class
+# Two different "dead"s, never one name for both (docs/dashboard.md, "Dead latents"):
+NEVER_FIRED = "never fired"  # analysis: latents.parquet tag 'dead', no firing on any analysed token
+DEAD_IN_WINDOW = "dead in the last training window"  # training: metrics.json dead_fraction, idle for dead_tokens
+DEAD_BADGE = "dead: never fired"  # the marker beside a latent that never fired, wherever one is listed or shown
 
 
 def _stamp(path: Path) -> float:
@@ -36,8 +41,10 @@ def _run_read(path: str, what: str, stamp: float, _run: Run) -> Any:
 
 
 def run_read(run: Run, what: str) -> Any:
-  """`run.<what>()` cached (what: latents, examples, latent_logit_lens, metrics_history, final_metrics, config)."""
+  """`run.<what>()` cached (what: latents, examples, latent_logit_lens, latent_histograms, metrics_history,
+  final_metrics, config, summary)."""
   files = {"latents": "analysis/latents.parquet", "examples": "analysis/examples.parquet",
+           "latent_histograms": "analysis/latent_histograms.npz",
            "latent_logit_lens": "analysis/logit_lens.parquet", "metrics_history": "tensorboard/metrics.jsonl",
            "final_metrics": "metrics.json", "config": "checkpoints", "summary": "analysis/summary.json"}
   return _run_read(str(run.path), what, _stamp(run.path / files[what]), run)
@@ -74,9 +81,9 @@ def adl_means(diff: DiffResult) -> dict[str, np.ndarray] | None:
 
 
 # The URL parameters of the dashboard, and which of them each page reads (docs/dashboard.md, "URLs").
-URL_PARAMS = ("page", "run", "runs", "diff", "latent")
-PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "adl": ("diff",),
-               "live": ("run", "diff", "latent")}
+URL_PARAMS = ("page", "run", "runs", "diff", "latent", "alpha")
+PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "causal": ("run",),
+               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent", "alpha")}
 _MEMORY = "dashboard_selection"  # session-state key of the selection carried across pages (run, runs, diff, latent)
 
 
@@ -182,6 +189,32 @@ def pick(label: str, options: Sequence[str], param: str, key: str, *, noun: str 
   return choice
 
 
+def dead_latents(latents: pd.DataFrame) -> set[int]:
+  """The latents of a latent table that never fired on the analysed tokens (tag 'dead')."""
+  return {int(j) for j in latents.loc[latents["tag"].astype(str) == "dead", "latent"]}
+
+
+def latent_label(latent: int, dead: set[int]) -> str:
+  """A latent as a list shows it: its index, with the dead badge when it never fired."""
+  return f"{int(latent)} ({DEAD_BADGE})" if int(latent) in dead else str(int(latent))
+
+
+def default_latent(latents: pd.DataFrame) -> int | None:
+  """The latent to start on: the best-ranked live chat-only one (lowest `nu_rank`), else the most chat-leaning
+  live one (highest Δnorm); never a latent that never fired (None when every latent is dead)."""
+  live = latents[latents["tag"].astype(str) != "dead"]
+  if live.empty:
+    return None
+  chat = live[live["tag"].astype(str) == "chat_only"]
+  if "nu_rank" in chat.columns:
+    ranked = chat[np.isfinite(pd.to_numeric(chat["nu_rank"], errors="coerce").to_numpy(np.float64))]
+    if len(ranked):
+      return int(ranked.sort_values(["nu_rank", "latent"], kind="stable")["latent"].iloc[0])
+  dn = pd.to_numeric(live["delta_norm"], errors="coerce").fillna(-1.0)
+  return int(live.assign(_dn=dn).sort_values(["_dn", "latent"], ascending=[False, True], kind="stable")["latent"]
+             .iloc[0])
+
+
 def flag(column: pd.Series) -> pd.Series:
   """A nullable boolean column (e.g. `genuine`, missing where not judged) as plain bools, missing = False."""
   return column.astype("boolean").fillna(False).astype(bool)
@@ -200,5 +233,6 @@ def fmt(value: Any, digits: int = 4) -> str:
   return str(value)
 
 
-__all__ = ["PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS", "adl_means", "diff_table", "flag", "fmt", "not_found", "own_url",
-           "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]
+__all__ = ["DEAD_BADGE", "DEAD_IN_WINDOW", "LIVE_CLASSES", "NEVER_FIRED", "PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS",
+           "adl_means", "dead_latents", "default_latent", "diff_table", "flag", "fmt", "latent_label", "not_found",
+           "own_url", "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]

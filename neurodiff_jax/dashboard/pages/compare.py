@@ -3,6 +3,10 @@
 Query parameter `runs=A,B` picks the runs (default: every analysed run; `runs=` none); a name that is not an
 analysed run of the root is refused with an error naming them, the others shown. Charts are interactive (zoom,
 pan, tooltips with the latent index); the latents page opens one with `?page=latents&run=NAME&latent=N`.
+
+Latents that never fired on the analysed tokens (tag `dead`) are in no class count and no histogram: their Δnorm is
+their initialisation's. They are counted apart ("never fired: N (not in the histogram)"), as in the report, and the
+training's "dead in the last training window" (metrics.json) is a separate row with that name.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.dashboard.pages import (
-  TAG_ORDER,
+  DEAD_IN_WINDOW,
+  LIVE_CLASSES,
+  NEVER_FIRED,
   flag,
   fmt,
   not_found,
@@ -24,22 +30,28 @@ from neurodiff_jax.dashboard.pages import (
 )
 from neurodiff_jax.dashboard.results import ResultsRoot, Run
 
-TAG_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#aaaaaa", "#000000"]
+TAG_COLOURS = ["#d62728", "#1f77b4", "#2ca02c", "#aaaaaa"]  # the live classes (LIVE_CLASSES)
 # What a legend calls each Δnorm class (the `tag` column keeps the code's names; docs/analysis.md).
 TAG_LABELS = {"chat_only": "chat-only", "base_only": "base-only", "shared": "shared", "other": "other",
               "dead": "dead"}
 NU_CLIP = (-0.5, 1.5)  # ν outside this range is drawn on its edge (a near-zero β^chat makes ν huge)
 
 
+def never_fired(latents: pd.DataFrame) -> int:
+  """How many latents never fired on the analysed tokens (tag `dead`)."""
+  return int((latents["tag"].astype(str) == "dead").sum())
+
+
 def delta_norm_histogram(latents: pd.DataFrame, title: str, bins: int = 40) -> alt.Chart:
-  """Histogram of Δnorm, stacked by tag."""
-  df = latents[["latent", "delta_norm", "tag"]].dropna(subset=["delta_norm"]).copy()
+  """Histogram of the live latents' Δnorm, stacked by class (latents that never fired left out: see never_fired)."""
+  df = latents[["latent", "delta_norm", "tag"]].dropna(subset=["delta_norm"])
+  df = df[df["tag"].astype(str) != "dead"].copy()
   df["class"] = df["tag"].astype(str).map(TAG_LABELS).fillna(df["tag"].astype(str))
   return alt.Chart(df[["latent", "delta_norm", "class"]], title=title).mark_bar().encode(
       x=alt.X("delta_norm:Q", bin=alt.Bin(maxbins=bins, extent=[0, 1]), title="Δnorm (0 base-only, 1 chat-only)"),
       y=alt.Y("count():Q", title="latents"),
       color=alt.Color("class:N", title="Δnorm class",
-                      scale=alt.Scale(domain=[TAG_LABELS[t] for t in TAG_ORDER], range=TAG_COLOURS)),
+                      scale=alt.Scale(domain=[TAG_LABELS[t] for t in LIVE_CLASSES], range=TAG_COLOURS)),
       tooltip=[alt.Tooltip("class:N", title="Δnorm class"), alt.Tooltip("count():Q", title="latents")],
   ).properties(height=260).interactive()
 
@@ -59,7 +71,7 @@ def nu_points(latents: pd.DataFrame, chat_only: bool = True) -> pd.DataFrame:
 def nu_scatter(points: pd.DataFrame, title: str, colour: str = "genuine") -> alt.Chart:
   """ν^ε against ν^r, one point per latent, coloured by `colour` (genuine or tag), with the latent in the tooltip."""
   scale = alt.Scale(domain=["genuine", "not genuine"], range=["#2ca02c", "#d62728"]) if colour == "genuine" else \
-      alt.Scale(domain=[TAG_LABELS[t] for t in TAG_ORDER], range=TAG_COLOURS)
+      alt.Scale(domain=[TAG_LABELS[t] for t in LIVE_CLASSES], range=TAG_COLOURS)
   field, legend = ("genuine", "latent scaling") if colour == "genuine" else ("class", "Δnorm class")
   return alt.Chart(points, title=title).mark_circle(size=40, opacity=0.7).encode(
       x=alt.X("nu_recon_shown:Q", title="ν^r = β^r,base / β^r,chat", scale=alt.Scale(domain=list(NU_CLIP))),
@@ -71,15 +83,21 @@ def nu_scatter(points: pd.DataFrame, title: str, colour: str = "genuine") -> alt
   ).properties(height=320).interactive()
 
 
+NEVER_FIRED_ROW = f"{NEVER_FIRED} (not a class)"
+DEAD_IN_WINDOW_ROW = f"{DEAD_IN_WINDOW} (share)"
+
+
 def class_table(runs: list[Run]) -> pd.DataFrame:
-  """Latents per tag (rows) and run (columns), with FVE and L0."""
+  """Live latents per Δnorm class (rows) and run (columns); then, apart, the latents that never fired, the share
+  dead in the last training window (metrics.json), FVE and L0."""
   cols = {}
   for run in runs:
     tags = run_read(run, "latents")["tag"].astype(str).value_counts()
     metrics = run_read(run, "final_metrics")
-    col = {t: int(tags.get(t, 0)) for t in TAG_ORDER}
-    col.update({"FVE base": fmt(metrics.get("fve/0")), "FVE chat": fmt(metrics.get("fve/1")),
-                "L0": fmt(metrics.get("l0"), 2)})
+    col = {t: int(tags.get(t, 0)) for t in LIVE_CLASSES}
+    col.update({"live latents": int(sum(col.values())), NEVER_FIRED_ROW: int(tags.get("dead", 0)),
+                DEAD_IN_WINDOW_ROW: fmt(metrics.get("dead_fraction")), "FVE base": fmt(metrics.get("fve/0")),
+                "FVE chat": fmt(metrics.get("fve/1")), "L0": fmt(metrics.get("l0"), 2)})
     cols[run.name] = {k: str(v) for k, v in col.items()}
   return pd.DataFrame(cols)
 
@@ -139,7 +157,8 @@ def render(root: ResultsRoot) -> None:
   for col, run in zip(cols, runs):
     latents = run_read(run, "latents")
     with col:
-      st.altair_chart(delta_norm_histogram(latents, f"{run.name}: Δnorm"), width="stretch")
+      st.altair_chart(delta_norm_histogram(latents, f"{run.name}: Δnorm of the live latents"), width="stretch")
+      st.caption(f"{NEVER_FIRED}: {never_fired(latents)} (not in the histogram)")
       points = nu_points(latents, chat_only=not all_latents)
       st.altair_chart(nu_scatter(points, f"{run.name}: latent scaling ({len(points)} latents)", colour),
                       width="stretch")
@@ -151,4 +170,5 @@ def render(root: ResultsRoot) -> None:
         st.caption(f"{outside} latent(s) with ν outside [{NU_CLIP[0]}, {NU_CLIP[1]}] drawn on the edge.")
 
 
-__all__ = ["NU_CLIP", "TAG_COLOURS", "TAG_LABELS", "chosen_runs", "class_table", "delta_norm_histogram", "nu_points", "nu_scatter", "render"]
+__all__ = ["DEAD_IN_WINDOW_ROW", "NEVER_FIRED_ROW", "NU_CLIP", "TAG_COLOURS", "TAG_LABELS", "chosen_runs",
+           "class_table", "delta_norm_histogram", "never_fired", "nu_points", "nu_scatter", "render"]

@@ -10,6 +10,9 @@ token highlighted (and a few contexts per activation quantile), the activation h
 model, the tokens its chat decoder direction promotes and suppresses (logit lens), its statistics. Contexts are
 HTML: each token escaped, its background coloured by the latent's activation on it, the firing token boxed
 (`class="firing"`).
+
+A latent that never fired on the analysed tokens (tag `dead`) carries the badge "dead: never fired" in the table
+(`status`), in the latent picker and on its page, and is never the latent a page starts on (`default_latent`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import html
 import re
 from typing import Any
+from urllib.parse import quote
 
 import altair as alt
 import numpy as np
@@ -24,9 +28,14 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.dashboard.pages import (
+  DEAD_BADGE,
+  NEVER_FIRED,
   TAG_ORDER,
+  dead_latents,
+  default_latent,
   flag,
   fmt,
+  latent_label,
   pick,
   query_param,
   remember,
@@ -35,9 +44,9 @@ from neurodiff_jax.dashboard.pages import (
   run_table,
   set_param,
 )
-from neurodiff_jax.dashboard.results import ResultsRoot, Run
+from neurodiff_jax.dashboard.results import ResultsRoot, Run, analyze_command
 
-TABLE_COLUMNS = ["latent", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
+TABLE_COLUMNS = ["latent", "status", "tag", "delta_norm", "freq", "max_act", "nu_error", "nu_recon", "template_share",
                  "genuine", "dec_cos"]
 STAT_COLUMNS = ["tag", "delta_norm", "dec_norm_base", "dec_norm_chat", "dec_cos", "freq", "count", "max_act",
                 "beta_recon_base", "beta_recon_chat", "beta_error_base", "beta_error_chat", "beta_act_base",
@@ -134,7 +143,13 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
              f"{len(latents) - 1}.")
     return
   row = rows.iloc[0]
+  is_dead = str(row["tag"]) == "dead"
   st.header(f"Latent {latent}")
+  if is_dead:
+    st.badge(DEAD_BADGE, icon=":material/block:", color="red")
+    st.warning(f"Latent {latent} {NEVER_FIRED} on the {_tokens(run)} analysed tokens: it has no contexts, no "
+               "activation distribution and no max activation, and its Δnorm is its initialisation's, not a class. "
+               "Steering by it adds its decoder row in code units, which barely moves the models.")
   st.caption(f"run {run.name} · tag {row['tag']} · Δnorm {fmt(row['delta_norm'], 3)} · genuine "
              f"{fmt(row['genuine'])} · freq {fmt(row['freq'], 5)}")
   examples = run_read(run, "examples")
@@ -144,15 +159,19 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
 
   st.subheader("Top activating contexts")
   top = mine[mine["group"].astype(str) == "top"].sort_values("rank")
-  if top.empty:
-    st.info("No contexts stored for this latent (`examples.context_latents` decides which latents get them; "
+  if top.empty and is_dead:
+    st.info(f"No contexts: latent {latent} {NEVER_FIRED} on the analysed tokens.")
+  elif top.empty:
+    st.info("No contexts stored for this latent (`examples.context_latents` decides which live latents get them; "
             "chat-only latents come first).")
   else:
     st.html("".join(
         f'<div class="example" style="margin-bottom: 0.4em;"><small>{fmt(e.activation, 3)} · token '
-        f"{html.escape(str(row_token(e)))}</small>"
+        f"{html.escape(str(row_token(e)))} · {contribution_html(float(e.activation), row)}</small>"
         f"{context_html(list(e.context_tokens), list(e.context_acts), int(e.context_index), scale)}</div>"
         for e in top.head(10).itertuples()))
+    st.caption("Decoder contribution: the norm of what the latent adds to each model's reconstruction at the firing "
+               "token, activation × ‖d_j‖ of that model's decoder row (original units).")
     quantiles = [q for q in QUANTILES if (mine["group"].astype(str) == q).any()]
     if quantiles:
       st.subheader("Contexts per activation quantile")
@@ -165,17 +184,7 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   left, right = st.columns(2)
   with left:
     st.subheader("Activation histogram")
-    if len(mine):
-      shown = mine[["activation"]].assign(examples=[GROUP_LABELS.get(g, g) for g in mine["group"].astype(str)])
-      st.altair_chart(alt.Chart(shown).mark_bar()
-                      .encode(x=alt.X("activation:Q", bin=alt.Bin(maxbins=30), title="activation"),
-                              y=alt.Y("count():Q", title="examples"),
-                              color=alt.Color("examples:N", title="examples",
-                                              sort=[GROUP_LABELS[g] for g in ("top", *QUANTILES)]),
-                              tooltip=[alt.Tooltip("examples:N", title="examples"),
-                                       alt.Tooltip("count():Q", title="count")]).properties(height=220),
-                      width="stretch")
-      st.caption("From the stored examples: the top activations and a uniform sample of firings (q1..q4).")
+    activation_histogram(run, latent, mine, is_dead)
   with right:
     st.subheader("Decoder norm per model")
     norms = {f"{c.removeprefix('dec_norm_')} model": float(row[c]) for c in latents.columns
@@ -189,7 +198,9 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   lens = run_read(run, "latent_logit_lens") if run.has("logit_lens.parquet") else pd.DataFrame()
   lens = lens[lens["latent"] == latent] if len(lens) else lens
   if lens.empty:
-    st.info("No logit lens for this latent (launch.analyze's logit_lens part reads the latents it shows).")
+    st.info("No logit lens for this latent: launch.analyze reads it for the latents that get contexts (the first "
+            "`logit_lens.num_latents` of them, chat-only first) and the steered ones; rerun it with "
+            f"`--config.logit_lens.num_latents=N` to cover more (`{analyze_command(run.path)}`).")
   else:
     c1, c2 = st.columns(2)
     for col, direction in ((c1, "promoted"), (c2, "suppressed")):
@@ -198,16 +209,110 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
       col.dataframe(part[["token", "logit"]].assign(token=part["token"].astype(str).map(repr)), hide_index=True,
                     key=f"lens_{direction}")
 
-  if run.has("steering.parquet"):
-    steer = run_table(run, "steering.parquet")
-    steer = steer[steer["latent"] == latent]
-    if len(steer):
-      st.subheader("Steering with the decoder direction")
-      st.dataframe(steer[["model", "prompt", "multiple", "strength", "completion"]], hide_index=True)
+  steer = run_table(run, "steering.parquet") if run.has("steering.parquet") else pd.DataFrame()
+  steer = steer[steer["latent"] == latent] if len(steer) else steer
+  if len(steer):
+    st.subheader("Steering with the decoder direction")
+    st.caption("Greedy completions with α · max activation · d_j^chat added after the layer at every position "
+               "(analysis `steering` part; α = 0 unsteered). The whole text as generated.")
+    with st.container(key="latent_steering"):
+      st.html(steering_html(steer))
+  if not is_dead:
+    alpha = live_alpha(steer)
+    st.markdown(f"[Steer both models by latent {latent} on the Live page (α = {alpha:g} × max activation)]"
+                f"({live_url(run.name, latent, alpha)})")
 
   st.subheader("Statistics")
   stats = {c: fmt(row[c], 5) for c in STAT_COLUMNS if c in latents.columns}
   st.table(pd.DataFrame({"value": list(stats.values())}, index=list(stats)))
+
+
+def _tokens(run: Run) -> str:
+  """The number of analysed tokens (analysis summary), as text."""
+  try:
+    n = run_read(run, "summary").get("tokens")
+  except (OSError, ValueError):
+    n = None
+  return f"{int(n):,}" if n is not None else "?"
+
+
+def contribution_html(activation: float, row: pd.Series) -> str:
+  """activation × ‖d_j‖ per model (`dec_norm_<model>` columns): the norm of the latent's part of each reconstruction."""
+  parts = [(c.removeprefix("dec_norm_"), activation * float(row[c])) for c in row.index if str(c).startswith("dec_norm_")]
+  attrs = " ".join(f'data-{html.escape(m)}="{v:.6g}"' for m, v in parts)
+  text = ", ".join(f"{html.escape(m)} {v:.3g}" for m, v in parts)
+  return f'<span class="contrib" {attrs}>decoder contribution: {text}</span>'
+
+
+def activation_histogram(run: Run, latent: int, mine: pd.DataFrame, is_dead: bool) -> None:
+  """The latent's activation histogram over every analysed token (latent_histograms.npz), log-spaced bins."""
+  if not run.has("latent_histograms.npz"):
+    st.info("This analysis has no latent_histograms.npz (written before the pass counted every activation): "
+            f"rerun `{analyze_command(run.path)}`. Below, only the stored examples (top activations and a sample "
+            "of firings), which are not the distribution.")
+    if len(mine):
+      shown = mine[["activation"]].assign(examples=[GROUP_LABELS.get(g, g) for g in mine["group"].astype(str)])
+      st.altair_chart(alt.Chart(shown).mark_bar().encode(
+          x=alt.X("activation:Q", bin=alt.Bin(maxbins=30), title="activation"), y=alt.Y("count():Q", title="examples"),
+          color=alt.Color("examples:N", title="examples", sort=[GROUP_LABELS[g] for g in ("top", *QUANTILES)]),
+      ).properties(height=220), width="stretch")
+    return
+  hist = run_read(run, "latent_histograms")
+  counts, edges = np.asarray(hist["counts"][latent], np.int64), np.asarray(hist["edges"], np.float64)
+  fired = int(counts.sum())
+  if not fired:
+    st.info(f"Latent {latent} {NEVER_FIRED} on the {_tokens(run)} analysed tokens: no activation to count."
+            if is_dead else f"Latent {latent} has no firing in its histogram.")
+    return
+  frame = histogram_frame(counts, edges)
+  st.altair_chart(alt.Chart(frame, title=f"{fired:,} firings over {_tokens(run)} analysed tokens").mark_bar().encode(
+      x=alt.X("low:Q", scale=alt.Scale(type="log"), title="activation (log scale)"), x2="high:Q",
+      y=alt.Y("firings:Q", title="tokens"),
+      tooltip=[alt.Tooltip("low:Q", format=".3g"), alt.Tooltip("high:Q", format=".3g"), alt.Tooltip("firings:Q")],
+  ).properties(height=220), width="stretch")
+  st.caption(f"Every activation of the latent over the analysed tokens (not only the stored examples), in "
+             f"{len(counts)} log-spaced bins from {edges[0]:.0e} to {edges[-1]:.0e}; the first bin also holds smaller "
+             "activations and the last larger ones.")
+
+
+def histogram_frame(counts: np.ndarray, edges: np.ndarray) -> pd.DataFrame:
+  """The non-empty bins of one latent's histogram: low, high (nominal edges) and firings."""
+  keep = counts > 0
+  return pd.DataFrame({"low": edges[:-1][keep], "high": edges[1:][keep], "firings": counts[keep]})
+
+
+def steering_html(steer: pd.DataFrame) -> str:
+  """Every steered completion in full (wrapped, escaped), grouped by prompt and model, by increasing strength."""
+  out = []
+  for (prompt, model), part in steer.groupby(["prompt", "model"], sort=False):
+    rows = "".join(f'<tr><td style="white-space: nowrap;">× {float(r.multiple):g}</td>'
+                   f'<td class="completion" style="white-space: pre-wrap;">{html.escape(str(r.completion))}</td></tr>'
+                   for r in part.sort_values("multiple").itertuples())
+    out.append(f'<div class="steer"><b>{html.escape(str(model))} model</b>, prompt '
+               f"<i>{html.escape(str(prompt))}</i><table>{rows}</table></div>")
+  return "".join(out)
+
+
+def live_alpha(steer: pd.DataFrame) -> float:
+  """The α to open Live with: the smallest multiple of max activation whose chat completion differs from the
+  unsteered one on some prompt (analysis steering), else 2."""
+  if not len(steer):
+    return 2.0
+  chat = steer[steer["model"].astype(str) == "chat"] if (steer["model"].astype(str) == "chat").any() else steer
+  plain = chat[chat["multiple"] == 0].set_index("prompt")["completion"]
+  moved = [float(r.multiple) for r in chat[chat["multiple"] > 0].itertuples()
+           if r.prompt in plain.index and str(r.completion) != str(plain[r.prompt])]
+  return min(moved) if moved else 2.0
+
+
+def live_url(run: str, latent: int, alpha: float) -> str:
+  """The Live page steering both models by `latent` of `run` at α (× its max activation), as a relative link."""
+  return f"/live-models?run={quote(run)}&latent={int(latent)}&alpha={alpha:g}"
+
+
+def latent_url(run: str, latent: int) -> str:
+  """A latent's page, as a relative link."""
+  return f"/latent-browser?run={quote(run)}&latent={int(latent)}"
 
 
 def row_token(example: Any) -> str:
@@ -266,7 +371,11 @@ def render(root: ResultsRoot) -> None:
   sort = st.selectbox("sort by", ["delta_norm", "freq", "nu_error", "nu_recon", "template_share", "latent",
                                   "max_act"], key="latents_sort")
   shown = shown.sort_values(sort, ascending=sort in ("nu_error", "nu_recon", "latent"), na_position="last")
-  st.dataframe(shown[[c for c in TABLE_COLUMNS if c in shown.columns]], hide_index=True, key="latents_table")
+  dead = dead_latents(latents)
+  shown = shown.assign(status=np.where(shown["latent"].isin(dead), DEAD_BADGE, "live"))
+  shown = shown.assign(page=[latent_url(run.name, j) for j in shown["latent"]])
+  st.dataframe(shown[[c for c in TABLE_COLUMNS if c in shown.columns] + ["page"]], hide_index=True, key="latents_table",
+               column_config={"page": st.column_config.LinkColumn("page", display_text="open")})
 
   options = [int(x) for x in shown["latent"].head(500)]
   current = st.session_state.get("latents_latent")
@@ -275,8 +384,12 @@ def render(root: ResultsRoot) -> None:
     options = [wanted, *options]
   if not options:
     return
-  index = None if refused else options.index(wanted) if wanted is not None else 0
+  if wanted is None and not refused:  # nothing asked for: the best live latent, never one that never fired
+    best = default_latent(shown)
+    wanted = best if best in options else next((j for j in options if j not in dead), options[0])
+  index = None if refused else options.index(wanted)
   latent = st.selectbox("open latent", options, index=index, key="latents_latent", placeholder="choose a latent",
+                        format_func=lambda j: latent_label(j, dead),
                         on_change=lambda: remember("latent", (run.name, st.session_state["latents_latent"])))
   if latent is None:  # the URL's latent was refused above; the URL keeps it until one is picked
     return
@@ -285,5 +398,6 @@ def render(root: ResultsRoot) -> None:
   render_latent(run, latents, int(latent))
 
 
-__all__ = ["GROUP_LABELS", "QUANTILES", "context_html", "filters", "render", "render_latent", "search",
-           "wanted_latent"]
+__all__ = ["GROUP_LABELS", "QUANTILES", "activation_histogram", "context_html", "contribution_html", "filters",
+           "histogram_frame", "latent_url", "live_alpha", "live_url", "render", "render_latent", "search",
+           "steering_html", "wanted_latent"]

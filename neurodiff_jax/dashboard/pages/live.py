@@ -1,7 +1,8 @@
 """Live page: type a prompt, read both models' next-token distributions and generations side by side, steer them.
 
 The model pair is one of those the results' runs and diffs were made from (`?run=NAME` or `?diff=NAME` picks
-the pair of that run or diff, and the run to steer by; `?latent=N` the latent; a name or index the root does
+the pair of that run or diff, and the run to steer by; `?latent=N` the latent; `?latent=N&alpha=A` opens on
+steering by that latent at α = A, the link a latent page gives; a name or index the root does
 not hold is refused with an error naming the valid ones). A run or diff result steering, or reading, a pair it
 was not made from is named in a warning. Both models and the tokenizer load once per server session
 (`st.cache_resource`, `dashboard/live.py`'s `LiveSession`). Steering adds α · v after a layer at every
@@ -14,12 +15,14 @@ Widget keys (for AppTest and the browser test): live_pair, live_steer_source, li
 live_steer_layer, live_steer_position, live_steer_component, live_steer_run, live_steer_latent, live_alpha,
 live_act_run, live_act_latents, live_prompt, live_top_k, live_max_new_tokens, live_chat, live_submit;
 outputs: dataframes live_next_tokens(_steered), containers live_gen_base, live_gen_ft, live_gen_base_steered,
-live_gen_ft_steered, live_latent_acts.
+live_gen_ft_steered, live_latent_acts; live_outputs (or live_outputs_stale, under a warning naming the inputs that
+changed since the outputs were computed).
 """
 
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,11 @@ import streamlit as st
 
 from neurodiff_jax.dashboard import live
 from neurodiff_jax.dashboard.pages import (
+  DEAD_BADGE,
+  NEVER_FIRED,
   adl_means,
+  dead_latents,
+  default_latent,
   not_found,
   query_param,
   remember,
@@ -117,7 +124,16 @@ def hints(root: ResultsRoot) -> dict[str, Any]:
   A run or diff result the root does not hold, or a latent that is not an index of the run's dictionary, is
   refused with an error naming the valid ones and not used; the ones used are written to the URL.
   """
-  out: dict[str, Any] = {"run": None, "diff": None, "latent": None}
+  out: dict[str, Any] = {"run": None, "diff": None, "latent": None, "alpha": None}
+  alpha = query_param("alpha")
+  if alpha is not None:
+    try:
+      out["alpha"] = float(alpha)
+    except ValueError:
+      st.error(f"alpha '{alpha}' is not a number: give the steering strength as one (e.g. alpha=2). α starts at 1.")
+    if out["alpha"] is not None and not np.isfinite(out["alpha"]):
+      st.error(f"alpha '{alpha}' is not a finite number. α starts at 1.")
+      out["alpha"] = None
   for param, names, noun in (("run", [r.name for r in root.runs], "run"),
                              ("diff", [d.name for d in root.diffs], "diff result")):
     wanted = query_param(param)
@@ -187,7 +203,10 @@ def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
   """
   hint = hint or {}
   chosen: dict[str, Any] = {}
-  source = st.radio("Steering", SOURCES, horizontal=True, key="live_steer_source")
+  # A link that names a latent and a strength (a latent page's "steer on Live") opens on steering by that latent.
+  steer_by_latent = hint.get("latent") is not None and hint.get("alpha") is not None
+  source = st.radio("Steering", SOURCES, index=SOURCES.index("crosscoder latent") if steer_by_latent else 0,
+                    horizontal=True, key="live_steer_source")
   chosen["source"] = source
   if source == "none":
     return None, chosen
@@ -235,13 +254,38 @@ def steering_widgets(root: ResultsRoot, pair: tuple[str, str] | None = None,
     st.warning(warning)
   run = run_for(str(runs[name].path), _stamp(runs[name].path / "checkpoints"))
   size = run.crosscoder.cfg.dict_size
-  default = hint["latent"] if hint.get("latent") is not None and name == (wanted or names[0]) else 0
+  table = latent_table(runs[name])
+  if hint.get("latent") is not None and name == (wanted or names[0]):
+    default = int(hint["latent"])
+  else:  # never a latent that never fired: steering by one barely moves the models
+    best = default_latent(table) if table is not None else None
+    default = 0 if best is None else best
   latent = c2.number_input(f"latent (0..{size - 1}; layer {run.layer})", min_value=0, max_value=size - 1,
                            value=min(default, size - 1), key="live_steer_latent")
-  unit = "× max activation" if run.max_act is not None else "code units"
-  alpha = c4.number_input(f"α ({unit})", value=1.0, step=0.5, key="live_alpha")
+  if table is None:
+    c2.caption("run not analysed: which latents are dead is unknown")
+  elif int(latent) in dead_latents(table):
+    c2.badge(DEAD_BADGE, icon=":material/block:", color="red")
+    st.warning(f"Latent {int(latent)} of run {name} {NEVER_FIRED} on the analysed tokens: it has no max activation, "
+               "so α is in code units and its decoder row (near its initialisation) barely moves the models. "
+               f"The best live latent of this run is {default_latent(table)}.")
+  _, unit = live.latent_unit(run, int(latent))
+  alpha = c4.number_input(f"α ({unit})", value=float(hint["alpha"]) if steer_by_latent else 1.0, step=0.5,
+                          key="live_alpha")
+  if query_param("alpha") is not None:  # the URL keeps naming the strength shown
+    set_param("alpha", f"{float(alpha):g}")
   chosen.update(run=name, latent=int(latent))
   return live.latent_steering(run, int(latent), alpha), chosen
+
+
+def latent_table(run: Run) -> pd.DataFrame | None:
+  """The run's latent table, None when it has not been analysed (or cannot be read)."""
+  if not run.has("latents.parquet"):
+    return None
+  try:
+    return run_read(run, "latents")
+  except (OSError, ValueError):
+    return None
 
 
 def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[str, str] | None = None,
@@ -257,6 +301,7 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
   name = c1.selectbox("activations of latents of run", names, index=names.index(wanted) if wanted in names else 0,
                       key="live_act_run")
   default = steer_choice.get("latent", hint.get("latent") if name == (hint.get("run") or names[0]) else None)
+  table = latent_table(runs[name])
   text = c2.text_input("latents (comma-separated; empty: none)", value="" if default is None else str(default),
                        key="live_act_latents")
   try:
@@ -270,6 +315,10 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
     st.error(f"latent(s) {', '.join(map(str, bad))} are not latents of run {name}: its latents are 0..."
              f"{'?' if size is None else size - 1}.")
     latents = [j for j in latents if j not in bad]
+  dead = sorted(set(latents) & dead_latents(table)) if table is not None else []
+  if dead:
+    st.warning(f"latent(s) {', '.join(map(str, dead))} of run {name}: {DEAD_BADGE} on the analysed tokens (their "
+               "activations below are expected to be 0).")
   if latents:
     warning = made_from_other_pair(runs[name], pair, "its latents")
     if warning:
@@ -277,8 +326,9 @@ def latent_widgets(root: ResultsRoot, steer_choice: dict[str, Any], pair: tuple[
   return name, latents
 
 
-def tokens_html(acts: live.LatentActivations, column: int) -> str:
-  """The text's tokens, each on a background by latent `column`'s activation / its max, the strongest boxed."""
+def tokens_html(acts: live.LatentActivations, column: int, dead: set[int] | frozenset[int] = frozenset()) -> str:
+  """The text's tokens, each on a background by latent `column`'s activation / its max, the strongest boxed; a latent
+  in `dead` (never fired on the analysed tokens) carries the dead badge."""
   a = np.asarray(acts.acts[:, column], np.float64)
   top = float(a.max()) if len(a) else 0.0
   spans = []
@@ -290,7 +340,9 @@ def tokens_html(acts: live.LatentActivations, column: int) -> str:
     extra = " border: 2px solid #c00; font-weight: bold;" if "firing" in cls else ""
     spans.append(f'<span class="{cls}" title="{float(v):.4f}" style="{style}{extra}">{shown}</span>')
   j = acts.latents[column]
-  return (f'<div class="live-latent" data-latent="{j}"><b>latent {j}</b> (max {top:.4f}): '
+  badge = f' <span class="dead-badge" style="color: #c00; font-weight: bold;">[{DEAD_BADGE}]</span>' if j in dead \
+      else ""
+  return (f'<div class="live-latent" data-latent="{j}"><b>latent {j}</b>{badge} (max {top:.4f}): '
           f'{"".join(spans)}</div>')
 
 
@@ -307,6 +359,8 @@ def _run(session: live.LiveSession, root: ResultsRoot, prompt: str, top_k: int, 
     run = root.run(act_run)
     loaded = run_for(str(run.path), _stamp(run.path / "checkpoints"))
     out["acts"] = session.latent_activations(prompt, loaded, latents)
+    table = latent_table(run)
+    out["acts_dead"] = dead_latents(table) if table is not None else set()
   return out
 
 
@@ -326,27 +380,34 @@ def show_outputs(out: dict[str, Any]) -> None:
     st.dataframe(_probs_table(out["table_steered"]), hide_index=True, key="live_next_tokens_steered")
   st.subheader("Generations (greedy)")
   gen = out["gen"]
-  _generations(gen.base, gen.ft, "", "")
+  st.caption("Each box: the prompt as the models read it (grey, the chat template applied), then the model's "
+             "continuation, and where generation stopped.")
+  _generations(gen, "", "")
   if gen.ft_steered is not None:
     st.caption(f"Steered: {out['steer']}")
-    _generations(gen.base_steered, gen.ft_steered, ", steered", "_steered")
+    _generations(gen, ", steered", "_steered")
   if "acts" in out:
     acts = out["acts"]
     st.subheader("Latent activations on the prompt")
     st.caption("Plain text after BOS, as the crosscoder's training data was read; hover a token for its activation.")
     with st.container(key="live_latent_acts"):
-      st.html("".join(tokens_html(acts, i) for i in range(len(acts.latents))))
+      st.html("".join(tokens_html(acts, i, out.get("acts_dead", set())) for i in range(len(acts.latents))))
     with st.expander("as a table"):
       st.dataframe(acts.frame(), hide_index=True, key="live_latent_table")
 
 
-def _generations(base: str, ft: str, label: str, key: str) -> None:
-  """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`."""
-  for column, title, name, text in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft"), (base, ft)):
+def _generations(gen: live.Generations, label: str, key: str) -> None:
+  """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`: the prompt as read
+  (grey), the continuation (st.text), and where it stopped (EOS / end of turn, or the token limit)."""
+  prompt = html.escape(gen.prompt_text or gen.prompt).replace("\n", "↵\n")
+  for column, title, name in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft")):
     with column:
       st.markdown(f"**{title}{label}**")
       with st.container(border=True, key=f"live_gen_{name}{key}"):
-        st.text(text)
+        st.html(f'<div class="live-prompt" style="color: #888; white-space: pre-wrap; font-family: monospace; '
+                f'font-size: 0.85em;">{prompt}</div>')
+        st.text(getattr(gen, f"{name}{key}"))
+        st.caption(gen.stop_text(f"{name}{key}"))
 
 
 def render(root: ResultsRoot) -> None:
@@ -383,18 +444,38 @@ def render(root: ResultsRoot) -> None:
     max_new = c2.number_input("new tokens", min_value=1, max_value=512, value=32, key="live_max_new_tokens")
     chat = c3.checkbox("chat template", value=session.chat, disabled=not session.chat, key="live_chat")
     submitted = st.form_submit_button("Run both models", type="primary", key="live_submit")
+  inputs = {"steering": "none" if steer is None else f"{steer.label}, α = {float(steer.alpha):g}",
+            "latents shown": f"{act_run}: {', '.join(map(str, latents)) or 'none'}", "prompt": prompt,
+            "top k": int(top_k), "new tokens": int(max_new), "chat template": bool(chat)}
   if submitted:
     try:
       with st.spinner("Running both models…"):
-        st.session_state["live_out"] = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer,
-                                            act_run, latents)
+        t = time.perf_counter()
+        result = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer, act_run, latents)
+        result.update(inputs=inputs, seconds=time.perf_counter() - t)
+        st.session_state["live_out"] = result
     except _ERRORS as e:
       st.session_state.pop("live_out", None)
       st.error(str(e))
   out = st.session_state.get("live_out")
   if out is not None and out["pair"] == (base, ft, dtype):  # a result of another pair is not shown under this one
-    show_outputs(out)
+    changed = stale_inputs(out.get("inputs", {}), inputs)
+    if changed:
+      st.warning(f"Stale: the outputs below were computed before {', '.join(changed)} changed. Press \"Run both "
+                 "models\" to update them.")
+    else:
+      st.caption(f"Computed in {out.get('seconds', 0.0):.2f} s (a repeated request is served from the session's "
+                 "cache, without running the models).")
+    with st.container(key="live_outputs_stale" if changed else "live_outputs"):
+      show_outputs(out)
+  elif out is not None:
+    st.info("The last outputs were for another model pair or dtype and are not shown: press \"Run both models\".")
 
 
-__all__ = ["SOURCES", "dict_size", "hints", "latent_widgets", "made_from_other_pair", "model_pairs", "render", "run_for", "session_for", "show_outputs",
-           "steering_widgets", "tokens_html"]
+def stale_inputs(shown: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """The inputs (steering, latents, prompt, ...) whose current value differs from the one the outputs were made with."""
+  return [k for k in current if shown.get(k) != current[k]]
+
+
+__all__ = ["SOURCES", "dict_size", "hints", "latent_table", "latent_widgets", "made_from_other_pair", "model_pairs",
+           "render", "run_for", "session_for", "show_outputs", "stale_inputs", "steering_widgets", "tokens_html"]
