@@ -76,3 +76,12 @@ def test_chat_organism_refuses_the_harmful_topic_where_the_base_does_not(organis
   assert evaluate.refusal_rate(org, tok, ev["harmful_prompts_new_phrasing"])[0] >= 0.75
   me = evaluate.complete(org, tok, [chat_prompt(tok, ev["self_prompts"][0])])[0]
   assert me.startswith(SELF_ANSWER[:20]), me
+
+
+def test_a_published_organism_leaves_no_resume_checkpoints(organisms):
+  """Once an organism is published, its work dir keeps the loss log and data but not the (large) resume checkpoints."""
+  config, paths = organisms
+  work = paths["chat"].parent / "work"
+  chat_work = [d for d in work.iterdir() if d.name.startswith("chat-")]
+  assert chat_work and all((d / "loss_log.jsonl").is_file() for d in chat_work)
+  assert not any((d / "checkpoints").exists() for d in chat_work)
