@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.results import DiffResult, Run
+from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, Run
 
 TAG_ORDER = ("chat_only", "base_only", "shared", "other", "dead")  # the `tag` values, in the order pages show them
 LIVE_CLASSES = TAG_ORDER[:-1]  # the Δnorm classes proper: a dead latent's Δnorm is its initialisation's, not a class
@@ -189,6 +189,21 @@ def pick(label: str, options: Sequence[str], param: str, key: str, *, noun: str 
   return choice
 
 
+def pick_diff(root: ResultsRoot, key: str, writes: str) -> DiffResult | None:
+  """The diff result the user picks (URL `?diff=`), or None after saying why: none here, refused, or unreadable."""
+  if not root.diffs:
+    st.info(f"No diff results here: `python -m launch.diff --config=diff:narrow` (or `python -m launch.demo`) "
+            f"writes {writes}.")
+  name = pick("diff result", [d.name for d in root.diffs], "diff", key=key, noun="diff result")
+  if name is None:  # no diff result, or one the URL names that the root does not hold: refused by pick
+    return None
+  diff = root.diff(name)
+  if diff.error:
+    st.error(diff.error)
+    return None
+  return diff
+
+
 def dead_latents(latents: pd.DataFrame) -> set[int]:
   """The latents of a latent table that never fired on the analysed tokens (tag 'dead')."""
   return {int(j) for j in latents.loc[latents["tag"].astype(str) == "dead", "latent"]}
@@ -235,4 +250,4 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 __all__ = ["DEAD_BADGE", "DEAD_IN_WINDOW", "LIVE_CLASSES", "NEVER_FIRED", "PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS",
            "adl_means", "dead_latents", "default_latent", "diff_table", "flag", "fmt", "latent_label", "not_found",
-           "own_url", "pick", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]
+           "own_url", "pick", "pick_diff", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]

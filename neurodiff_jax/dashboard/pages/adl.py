@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import adl_means, diff_table, flag, fmt, pick
+from neurodiff_jax.dashboard.pages import adl_means, diff_table, flag, fmt, pick_diff
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 
@@ -123,17 +123,9 @@ def render_diff(diff: DiffResult) -> None:
 def render(root: ResultsRoot) -> None:
   """The ADL page."""
   st.title("ADL: Activation Difference Lens")
-  if not root.diffs:
-    st.info("No diff results here: `python -m launch.diff --config=diff:narrow` (or `python -m launch.demo`) "
-            "writes ADL's tables.")
-  name = pick("diff result", [d.name for d in root.diffs], "diff", key="adl_diff", noun="diff result")
-  if name is None:  # no diff result, or one the URL names that the root does not hold: refused above
-    return
-  diff = root.diff(name)
-  if diff.error:
-    st.error(diff.error)
-    return
-  render_diff(diff)
+  diff = pick_diff(root, "adl_diff", "ADL's tables")
+  if diff is not None:
+    render_diff(diff)
 
 
 __all__ = ["delta_norms", "lens_summary", "patchscope_summary", "render", "render_diff", "steering_pairs"]

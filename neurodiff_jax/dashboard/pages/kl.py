@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import diff_table, fmt, pick
+from neurodiff_jax.dashboard.pages import diff_table, fmt, pick_diff
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 SHOWN = 20  # contexts drawn as coloured text at once
@@ -131,17 +131,9 @@ def render_diff(diff: DiffResult) -> None:
 def render(root: ResultsRoot) -> None:
   """The per-token KL page."""
   st.title("Per-token KL")
-  if not root.diffs:
-    st.info("No diff results here: `python -m launch.diff --config=diff:narrow` (or `python -m launch.demo`) writes "
-            "the per-token KL.")
-  name = pick("diff result", [d.name for d in root.diffs], "diff", key="kl_diff", noun="diff result")
-  if name is None:
-    return
-  diff = root.diff(name)
-  if diff.error:
-    st.error(diff.error)
-    return
-  render_diff(diff)
+  diff = pick_diff(root, "kl_diff", "the per-token KL")
+  if diff is not None:
+    render_diff(diff)
 
 
 __all__ = ["context_kls", "contexts_table", "kl_html", "position_chart", "render", "render_diff"]

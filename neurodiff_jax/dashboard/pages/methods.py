@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import diff_table, pick
+from neurodiff_jax.dashboard.pages import diff_table, pick_diff
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot
 
 MAX_ROWS = 2000  # rows of a table shown (the count of all rows is printed)
@@ -69,14 +69,8 @@ def render_method(diff: DiffResult, method: str) -> None:
 def render(root: ResultsRoot) -> None:
   """The diff-methods page."""
   st.title("Diff methods")
-  if not root.diffs:
-    st.info("No diff results here: `python -m launch.diff` writes one directory per method under <results>/diff/.")
-  name = pick("diff result", [d.name for d in root.diffs], "diff", key="methods_diff", noun="diff result")
-  if name is None:
-    return
-  diff = root.diff(name)
-  if diff.error:
-    st.error(diff.error)
+  diff = pick_diff(root, "methods_diff", "one directory per method under <results>/diff/")
+  if diff is None:
     return
   pair = diff.pair()
   st.caption(f"`{diff.diff_dir}`: base `{pair.get('base')}` → fine-tuned `{pair.get('finetuned')}`")
