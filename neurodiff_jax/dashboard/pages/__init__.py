@@ -10,7 +10,8 @@ change goes into a copy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import html
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,28 @@ def pick_diff(root: ResultsRoot, key: str, writes: str) -> DiffResult | None:
   return diff
 
 
+def shown_token(token: str) -> str:
+  """A token as text a reader can see: newlines and tabs drawn, everything else escaped."""
+  return html.escape(token).replace("\n", "↵").replace("\t", "⇥")
+
+
+def tokens_html(tokens: Sequence[str], values: Sequence[float], marked: int, scale: float, *, rgb: str,
+                title: Callable[[float], str], border: str, div_class: str) -> str:
+  """Tokens as HTML, each background `rgb` at value / `scale` (0 where not finite), the `marked` token boxed."""
+  scale = scale if scale > 0 else 1.0
+  spans = []
+  for i, (tok, v) in enumerate(zip(tokens, values)):
+    alpha = float(np.clip(v / scale, 0.0, 1.0)) if np.isfinite(v) else 0.0
+    style = f"background-color: rgba({rgb}, {alpha:.2f}); white-space: pre;"
+    attr = f'title="{title(v)}"'
+    if i == marked:
+      spans.append(f'<span class="firing" {attr} style="{style} border: 2px solid {border}; font-weight: bold;">'
+                   f"{shown_token(tok)}</span>")
+    else:
+      spans.append(f'<span class="tok" {attr} style="{style}">{shown_token(tok)}</span>')
+  return f'<div class="{div_class}" style="font-family: monospace; line-height: 1.9;">' + "".join(spans) + "</div>"
+
+
 def dead_latents(latents: pd.DataFrame) -> set[int]:
   """The latents of a latent table that never fired on the analysed tokens (tag 'dead')."""
   return {int(j) for j in latents.loc[latents["tag"].astype(str) == "dead", "latent"]}
@@ -250,4 +273,4 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 __all__ = ["DEAD_BADGE", "DEAD_IN_WINDOW", "LIVE_CLASSES", "NEVER_FIRED", "PAGE_PARAMS", "TAG_ORDER", "URL_PARAMS",
            "adl_means", "dead_latents", "default_latent", "diff_table", "flag", "fmt", "latent_label", "not_found",
-           "own_url", "pick", "pick_diff", "query_param", "remember", "remembered", "run_read", "run_table", "set_param"]
+           "own_url", "pick", "pick_diff", "query_param", "remember", "remembered", "run_read", "run_table", "set_param", "shown_token", "tokens_html"]

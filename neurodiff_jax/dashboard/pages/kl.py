@@ -10,21 +10,15 @@ next tokens and the KL of each of its tokens.
 
 from __future__ import annotations
 
-import html
-
 import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import diff_table, fmt, pick_diff
+from neurodiff_jax.dashboard.pages import diff_table, fmt, pick_diff, tokens_html
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 SHOWN = 20  # contexts drawn as coloured text at once
-
-
-def _shown(token: str) -> str:
-  return html.escape(token).replace("\n", "↵").replace("\t", "⇥")
 
 
 def context_kls(row: pd.Series | dict) -> list[float]:
@@ -40,18 +34,8 @@ def context_kls(row: pd.Series | dict) -> list[float]:
 
 def kl_html(tokens: list[str], kls: list[float], marked: int, scale: float) -> str:
   """One context as HTML: each token's background by its KL / `scale` (hover: its KL), the marked token boxed."""
-  scale = scale if scale > 0 else 1.0
-  spans = []
-  for i, (tok, v) in enumerate(zip(tokens, kls)):
-    alpha = 0.0 if not np.isfinite(v) else float(np.clip(v / scale, 0.0, 1.0))
-    title = f'title="KL {v:.4f}"' if np.isfinite(v) else 'title="KL not stored"'
-    style = f"background-color: rgba(200, 30, 30, {alpha:.2f}); white-space: pre;"
-    if i == marked:
-      spans.append(f'<span class="firing" {title} style="{style} border: 2px solid #000; font-weight: bold;">'
-                   f"{_shown(tok)}</span>")
-    else:
-      spans.append(f'<span class="tok" {title} style="{style}">{_shown(tok)}</span>')
-  return '<div class="kl-context" style="font-family: monospace; line-height: 1.9;">' + "".join(spans) + "</div>"
+  return tokens_html(tokens, kls, marked, scale, rgb="200, 30, 30", border="#000", div_class="kl-context",
+                     title=lambda v: f"KL {v:.4f}" if np.isfinite(v) else "KL not stored")
 
 
 def contexts_table(top: pd.DataFrame) -> pd.DataFrame:

@@ -43,6 +43,7 @@ from neurodiff_jax.dashboard.pages import (
   run_read,
   run_table,
   set_param,
+  tokens_html,
 )
 from neurodiff_jax.dashboard.results import ResultsRoot, Run, analyze_command
 
@@ -58,25 +59,10 @@ GROUP_LABELS = {"top": "top activations", "q4": "quantile 4 (highest)", "q3": "q
                 "q1": "quantile 1 (lowest)"}
 
 
-def _shown(token: str) -> str:
-  """A token as text a reader can see: newlines and tabs drawn, everything else escaped."""
-  return html.escape(token).replace("\n", "↵").replace("\t", "⇥")
-
-
 def context_html(tokens: list[str], acts: list[float], index: int, scale: float) -> str:
   """One context as HTML: each token's background by its activation / `scale`, the firing token (`index`) boxed."""
-  scale = scale if scale > 0 else 1.0
-  spans = []
-  for i, (tok, act) in enumerate(zip(tokens, acts)):
-    alpha = float(np.clip(act / scale, 0.0, 1.0)) if np.isfinite(act) else 0.0
-    style = f"background-color: rgba(255, 140, 0, {alpha:.2f}); white-space: pre;"
-    title = f'title="activation {act:.3f}"'
-    if i == index:
-      spans.append(f'<span class="firing" {title} style="{style} border: 2px solid #c00; font-weight: bold;">'
-                   f"{_shown(tok)}</span>")
-    else:
-      spans.append(f'<span class="tok" {title} style="{style}">{_shown(tok)}</span>')
-  return "<div class=\"context\" style=\"font-family: monospace; line-height: 1.9;\">" + "".join(spans) + "</div>"
+  return tokens_html(tokens, acts, index, scale, rgb="255, 140, 0", border="#c00", div_class="context",
+                     title=lambda v: f"activation {v:.3f}")
 
 
 def _strip(token: str) -> str:
