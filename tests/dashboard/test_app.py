@@ -19,6 +19,7 @@ from streamlit.util import calc_hash
 
 from neurodiff_jax.dashboard.app import PAGES, URL_PATHS
 from neurodiff_jax.dashboard.results import discover
+from tests.causal_verdicts import check_verdict
 from tests.numerics import U64, assert_close, rounding
 
 APP = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
@@ -467,21 +468,7 @@ def test_causal_page_shows_the_table_the_intervals_and_a_verdict_from_them(demo_
         assert (r.kl_mean, r.ci_low, r.ci_high) == (rows[r.group].kl_mean, rows[r.group].ci_low, rows[r.group].ci_high)
       (verdict,) = [m.value for m in at.markdown if m.value.startswith("**Verdict.**")]
       assert verdict == f"**Verdict.** {causal_verdict(frame, region).sentence}"
-      if "nu_best_half" in rows and "dnorm_top_half" in rows:
-        judged += 1
-        best, ctrl, base = rows["nu_best_half"], rows["dnorm_top_half"], rows["all_base"]
-        if best.ci_high < ctrl.ci_low:
-          assert "significantly more than the" in verdict and "do not overlap" in verdict
-        elif best.ci_low > ctrl.ci_high:
-          assert "significantly less than the" in verdict and "do not overlap" in verdict
-        else:
-          assert "not significantly more or less than the" in verdict and "intervals overlap" in verdict
-        below = "significantly below all-base" if best.ci_high < base.ci_low else "not significantly below all-base"
-        assert below in verdict
-        gap = (base.kl_mean - best.kl_mean) / (base.kl_mean - rows["all_latents"].kl_mean)
-        assert f"closes {100 * gap:.0f}% of the KL gap" in verdict
-      else:
-        assert "no live chat-only latent to patch" in verdict
+      judged += check_verdict(verdict, rows)
   assert judged, "no run has both chat-only halves: the verdict's comparison was never checked"
 
 

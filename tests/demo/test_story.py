@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from neurodiff_jax.demo.story import write_story
+from tests.causal_verdicts import check_verdict
 
 
 class _Page(HTMLParser):
@@ -90,22 +91,7 @@ def test_causal_verdicts_follow_from_the_intervals(story):
     rows = {r.group: r for r in frame[frame.region == "reply"].itertuples()}
     verdict = page.verdicts[name]
     assert verdict.startswith("Verdict. On the assistant's reply")
-    base, floor = rows["all_base"], rows["all_latents"]
-    if "nu_best_half" not in rows:
-      assert "no live chat-only latent to patch" in verdict
-      continue
-    judged += 1
-    best, ctrl = rows["nu_best_half"], rows["dnorm_top_half"]
-    assert f"closes {100 * (base.kl_mean - best.kl_mean) / (base.kl_mean - floor.kl_mean):.0f}% of the KL gap" in verdict
-    assert f"KL {best.kl_mean:#.3g} [{best.ci_low:#.3g}, {best.ci_high:#.3g}]" in verdict
-    below = best.ci_high < base.ci_low
-    assert ("not significantly below all-base" in verdict) == (not below)
-    if best.ci_high < ctrl.ci_low:
-      assert "significantly more than the" in verdict and "do not overlap" in verdict
-    elif best.ci_low > ctrl.ci_high:
-      assert "significantly less than the" in verdict and "do not overlap" in verdict
-    else:
-      assert "not significantly more or less than the" in verdict and "intervals overlap" in verdict
+    judged += check_verdict(verdict, rows)
   assert judged, "no run has chat-only halves: the comparison was never checked"
 
 
