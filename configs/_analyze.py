@@ -55,7 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
       "max_new_tokens": 24,
   })
   # The tokens each latent's chat decoder direction promotes / suppresses (final norm + unembedding).
-  c.logit_lens = ml_collections.ConfigDict({"enabled": True, "num_latents": 256, "top": 10})
+  # Logit lens of every latent that fired (num_latents=0), or of the first N by context order; read in chunks.
+  c.logit_lens = ml_collections.ConfigDict({"enabled": True, "num_latents": 0, "top": 10})
   c.model_dtype = "float32"
   c.report = ml_collections.ConfigDict({"enabled": True, "max_latents": 8})
   return c

@@ -56,7 +56,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       a.causal.n_boot = 200
       a.steering.num_latents = 2
       a.steering.max_new_tokens = 16
-      a.logit_lens.num_latents = 64
       a.examples.context_latents = 256
   c.analyze = a
 

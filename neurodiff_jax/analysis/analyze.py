@@ -410,8 +410,8 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
   if config.logit_lens.enabled:
     from neurodiff_jax.models.lens import logit_lens, top_tokens
 
-    chosen = sorted(set(context_latents(table, int(config.logit_lens.num_latents)).tolist()) |
-                    set(_steering_latents(config, table)))
+    limit = int(config.logit_lens.num_latents) or len(table)  # 0: every latent that fired
+    chosen = sorted(set(context_latents(table, limit).tolist()) | set(_steering_latents(config, table)))
     key = _digest({"cc": fp, "lens": config.logit_lens.to_dict(), "latents": chosen})
     file = out / "logit_lens.parquet"
     if parts.fresh("logit_lens", key, [file]):
@@ -420,10 +420,14 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
       _, chat_model, tok = models()
       k = int(config.logit_lens.top)
       rows = []
-      for j, top in zip(chosen, top_tokens(logit_lens(chat_model, cc.decoder()[chosen, -1]), tok, k)):
-        for way in ("promoted", "suppressed"):
-          rows += [{"latent": j, "direction": way, "rank": r, "token": t, "logit": float(v)}
-                   for r, (t, v) in enumerate(zip(top[way], top[f"{way}_logits"]))]
+      dec = cc.decoder()
+      chunk = 128  # [chunk, V] logits at a time: all of a 4k-latent dictionary at once would be 4 GB at V = 262k
+      for s0 in range(0, len(chosen), chunk):
+        part = chosen[s0:s0 + chunk]
+        for j, top in zip(part, top_tokens(logit_lens(chat_model, dec[part, -1]), tok, k)):
+          for way in ("promoted", "suppressed"):
+            rows += [{"latent": j, "direction": way, "rank": r, "token": t, "logit": float(v)}
+                     for r, (t, v) in enumerate(zip(top[way], top[f"{way}_logits"]))]
       log(f"logit_lens: top {k} tokens of {len(chosen)} latents' chat decoder directions")
       pd.DataFrame(rows, columns=["latent", "direction", "rank", "token", "logit"]).to_parquet(file, index=False)
       parts.finish("logit_lens", key)

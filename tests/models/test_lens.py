@@ -26,5 +26,11 @@ def test_lens_of_the_last_residual_is_the_models_logits(tmp_path):
   assert top["promoted_ids"] == np.argsort(lens[0])[::-1][:3].tolist()
   assert top["suppressed_ids"] == np.argsort(lens[0])[:3].tolist()
   assert top["promoted"] == [tok.decode([i]) for i in top["promoted_ids"]]
+  # The partial selection equals a full sort on many rows (ties by token id), and k above V is all of V.
+  rows = np.random.default_rng(0).integers(0, 50, size=(20, 300)).astype(np.float32)  # many ties
+  for row, t in zip(rows, top_tokens(rows, None, k=7)):
+    assert t["promoted_ids"] == np.lexsort((np.arange(300), -row))[:7].tolist()
+    assert t["suppressed_ids"] == np.lexsort((np.arange(300), row))[:7].tolist()
+  assert len(top_tokens(rows[:1], None, k=999)[0]["promoted_ids"]) == 300
   with pytest.raises(ValueError, match="vectors \\[n, d=64\\]"):
     logit_lens(model, x[:, :10])

@@ -184,9 +184,10 @@ def render_latent(run: Run, latents: pd.DataFrame, latent: int) -> None:
   lens = run_read(run, "latent_logit_lens") if run.has("logit_lens.parquet") else pd.DataFrame()
   lens = lens[lens["latent"] == latent] if len(lens) else lens
   if lens.empty:
-    st.info("No logit lens for this latent: launch.analyze reads it for the latents that get contexts (the first "
-            "`logit_lens.num_latents` of them, chat-only first) and the steered ones; rerun it with "
-            f"`--config.logit_lens.num_latents=N` to cover more (`{analyze_command(run.path)}`).")
+    st.info("No logit lens for this latent: launch.analyze reads it for every latent that fired "
+            "(`logit_lens.num_latents=0`, the default), or for the first N when a limit was set; a latent that "
+            "never fired has none. Rerun the analysis with `--config.logit_lens.num_latents=0 "
+            f"--config.force_parts='(\"logit_lens\",)'` to cover every live latent (`{analyze_command(run.path)}`).")
   else:
     c1, c2 = st.columns(2)
     for col, direction in ((c1, "promoted"), (c2, "suppressed")):
