@@ -9,6 +9,7 @@ compiled program across calls (the dashboard's live page).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -142,6 +143,14 @@ def greedy_generate(
   return _cut(np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask)))[:, p:], eos_id)
 
 
+# Module-level, the graph definition static: every call with the same architecture and shapes (a base and
+# its fine-tune too: they share a graph) reuses one compiled program; an agent asks many times.
+@functools.partial(jax.jit, static_argnames=("graphdef", "width", "max_new_tokens", "temperature", "top_k"))
+def _sample_run(state: nnx.State, ids: jax.Array, mask: jax.Array, key: jax.Array, *, graphdef: nnx.GraphDef,
+                width: int, max_new_tokens: int, temperature: float, top_k: int) -> jax.Array:
+  return _decode(nnx.merge(graphdef, state), ids, mask, width, max_new_tokens, None, key, temperature, top_k)
+
+
 def sample_generate(
     model: Transformer,
     prompts: Sequence[Sequence[int]],
@@ -160,18 +169,15 @@ def sample_generate(
     raise ValueError(f"temperature={temperature} must be > 0 and top_k={top_k} >= 1.")
   graphdef, state = nnx.split(model)
   width = max(len(x) for x in prompts)
-
-  @jax.jit
-  def run(state, ids, mask, key):
-    return _decode(nnx.merge(graphdef, state), ids, mask, width, max_new_tokens, None, key, temperature, int(top_k))
-
   out: list[list[int]] = []
   for i in range(0, len(prompts), batch_size):
     chunk = list(prompts[i:i + batch_size])
     chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape for every batch
     ids, mask = _left_padded(chunk, width, width + max_new_tokens, pad_id)
     key = jax.random.fold_in(jax.random.key(seed), i)
-    res = np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask), key))[:, width:]
+    res = np.asarray(_sample_run(state, jnp.asarray(ids), jnp.asarray(mask), key, graphdef=graphdef, width=width,
+                                 max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                 top_k=int(top_k)))[:, width:]
     out += _cut(res, eos_id)[:min(batch_size, len(prompts) - i)]
   return out
 
