@@ -2,7 +2,7 @@
 
 The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
 each in `pages/` with `render(root)`): Overview, Compare runs, Latents, Causal test, ADL, Per-token KL, Diff
-methods, Live.
+methods, Live, Agents.
 
 URLs: each page has its own path, and its URL always names what it shows (docs/dashboard.md, "URLs"):
   /run-overview?page=overview&run=NAME        the runs' metrics (no run: every run)
@@ -13,9 +13,11 @@ URLs: each page has its own path, and its URL always names what it shows (docs/d
   /kl-divergence?page=kl&diff=NAME            per-token KL: text coloured by KL, the contexts of highest KL
   /diff-methods?page=methods&diff=NAME        every file of every diff method
   /live-models?page=live&run=NAME&diff=NAME&latent=N
+  /agent-results?page=agents&organism=NAME&agent=TYPE&seed=S   the agents' grades, comparison and a transcript
 `/?page=NAME&...` (NAME a page or its path) opens that page with the other parameters; `/` alone opens the
 overview. A name or index that does not exist is refused with an error naming the valid ones, never replaced by
-another; sidebar navigation carries the chosen run, diff and latent to the next page and into its URL. In
+another; sidebar navigation carries the chosen run, diff, latent (and organism, agent, seed) to the next page and
+into its URL. In
 `AppTest`, set `at.query_params["page"] = "latents"` (and run, latent) before the first `at.run()` to open a page.
 
 A missing or empty results root and results written by an older version are shown as an error naming the
@@ -35,12 +37,13 @@ from neurodiff_jax.dashboard.pages import own_url, query_param
 from neurodiff_jax.dashboard.results import NoResults, OldResults, ResultsRoot, discover
 
 PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("causal", "Causal test"),
-         ("adl", "ADL"), ("kl", "Per-token KL"), ("methods", "Diff methods"), ("live", "Live"))
+         ("adl", "ADL"), ("kl", "Per-token KL"), ("methods", "Diff methods"), ("live", "Live"), ("agents", "Agents"))
 # The URL path of each page. Never a module name of `pages/`: Streamlit treats a `pages/` folder beside the main
 # script as v1 multipage scripts and, on a session's first run (and on every AppTest run), would execute
 # `pages/<url path>.py` itself, which only defines `render` and shows nothing.
 URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "causal": "causal-test",
-             "adl": "adl-lens", "kl": "kl-divergence", "methods": "diff-methods", "live": "live-models"}
+             "adl": "adl-lens", "kl": "kl-divergence", "methods": "diff-methods", "live": "live-models",
+             "agents": "agent-results"}
 # What `?page=` accepts: a page's name or its URL path, any case.
 PAGE_NAMES = {**{path: slug for slug, path in URL_PATHS.items()}, **{slug: slug for slug in URL_PATHS}}
 

@@ -7,6 +7,11 @@
 are followed). `demo.json`, when present, only gives the names. Files are read on demand, uncached (the app
 caches them); a run or diff written by an older neurodiff-jax keeps its place in the lists with `error` naming
 the command that rewrites it, so one old directory never hides the others.
+
+`ResultsRoot.agents` is `launch.agent`'s `ROOT/agents/` (`AgentResults`): graded scores, the comparison of the
+agent types, and one directory per agent run (`runs/<organism>/<agent>-s<seed>/`: transcript, answer, grade).
+Each of its files may be missing (agents not run, comparison not fitted, a run killed before it answered); the
+readers return None for a missing file and the pages say which command writes it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,9 @@ from neurodiff_jax.utils.results import OldResults, check_format
 
 MAX_DEPTH = 5  # ROOT/runs/<name>/analysis/diff is the deepest layout the launchers write
 # Directories that never hold a run or a diff and can be large (stores, checkpoints, models).
-_SKIP = {"checkpoints", "tensorboard", "diff", "activations", "organisms", "hf_cache", "__pycache__", "node_modules"}
+# `agents` holds launch.agent's transcripts, read through ResultsRoot.agents instead.
+_SKIP = {"checkpoints", "tensorboard", "diff", "activations", "organisms", "hf_cache", "__pycache__", "node_modules",
+         "agents"}
 
 
 class NoResults(FileNotFoundError):
@@ -238,6 +246,119 @@ class DiffResult:
     return (str(record["base"]), str(record["finetuned"])) if "base" in record and "finetuned" in record else None
 
 
+AGENT_COMMAND = "python -m launch.agent --config=agent:ORGANISM[,SCALE]"  # runs and grades the agents
+COMPARISON_COMMAND = "python -m launch.agent --config=agent:all,SCALE"  # also fits the comparison (several seeds)
+SCORE_COLUMNS = ("organism", "scale", "agent", "implementation", "llm_model", "seed", "grader", "objective", "details",
+                 "objective_reason", "details_reason", "model_queries", "tool_calls", "stop_reason", "run_dir")
+COMPARISON_COLUMNS = ("outcome", "quantity", "mean", "lo", "hi")
+_AGENT_RUN = re.compile(r"^(?P<agent>.+)-s(?P<seed>\d+)$")  # runs/<organism>/<agent>-s<seed>
+
+
+def agent_command(organism: str | None = None, scale: str | None = None) -> str:
+  """The command that runs and grades the agents on `organism` (the general form without one)."""
+  if organism is None:
+    return AGENT_COMMAND
+  return f"python -m launch.agent --config=agent:{organism}{f',{scale}' if scale else ''}"
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+  """A JSON file's object, None when it does not exist (a file that does exist but cannot be parsed raises)."""
+  return _read_json(path) if path.is_file() else None
+
+
+def _columns(frame: pd.DataFrame, path: Path, wanted: tuple[str, ...], rerun: str) -> pd.DataFrame:
+  missing = [c for c in wanted if c not in frame.columns]
+  if missing:
+    raise OldResults(f"{path} lacks the column(s) {', '.join(missing)}: it was written by another version of "
+                     f"launch.agent. Rerun: {rerun}")
+  return frame
+
+
+@dataclasses.dataclass
+class AgentRun:
+  """One agent's run on one organism: `agents/runs/<organism>/<agent>-s<seed>/`."""
+  organism: str
+  agent: str
+  seed: int
+  path: Path
+
+  def transcript(self) -> tuple[list[dict[str, Any]], int]:
+    """The transcript's events in file order, and how many lines could not be read (a killed run cuts its last)."""
+    path = self.path / "transcript.jsonl"
+    if not path.is_file():
+      return [], 0
+    events, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          event = json.loads(line)
+        except json.JSONDecodeError:
+          bad += 1
+          continue
+        if isinstance(event, dict):
+          events.append(event)
+        else:
+          bad += 1
+    return events, bad
+
+  def answer(self) -> dict[str, Any] | None:
+    """`answer.json`: the final structured answer, the stop reason and the budget used (None before it answered)."""
+    return _optional_json(self.path / "answer.json")
+
+  def grade(self) -> dict[str, Any] | None:
+    """`grade.json`: both grades (1..5), the grader and its reasons (None before grading)."""
+    return _optional_json(self.path / "grade.json")
+
+
+@dataclasses.dataclass
+class AgentResults:
+  """`launch.agent`'s results under a results root: `agents/` (every file optional)."""
+  path: Path
+
+  @property
+  def exists(self) -> bool:
+    """Whether the agents directory exists at all."""
+    return self.path.is_dir()
+
+  @property
+  def plot(self) -> Path:
+    """comparison.png: the posterior of the agent-type difference."""
+    return self.path / "comparison.png"
+
+  def scores(self) -> pd.DataFrame | None:
+    """scores.parquet, one row per graded answer (None when absent; OldResults when a column is missing)."""
+    path = self.path / "scores.parquet"
+    if not path.is_file():
+      return None
+    return _columns(pd.read_parquet(path), path, SCORE_COLUMNS, AGENT_COMMAND)
+
+  def comparison(self) -> pd.DataFrame | None:
+    """comparison.parquet: outcome, quantity, mean and 90% interval (None when the comparison was not fitted)."""
+    path = self.path / "comparison.parquet"
+    if not path.is_file():
+      return None
+    return _columns(pd.read_parquet(path), path, COMPARISON_COLUMNS, COMPARISON_COMMAND)
+
+  def diagnostics(self) -> dict[str, Any]:
+    """comparison.json: the sampler's diagnostics per outcome ({} when absent)."""
+    return _optional_json(self.path / "comparison.json") or {}
+
+  def runs(self) -> list[AgentRun]:
+    """Every run directory, by organism, agent and seed (directories not named `<agent>-s<seed>` are not runs)."""
+    out = []
+    base = self.path / "runs"
+    if not base.is_dir():
+      return out
+    for org in sorted(p for p in base.iterdir() if p.is_dir()):
+      for d in sorted(p for p in org.iterdir() if p.is_dir()):
+        hit = _AGENT_RUN.match(d.name)
+        if hit:
+          out.append(AgentRun(org.name, hit["agent"], int(hit["seed"]), d))
+    return sorted(out, key=lambda r: (r.organism, r.agent, r.seed))
+
+
 @dataclasses.dataclass
 class ResultsRoot:
   """Everything under one results directory."""
@@ -245,6 +366,11 @@ class ResultsRoot:
   runs: list[Run]
   diffs: list[DiffResult]
   demo: dict[str, Any] | None = None  # demo.json, when launch.demo wrote the root
+
+  @property
+  def agents(self) -> AgentResults:
+    """`launch.agent`'s results in this root (`agents/`; `.exists` says whether there are any)."""
+    return AgentResults(self.path / "agents")
 
   def run(self, name: str) -> Run:
     """The run called `name` (KeyError naming the known runs)."""
@@ -360,5 +486,6 @@ def discover(path: str | Path) -> ResultsRoot:
   return ResultsRoot(path=root, runs=runs, diffs=diffs, demo=demo)
 
 
-__all__ = ["MAX_DEPTH", "DiffResult", "NoResults", "OldResults", "ResultsRoot", "Run", "analyze_command",
-           "diff_command", "discover"]
+__all__ = ["AGENT_COMMAND", "COMPARISON_COLUMNS", "COMPARISON_COMMAND", "MAX_DEPTH", "SCORE_COLUMNS", "AgentResults",
+           "AgentRun", "DiffResult", "NoResults", "OldResults", "ResultsRoot", "Run", "agent_command",
+           "analyze_command", "diff_command", "discover"]

@@ -8,7 +8,9 @@
 5. the causal KL test, with a verdict computed from its intervals (`analysis/verdicts.py`);
 6. ADL on base vs narrow: δ_p's tokens against the card, relevance against the trivial baseline,
    steered samples, and the per-token KL;
-7. what each method found, one line each.
+7. the interpretability agents (`agents.report`, from `ROOT/agents/` when `launch.agent` has run; else the
+   command that runs them): grades of blackbox and diff agents, and whether diffing results help;
+8. what each method found, one line each.
 
 Links go only to files that exist: each diff result's own `report.html` is written here
 (`diffing.report.write_report`) before it is linked.
@@ -398,6 +400,7 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
   stages = manifest.get("stages", {})
   order = [s for s in STAGES if s in stages] + sorted(set(stages) - set(STAGES))  # demo.json sorts its keys
   timing = ", ".join(f"{k} {stages[k].get('seconds', 0):.0f} s" for k in order)
+  from neurodiff_jax.agents.report import section_html as agents_section
   from neurodiff_jax.diffing.report import write_report as write_diff_report
 
   for path in diffs.values():  # each diff's own report, so that the link to it resolves
@@ -416,7 +419,8 @@ def write_story(root: str | Path, manifest: dict[str, Any]) -> Path:
       causal_section(runs),
       *(adl_section(p, organisms, n, f"6{chr(ord('a') + i)}" if len(diffs) > 1 else "6")
         for i, (n, p) in enumerate(diffs.items())),
-      summary_section(runs, diffs, organisms),
+      agents_section(root / "agents", number="7"),
+      summary_section(runs, diffs, organisms, number="8"),
       "</body></html>",
   ]
   path = root / "report.html"

@@ -82,10 +82,12 @@ def adl_means(diff: DiffResult) -> dict[str, np.ndarray] | None:
 
 
 # The URL parameters of the dashboard, and which of them each page reads (docs/dashboard.md, "URLs").
-URL_PARAMS = ("page", "run", "runs", "diff", "latent", "alpha")
+URL_PARAMS = ("page", "run", "runs", "diff", "latent", "alpha", "organism", "agent", "seed")
 PAGE_PARAMS = {"overview": ("run",), "compare": ("runs",), "latents": ("run", "latent"), "causal": ("run",),
-               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent", "alpha")}
-_MEMORY = "dashboard_selection"  # session-state key of the selection carried across pages (run, runs, diff, latent)
+               "adl": ("diff",), "kl": ("diff",), "methods": ("diff",), "live": ("run", "diff", "latent", "alpha"),
+               "agents": ("organism", "agent", "seed")}
+# Session-state key of the selection carried across pages (run, runs, diff, latent; organism, agent, seed).
+_MEMORY = "dashboard_selection"
 
 
 def query_param(name: str, default: str | None = None) -> str | None:
@@ -125,7 +127,8 @@ def set_param(name: str, value: str | None) -> None:
 
 
 def remembered(name: str) -> Any:
-  """The selection `name` (run, runs, diff, latent) the user made on this or another page, else None."""
+  """The selection `name` (run, runs, diff, latent, organism, agent, seed) the user made on this or another page, else
+  None."""
   return st.session_state.get(_MEMORY, {}).get(name)
 
 
