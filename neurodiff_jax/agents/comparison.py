@@ -5,10 +5,13 @@ Each agent answer about a model organism is graded 1..5 on two outcomes: the bro
 so, as in the reference's HiBayES analysis, answer i's grade y_i (0-based: grade − 1) follows an
 ordered logistic around a latent
 
-  η_i = β · [agent_i = diff] + u_org[organism_i] + u_seed[seed_i],   P(y_i ≤ k) = σ(c_k − η_i),
+  η_i = (β + b_org[organism_i]) · [agent_i = diff] + u_org[organism_i] + u_seed[seed_i],
+  P(y_i ≤ k) = σ(c_k − η_i),
 
 with ordered cutpoints c_0 < … < c_{K−2}. β is the log-odds shift of a diff-access agent's grade
-over a blackbox agent's (same organism, same seed); u_org (how hard an organism is) and u_seed
+over a blackbox agent's (same organism, same seed), averaged over organisms; b_org ~ N(0, τ) lets
+the shift differ between organisms (the diff may help on one organism and not on another),
+partially pooled towards β, τ ~ HalfNormal(1), non-centred; u_org (how hard an organism is) and u_seed
 (a shift shared by every run with that seed value, across organisms and agent types: the agents'
 sampling seed, or a replicate batch) are random effects, non-centred, with HalfNormal(1) scales. A
 factor with one level (one organism, one seed) still works: its σ is then informed by the prior only.
@@ -48,7 +51,7 @@ AGENTS = ("blackbox", "diff")  # index 0, 1: η carries β on the second
 REQUIRED_COLUMNS = ("organism", "scale", "agent", "seed", *OUTCOMES)
 NUM_CLASSES = 5  # grades 1..5
 INTERVAL = 0.9  # equal-tailed credible interval
-LATENT_SITES = ("beta", "sigma_org", "sigma_seed", "z_org", "z_seed", "cutpoints")
+LATENT_SITES = ("beta", "sigma_org", "sigma_seed", "tau", "z_org", "z_seed", "z_slope", "cutpoints")
 # A draw's blackbox expected grade (0–4 scale) is floored here in the ratio: it is > 0 in exact
 # arithmetic, but could round to 0 in float32 if η sat ~100 logits below the first cutpoint.
 RATIO_FLOOR = 1e-6
@@ -65,20 +68,24 @@ def cutpoint_prior(num_classes: int = NUM_CLASSES) -> dist.Distribution:
 
 def ordered_logistic_model(agent_is_diff: Any, organism_idx: Any, seed_idx: Any, n_organisms: int, n_seeds: int,
                            num_classes: int = NUM_CLASSES, grades: Any = None) -> None:
-  """NumPyro model: grade − 1 ~ OrderedLogistic(β·diff + u_org[organism] + u_seed[seed], c); `grades` are 1..K."""
+  """NumPyro model: grade − 1 ~ OrderedLogistic((β + b_org)·diff + u_org + u_seed, c); `grades` are 1..K."""
   agent_is_diff = jnp.asarray(agent_is_diff, jnp.float32)  # [N]
   beta = numpyro.sample("beta", dist.Normal(0.0, 2.0))
   sigma_org = numpyro.sample("sigma_org", dist.HalfNormal(1.0))
   sigma_seed = numpyro.sample("sigma_seed", dist.HalfNormal(1.0))
+  tau = numpyro.sample("tau", dist.HalfNormal(1.0))
   # Non-centred: with few organisms or seeds the centred form's funnel makes NUTS diverge.
   with numpyro.plate("organisms", n_organisms):
     z_org = numpyro.sample("z_org", dist.Normal(0.0, 1.0))  # [O]
+    z_slope = numpyro.sample("z_slope", dist.Normal(0.0, 1.0))  # [O]
   with numpyro.plate("seeds", n_seeds):
     z_seed = numpyro.sample("z_seed", dist.Normal(0.0, 1.0))  # [R]
   u_org = numpyro.deterministic("u_org", sigma_org * z_org)  # [O]
   u_seed = numpyro.deterministic("u_seed", sigma_seed * z_seed)  # [R]
+  b_org = numpyro.deterministic("b_org", tau * z_slope)  # [O]: the organism's departure from β
   cutpoints = numpyro.sample("cutpoints", cutpoint_prior(num_classes))  # [K-1]
-  eta = beta * agent_is_diff + u_org[jnp.asarray(organism_idx)] + u_seed[jnp.asarray(seed_idx)]  # [N]
+  org = jnp.asarray(organism_idx)
+  eta = (beta + b_org[org]) * agent_is_diff + u_org[org] + u_seed[jnp.asarray(seed_idx)]  # [N]
   obs = None if grades is None else jnp.asarray(grades, jnp.int32) - 1
   with numpyro.plate("answers", agent_is_diff.shape[0]):
     numpyro.sample("grade", dist.OrderedLogistic(eta, cutpoints), obs=obs)  # 0-based
@@ -192,7 +199,8 @@ def compare(scores: pd.DataFrame, outcome: str, *, num_warmup: int = 500, num_sa
 
   # Expected grade (0–4 scale) per draw, organism and agent type, at seed effect 0.
   agent = jnp.arange(len(AGENTS), dtype=jnp.float32)  # [A]: 0 blackbox, 1 diff
-  eta = post["beta"][:, None, None] * agent[None, None, :] + post["u_org"][:, :, None]  # [S, O, A]
+  slope = post["beta"][:, None] + post["b_org"]  # [S, O]: each organism's diff effect
+  eta = slope[:, :, None] * agent[None, None, :] + post["u_org"][:, :, None]  # [S, O, A]
   e0 = np.asarray(expected_grade(eta, post["cutpoints"][:, None, None, :]), np.float64)  # [S, O, A]
   pooled = e0.mean(axis=1)  # [S, A]: averaged over the organisms present
   e_bb, e_diff = pooled[:, 0], pooled[:, 1]
