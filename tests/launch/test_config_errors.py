@@ -90,3 +90,18 @@ def test_show_prints_every_field_with_its_value_and_source_comment(tmp_path):
   organisms = _run("launch.organism", "--config=organisms:taboo,small", "--config.show", home=home)
   assert organisms.returncode == 0 and "organism = 'taboo'" in organisms.stdout
   assert "model.hidden_size = 64" in organisms.stdout and not home.exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--config=agent:tabo"], ["unknown organism 'tabo'", "narrow, chat, false_fact, taboo, all"]),
+    (["--config=agent:taboo,huge"], ["unknown demo scale 'huge'"]),
+    (["--config.kind=lm"], ["config.kind='lm'", "did you mean llm", "offline"]),
+    (["--config.kind=llm"], ["config.kind=llm needs --config.llm.base_url=URL", "NEURODIFF_AGENT_KEY"]),
+    (["--config.agents=('diff','whitebox')"], ["config.agents has 'whitebox'", "blackbox, diff"]),
+    (["--config.seeds=()"], ["config.seeds=() must be a non-empty tuple of integers"]),
+    (["--config.budget.model_queries=0"], ["model_queries=0", "must both be at least 1"]),
+    (["--config.grader.kind=llm"], ["config.grader.kind=llm needs an endpoint"]),
+])
+def test_agent_config_errors(tmp_path, args, needles):
+  home = tmp_path / "home"
+  _one_line_error(_run("launch.agent", *args, home=home), home, *needles)
