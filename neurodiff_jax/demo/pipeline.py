@@ -71,7 +71,10 @@ def run_demo(config: ml_collections.ConfigDict, log: Callable[[str], None] = _lo
     t = time.time()
     out = fn()
     seconds = round(time.time() - t, 1)
-    manifest["stages"][name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    # `seconds` is this run's; `history` keeps every run's, since a rerun that reuses a finished stage
+    # records only the time to find it finished (the work's time is in an earlier entry).
+    history = list(manifest["stages"].get(name, {}).get("history", [])) + [seconds]
+    manifest["stages"][name] = {"seconds": seconds, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "history": history}
     atomic_write_json(manifest_path, stamp(manifest))  # progress survives a crash
     log(f"[{i}/{len(STAGES)}] {name}: done in {seconds:.1f} s")
     return out

@@ -41,6 +41,8 @@ def test_smoke_demo_writes_every_stage_and_a_story_from_the_files(demo_run):
   root, _ = demo_run
   manifest = json.loads((root / "demo.json").read_text())
   assert manifest["format_version"] == RESULTS_FORMAT and set(manifest["stages"]) == set(STAGES)
+  for record in manifest["stages"].values():  # each run's time kept, the latest last
+    assert record["history"] and record["history"][-1] == record["seconds"]
   assert set(manifest["runs"]) == {"batchtopk", "l1"} and manifest["scale"] == "small"
   html = (root / "report.html").read_text()
   text = _text(html)
