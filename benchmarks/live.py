@@ -72,7 +72,7 @@ def measure(call: Callable[[str], Any], reps: int, offset: int) -> tuple[float, 
 def live_percentiles(root: Path, reps: int) -> tuple[list[list[str]], list[str]]:
   """Each Live action's first call and p50 / p95; (rows, notes)."""
   from neurodiff_jax.dashboard.live import LiveSession, adl_steering, latent_steering, load_run
-  from neurodiff_jax.dashboard.pages import default_latent
+  from neurodiff_jax.dashboard.views import default_latent
   from neurodiff_jax.dashboard.results import discover
 
   results = discover(str(root))

@@ -1,7 +1,7 @@
 """The dashboard's Streamlit entry: `streamlit run neurodiff_jax/dashboard/app.py -- --results DIR`.
 
 The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
-each in `pages/` with `render(root)`): Overview, Compare runs, Latents, Causal test, ADL, Per-token KL, Diff
+each in `views/` with `render(root)`): Overview, Compare runs, Latents, Causal test, ADL, Per-token KL, Diff
 methods, Live, Agents.
 
 URLs: each page has its own path, and its URL always names what it shows (docs/dashboard.md, "URLs"):
@@ -33,14 +33,14 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import own_url, query_param
+from neurodiff_jax.dashboard.views import own_url, query_param
 from neurodiff_jax.dashboard.results import NoResults, OldResults, ResultsRoot, discover
 
 PAGES = (("overview", "Overview"), ("compare", "Compare runs"), ("latents", "Latents"), ("causal", "Causal test"),
          ("adl", "ADL"), ("kl", "Per-token KL"), ("methods", "Diff methods"), ("live", "Live"), ("agents", "Agents"))
-# The URL path of each page. Never a module name of `pages/`: Streamlit treats a `pages/` folder beside the main
-# script as v1 multipage scripts and, on a session's first run (and on every AppTest run), would execute
-# `pages/<url path>.py` itself, which only defines `render` and shows nothing.
+# The URL path of each page. The page modules live in `views/`, not `pages/`: Streamlit treats a `pages/` folder
+# beside the main script as v1 multipage scripts, and on a session's first load its page list was those files, so
+# a deep link (`/run-overview`) opened with a "Page not found" dialog before the navigation took over.
 URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "latent-browser", "causal": "causal-test",
              "adl": "adl-lens", "kl": "kl-divergence", "methods": "diff-methods", "live": "live-models",
              "agents": "agent-results"}
@@ -70,14 +70,14 @@ def _page(slug: str, root: ResultsRoot) -> Callable[[], None]:
     try:
       if slug == "live":  # written separately and heavy (models): imported only when opened
         try:
-          from neurodiff_jax.dashboard.pages import live
+          from neurodiff_jax.dashboard.views import live
         except ImportError as e:
           st.error(f"The live page could not be loaded ({e}); the other pages work without it.")
           return
         live.render(root)
         return
       import importlib
-      importlib.import_module(f"neurodiff_jax.dashboard.pages.{slug}").render(root)
+      importlib.import_module(f"neurodiff_jax.dashboard.views.{slug}").render(root)
     except (NoResults, OldResults, FileNotFoundError) as e:
       st.error(str(e))
 

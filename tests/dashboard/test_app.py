@@ -512,7 +512,7 @@ def test_kl_page_colours_the_text_by_kl_and_browses_the_top_contexts(demo_root, 
 
 
 def test_kl_contexts_written_before_context_kl_colour_the_marked_token_only():
-  from neurodiff_jax.dashboard.pages.kl import context_kls, kl_html
+  from neurodiff_jax.dashboard.views.kl import context_kls, kl_html
 
   row = {"context_tokens": ["a", " b", " c"], "marked": 1, "kl": 2.5}
   kls = context_kls(row)

@@ -143,7 +143,7 @@ def test_latent_page_renders_its_top_context_and_firing_token(server, browser):
 def test_live_page_shows_both_models_generations(server, browser):
   url, root = server
   from neurodiff_jax.dashboard.live import LiveSession
-  from neurodiff_jax.dashboard.pages.live import model_pairs
+  from neurodiff_jax.dashboard.views.live import model_pairs
   from neurodiff_jax.dashboard.results import discover
 
   prompt_text = "Tell me about the river."
@@ -244,6 +244,7 @@ def test_the_documented_path_opens_its_page_without_a_deploy_button(server, brow
   try:
     page.goto(f"{url}/run-overview", timeout=PAGE_TIMEOUT_MS)
     page.get_by_role("heading", name="Overview").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    page.wait_for_timeout(5000)  # the "Page not found" dialog came a moment after the page had drawn
     assert page.get_by_text("Page not found").count() == 0
     _wait_url(page, lambda path, q: path == "/run-overview" and q.get("page") == "overview", "the overview's URL")
     assert page.get_by_role("button", name="Deploy").count() == 0

@@ -273,7 +273,7 @@ def test_live_page_in_apptest(demo_root, monkeypatch):
 
   from streamlit.testing.v1 import AppTest
 
-  from neurodiff_jax.dashboard.pages.live import model_pairs
+  from neurodiff_jax.dashboard.views.live import model_pairs
   from neurodiff_jax.dashboard.results import discover
 
   app = str(Path(__file__).resolve().parents[2] / "neurodiff_jax" / "dashboard" / "app.py")
@@ -497,7 +497,7 @@ def test_generations_say_where_they_stopped(pair_dirs):
 def test_live_page_marks_stale_outputs_and_serves_a_repeat_from_the_cache(demo_root, monkeypatch):
   """Outputs computed before the steering changed are marked stale, naming what changed; running again clears the
   mark; the same click again runs no model; each box shows the prompt, the continuation and where it stopped."""
-  from neurodiff_jax.dashboard.pages.live import model_pairs, session_for
+  from neurodiff_jax.dashboard.views.live import model_pairs, session_for
   from neurodiff_jax.dashboard.results import discover
 
   at = _live_page(demo_root, monkeypatch)

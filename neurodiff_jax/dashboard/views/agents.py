@@ -23,7 +23,7 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.analysis.verdicts import AGENT_CI, OUTCOME_WORDS, QUANTITY_WORDS, agent_verdicts, sampler_warning
-from neurodiff_jax.dashboard.pages import _stamp, pick, query_param, set_param
+from neurodiff_jax.dashboard.views import _stamp, pick, query_param, set_param
 from neurodiff_jax.dashboard.results import (
   AGENT_COMMAND,
   COMPARISON_COMMAND,

@@ -31,7 +31,7 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.dashboard import live
-from neurodiff_jax.dashboard.pages import (
+from neurodiff_jax.dashboard.views import (
   DEAD_BADGE,
   NEVER_FIRED,
   adl_means,

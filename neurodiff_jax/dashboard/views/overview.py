@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import (
+from neurodiff_jax.dashboard.views import (
   DEAD_IN_WINDOW,
   LIVE_CLASSES,
   NEVER_FIRED,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import (
+from neurodiff_jax.dashboard.views import (
   DEAD_IN_WINDOW,
   LIVE_CLASSES,
   NEVER_FIRED,

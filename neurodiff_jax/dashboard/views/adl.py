@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import adl_means, diff_table, flag, fmt, pick_diff
+from neurodiff_jax.dashboard.views import adl_means, diff_table, flag, fmt, pick_diff
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 

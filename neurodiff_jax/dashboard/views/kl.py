@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import diff_table, fmt, pick_diff, tokens_html
+from neurodiff_jax.dashboard.views import diff_table, fmt, pick_diff, tokens_html
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot, diff_command
 
 SHOWN = 20  # contexts drawn as coloured text at once

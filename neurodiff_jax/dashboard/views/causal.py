@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from neurodiff_jax.analysis.verdicts import GROUP_NOTES, REGION_WORDS, causal_verdict, gap_closed
-from neurodiff_jax.dashboard.pages import pick, run_table
+from neurodiff_jax.dashboard.views import pick, run_table
 from neurodiff_jax.dashboard.results import ResultsRoot, analyze_command
 
 # The groups in the order a reader compares them: the two baselines, the template patch, then the latent halves.

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import diff_table, pick_diff
+from neurodiff_jax.dashboard.views import diff_table, pick_diff
 from neurodiff_jax.dashboard.results import DiffResult, ResultsRoot
 
 MAX_ROWS = 2000  # rows of a table shown (the count of all rows is printed)

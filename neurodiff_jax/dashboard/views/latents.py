@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from neurodiff_jax.dashboard.pages import (
+from neurodiff_jax.dashboard.views import (
   DEAD_BADGE,
   NEVER_FIRED,
   TAG_ORDER,
