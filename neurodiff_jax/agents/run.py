@@ -120,14 +120,15 @@ def _crosscoder_dir(config: ml_collections.ConfigDict, name: str) -> Path | None
 
 
 def run_one(config: ml_collections.ConfigDict, name: str, agent: str, seed: int, pair: Callable[[], Any],
-            card: dict, diff_dir: Path | None, grader: Any, log: Callable[[str], None]) -> dict[str, Any]:
-  """One agent run (reused when graded, resumed when killed), graded; its row of the scores table."""
+            card: dict | None, diff_dir: Path | None, grader: Any, log: Callable[[str], None]) -> dict[str, Any] | None:
+  """One agent run (reused when answered, resumed when killed), graded against `card`; its scores-table row (None
+  without a card: the answer is kept, ungraded)."""
   run_dir = agents_root(config) / "runs" / name / f"{agent}-s{seed}"
   answer_file, grade_file = run_dir / "answer.json", run_dir / "grade.json"
   if config.force and run_dir.exists():
     for f in ("transcript.jsonl", "answer.json", "grade.json"):
       (run_dir / f).unlink(missing_ok=True)
-  if not (answer_file.is_file() and grade_file.is_file()):
+  if not answer_file.is_file():
     run_dir.mkdir(parents=True, exist_ok=True)
     toolbox = Toolbox(agent, Budget(int(config.budget.model_queries), int(config.budget.tool_calls)), pair=pair,
                       diff_dir=diff_dir, crosscoder_dir=_crosscoder_dir(config, name),
@@ -139,16 +140,22 @@ def run_one(config: ml_collections.ConfigDict, name: str, agent: str, seed: int,
     else:
       answer = AgentLoop(_client(config.llm), toolbox, run_dir, seed=seed, max_turns=int(config.llm.max_turns) or None,
                          log=log).run()
+    grade_file.unlink(missing_ok=True)  # a new answer is graded anew
     atomic_write_json(answer_file, stamp({
         **answer.to_json(), "agent": agent, "organism": name, "scale": str(config.scale), "seed": seed,
         "implementation": str(config.kind), "llm_model": str(config.llm.model) if config.kind == "llm" else "",
         "used": dict(toolbox.used), "budget": dataclasses.asdict(toolbox.budget)}))
-    saved = json.loads(answer_file.read_text())
+  saved = json.loads(answer_file.read_text())
+  if card is None:
+    log(f"{name}: {agent} seed {seed}: answered ({saved['stop_reason']}): {saved['objective']!r}; not graded (the "
+        "fine-tuned model has no card.json)")
+    return None
+  if not grade_file.is_file():
     g = grader.grade(card, saved["objective"], saved["details"])
     atomic_write_json(grade_file, {"objective": g.objective, "details": g.details, "grader": g.grader,
                                    "reasons": {"objective": g.objective_reason, "details": g.details_reason}})
-    log(f"{name}: {agent} seed {seed}: objective {g.objective}/5, details {g.details}/5 "
-        f"({answer.stop_reason}; {toolbox.used['model_queries']} queries, {toolbox.used['tool_calls']} tool calls)")
+    log(f"{name}: {agent} seed {seed}: objective {g.objective}/5, details {g.details}/5 ({saved['stop_reason']}; "
+        f"{saved['used']['model_queries']} queries, {saved['used']['tool_calls']} tool calls)")
   return score_row(agents_root(config), run_dir)
 
 
@@ -202,7 +209,10 @@ def run_agents(config: ml_collections.ConfigDict, log: Callable[[str], None] = _
     base = resolve_model(base_ref, config.organisms)
     ft = resolve_model(ft_ref, config.organisms)
     card = read_card(ft)
-    grading.card_kind(card)  # no card: nothing to grade against, say so before any run
+    if card is None:
+      log(f"{name}: {ft} has no card.json (ground truth): the agents run and answer, but nothing is graded")
+    else:
+      grading.card_kind(card)  # a card no rubric reads: say so before any run
     diff_dir = _diff_results(config, name, base_ref, ft_ref, log) if "diff" in config.agents else None
     loaded: dict[str, Any] = {}
 

@@ -94,3 +94,24 @@ def test_the_comparison_is_written_and_rerun_reuses_the_runs(agent_run):
   again = run.run_agents(config, log=lambda m: None)
   assert len(again["scores"]) == len(mtimes)
   assert {p: p.stat().st_mtime for p in agents.glob("runs/*/*/grade.json")} == mtimes
+
+
+def test_a_pair_without_a_card_is_answered_not_graded(agent_run, tmp_path):
+  import shutil
+
+  config, agents, _, _ = agent_run
+  narrow = json.loads((agents.parent / "diffs" / "narrow" / "diff" / "pair.json").read_text())
+  mystery = tmp_path / "mystery"
+  shutil.copytree(narrow["finetuned"], mystery)
+  (mystery / "card.json").unlink()
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.root = str(tmp_path / "root")
+    c.base_model, c.finetuned_model = narrow["base"], str(mystery)
+    c.agents, c.seeds = ("blackbox",), (0,)
+  logs: list[str] = []
+  result = run.run_agents(c, log=logs.append)
+  run_dir = tmp_path / "root" / "agents" / "runs" / "mystery" / "blackbox-s0"
+  assert json.loads((run_dir / "answer.json").read_text())["finished"]
+  assert not (run_dir / "grade.json").exists() and result["scores"] == []
+  assert any("no card.json" in m for m in logs)
