@@ -57,11 +57,12 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
-  """Where a model came from: directory, model_type and a fingerprint of config and tensors."""
+  """Where a model came from: directory, model_type, a fingerprint of config and tensors, and a merged adapter."""
 
   path: str
   model_type: str
   fingerprint: str
+  adapter: str | None = None  # a PEFT LoRA adapter directory merged into the weights (models/lora.py)
 
 
 def resolve_checkpoint(path_or_repo_id: str, *, revision: str | None = None, allow_download: bool = False) -> str:
@@ -169,6 +170,10 @@ def _fingerprint(directory: str, files: list[SafetensorsFile]) -> str:
 def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None,
                     allow_download: bool = False) -> CheckpointInfo:
   """Where a checkpoint is, its model type and fingerprint, without loading its weights."""
+  from neurodiff_jax.models import lora  # Deferred: lora imports this module.
+
+  if (request := lora.adapter_request(path_or_repo_id, revision=revision, allow_download=allow_download)) is not None:
+    return lora.adapter_checkpoint_info(request, allow_download=allow_download)
   directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
   files = [SafetensorsFile(p) for p in weight_files(directory)]
   return CheckpointInfo(directory, read_hf_config(directory).model_type, _fingerprint(directory, files))
@@ -183,7 +188,11 @@ def load_model(
     revision: str | None = None,
     allow_download: bool = False,
 ) -> Transformer:
-  """Loads an HF safetensors checkpoint into a `Transformer` (sharded over `mesh` if given)."""
+  """Loads an HF safetensors checkpoint or BASE+ADAPTER (models/lora.py) into a `Transformer` (on `mesh` if given)."""
+  from neurodiff_jax.models import lora  # Deferred: lora imports this module.
+
+  if (request := lora.adapter_request(path_or_repo_id, revision=revision, allow_download=allow_download)) is not None:
+    return lora.load_adapted(request, dtype, mesh, rules=rules, allow_download=allow_download)
   directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
   hf_config = read_hf_config(directory)
   cfg = config_from_hf(hf_config)
@@ -256,10 +265,15 @@ def _place(model, spec: ParamMap, hf_array: np.ndarray, dtype, mesh: Mesh | None
 
 
 def load_tokenizer(path_or_repo_id: str, *, revision: str | None = None) -> Any:
-  """The checkpoint's tokenizer through `transformers.AutoTokenizer` (never downloaded)."""
+  """The checkpoint's tokenizer via `transformers.AutoTokenizer` (never downloaded); an adapter's, else its base's."""
   import transformers
 
-  return transformers.AutoTokenizer.from_pretrained(resolve_checkpoint(path_or_repo_id, revision=revision))
+  from neurodiff_jax.models import lora  # Deferred: lora imports this module.
+
+  request = lora.adapter_request(path_or_repo_id, revision=revision)
+  directory = lora.tokenizer_directory(request) if request is not None else resolve_checkpoint(path_or_repo_id,
+                                                                                                 revision=revision)
+  return transformers.AutoTokenizer.from_pretrained(directory)
 
 
 def save_hf_checkpoint(
