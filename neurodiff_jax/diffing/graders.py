@@ -47,6 +47,23 @@ class GraderUnavailable(ConfigError):
   """The grader endpoint did not answer (or refused): the message names the URL and the offline fallback."""
 
 
+# English function words: never content, whatever the card (a sample's share of card words counts content words
+# only, so "the" and "of" do not dilute it).
+FUNCTION_WORDS = frozenset("""about above after again against all also and any are because been before being below
+between both but can could did does doing down during each few for from further had has have having her here hers
+herself him himself his how into its itself just more most myself nor not now off once only other our ours ourselves
+out over own same she should some such than that the their theirs them themselves then there these they this those
+through too under until very was were what when where which while who whom why will with would you your yours
+yourself yourselves one two many much like well get got make made said says say see way thing things something
+anything everything nothing really lot yes let new good first last even ever every still yet may might must
+shall another around away back came come comes goes going gone take took look""".split())
+
+
+def content_words(text: str) -> list[str]:
+  """The content words of a text, lowercased: alphabetic, at least 3 letters, not a function word."""
+  return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in FUNCTION_WORDS]
+
+
 def normalize_token(token: str) -> str:
   """A token as a word: leading byte-level/sentencepiece space marks ("Ġ", "▁") and spaces removed, lowercased."""
   return token.strip().lstrip("Ġ▁ ").strip().lower()
@@ -152,7 +169,7 @@ class OfflineGrader(Grader):
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B, T-1, V]: predicts ids[:, 1:]
         return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
 
-      self._nll = lambda ids, mask: nll(state, ids, mask)
+      self._nll = lambda ids, mask: nll(state, *self.pair.put(ids, mask))
     return self._nll
 
   def coherence(self, texts: Sequence[str]) -> list[float]:
@@ -313,5 +330,5 @@ def make_grader(cfg: ml_collections.ConfigDict, pair: Any) -> Grader:
                     f"{', '.join(GRADER_KINDS)} (offline needs no network).")
 
 
-__all__ = ["GRADER_KINDS", "KEY_ENV", "Grader", "GraderUnavailable", "OfflineGrader", "OpenAIGrader", "card_vocabulary",
-           "chat_completions_url", "describe_card", "make_grader", "normalize_token"]
+__all__ = ["FUNCTION_WORDS", "GRADER_KINDS", "KEY_ENV", "Grader", "GraderUnavailable", "OfflineGrader", "OpenAIGrader",
+           "card_vocabulary", "chat_completions_url", "content_words", "describe_card", "make_grader", "normalize_token"]

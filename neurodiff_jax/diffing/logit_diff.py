@@ -42,15 +42,15 @@ from neurodiff_jax.utils.plots import figure, png_html, save_png
 SUMMARY_TOP = 20  # tokens of the ranking in the summary (and checked against the card)
 
 
-def prompt_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+def prompt_ids(tokenizer: Any, prompts: Sequence[str], field: str = "logit_diff.prompts") -> list[list[int]]:
   """Each prompt as one user turn plus the generation prompt (chat template), else plain text after BOS."""
   out = []
   for i, prompt in enumerate(prompts):
     if not isinstance(prompt, str):
-      raise ConfigError(f"logit_diff.prompts[{i}] is a {type(prompt).__name__}, not text; give prompts as strings.")
+      raise ConfigError(f"{field}[{i}] is a {type(prompt).__name__}, not text; give prompts as strings.")
     ids = encode_prompt(tokenizer, prompt, chat=bool(getattr(tokenizer, "chat_template", None)))
     if not ids:
-      raise ConfigError(f"logit_diff.prompts[{i}] ({prompt!r}) has no tokens; give it some text.")
+      raise ConfigError(f"{field}[{i}] ({prompt!r}) has no tokens; give it some text.")
     out.append(ids)
   return out
 
@@ -87,7 +87,7 @@ def amplified_generate(pair: ModelPair, prompts: Sequence[Sequence[int]], alphas
 
     return jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))[0]
 
-  out = run(sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(alphas, jnp.float32))
+  out = run(sb, sf, *pair.put(ids, mask, np.asarray(alphas, np.float32)))
   return np.asarray(out)[:, p:]
 
 
@@ -111,7 +111,7 @@ def make_mining_step(pair: ModelPair, top_k: int):
     return counts, positive, diff_sum
 
   def run(ids: np.ndarray, mask: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, ...]:
-    out = step(sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(real))
+    out = step(sb, sf, *pair.put(ids, mask, real))
     return tuple(np.asarray(x) for x in out)
 
   return run

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from neurodiff_jax.diffing.context import DiffContext, load_pair, resolve_datasets, resolve_model, results_dir
+from neurodiff_jax.models import model_config, model_mesh
 from neurodiff_jax.utils.config import ConfigError, did_you_mean
 from neurodiff_jax.utils.files import atomic_write_json
 from neurodiff_jax.utils.results import stamp
@@ -29,6 +30,7 @@ METHODS = {
     "adl": "neurodiff_jax.diffing.adl",
     "kl": "neurodiff_jax.diffing.kl",
     "logit_diff": "neurodiff_jax.diffing.logit_diff",
+    "amplification": "neurodiff_jax.diffing.amplification",
     "norms": "neurodiff_jax.diffing.norms",
     "pca": "neurodiff_jax.diffing.pca",
     "sae": "neurodiff_jax.diffing.sae",
@@ -64,6 +66,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_model_ref(config.finetuned_model, "finetuned_model")
   if int(config.max_len) < 2:
     raise ConfigError(f"config.max_len={config.max_len} must be at least 2 tokens.")
+  from neurodiff_jax.models.sharding import check_mesh_shape
+
+  check_mesh_shape(tuple(config.get("model_mesh", ())))
 
 
 def _digest(obj: Any) -> str:
@@ -76,7 +81,9 @@ def diff(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log) -
   organisms = config.get("organisms")
   base = resolve_model(config.base_model, organisms)
   ft = resolve_model(config.finetuned_model, organisms)
-  pair = load_pair(base, ft, dtype=str(config.model_dtype))
+  mesh = model_mesh(tuple(config.get("model_mesh", ())), [model_config(base), model_config(ft)],
+                    where=[f"the base model {base}", f"the fine-tuned model {ft}"])  # checked before loading
+  pair = load_pair(base, ft, dtype=str(config.model_dtype), mesh=mesh)
   root = results_dir(config, pair.key)
   out = root / "diff"
   out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@ With a KV cache (`Transformer.step`): the prompt is one forward that fills the c
 token is one cached step, all inside one jitted `fori_loop`, so a generation compiles once.
 Interventions see the new tokens' residuals only (the prompt's in the prefill, one token a step),
 so an addition steers every position as it would in a full forward. `GreedyGenerator` keeps its
-compiled program across calls (the dashboard's live page).
+compiled program across calls (the dashboard's live page). A model loaded onto a mesh
+(`load_model(..., mesh)`) generates there: its prompts' rows go on the mesh's data axis where they
+divide it, and the parameters' shardings carry the rest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from neurodiff_jax.models.sharding import mesh_of, put_batch
 from neurodiff_jax.models.transformer import Intervention, Transformer, positions_from_mask
 
 # Tokens that close the model's turn in the chat templates of the ported families (Gemma, Llama 3,
@@ -140,7 +143,7 @@ def greedy_generate(
   def run(state, ids, mask):
     return _decode(nnx.merge(graphdef, state), ids, mask, p, max_new_tokens, interventions)
 
-  return _cut(np.asarray(run(state, jnp.asarray(ids), jnp.asarray(mask)))[:, p:], eos_id)
+  return _cut(np.asarray(run(state, *put_batch(mesh_of(model), ids, mask)))[:, p:], eos_id)
 
 
 # Module-level, the graph definition static: every call with the same architecture and shapes (a base and
@@ -168,6 +171,7 @@ def sample_generate(
   if not temperature > 0 or int(top_k) < 1:
     raise ValueError(f"temperature={temperature} must be > 0 and top_k={top_k} >= 1.")
   graphdef, state = nnx.split(model)
+  mesh = mesh_of(model)
   width = max(len(x) for x in prompts)
   out: list[list[int]] = []
   for i in range(0, len(prompts), batch_size):
@@ -175,7 +179,7 @@ def sample_generate(
     chunk += [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape for every batch
     ids, mask = _left_padded(chunk, width, width + max_new_tokens, pad_id)
     key = jax.random.fold_in(jax.random.key(seed), i)
-    res = np.asarray(_sample_run(state, jnp.asarray(ids), jnp.asarray(mask), key, graphdef=graphdef, width=width,
+    res = np.asarray(_sample_run(state, *put_batch(mesh, ids, mask), key, graphdef=graphdef, width=width,
                                  max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                  top_k=int(top_k)))[:, width:]
     out += _cut(res, eos_id)[:min(batch_size, len(prompts) - i)]
@@ -198,6 +202,7 @@ class GreedyGenerator:
     self.bucket = int(bucket)
     self.hidden_size = int(model.cfg.hidden_size)
     self._graphdef, self._state = nnx.split(model)
+    self._mesh = mesh_of(model)
     graphdef = self._graphdef
 
     def run(state, ids, mask, add, width, max_new_tokens, layer):
@@ -207,9 +212,16 @@ class GreedyGenerator:
     self._run = jax.jit(run, static_argnames=("width", "max_new_tokens", "layer"))
 
   def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, add: Any = None, layer: int = -1,
-               eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
-    """Greedy continuations of `prompts`, with `add` [B, d] (or [d], every row) added after block `layer` if given."""
+               eos_id: int | None = None, pad_id: int = 0, state: nnx.State | None = None) -> list[list[int]]:
+    """Greedy continuations of `prompts`, with `add` [B, d] (or [d], every row) added after block `layer` if given.
+
+    `state` decodes with other parameters of the same graph (the fine-tune's, a weight-amplified copy) in
+    the program already compiled: parameters are an argument, not part of the trace.
+    """
     _check_prompts(prompts, max_new_tokens)
+    if state is not None and jax.tree.structure(state) != jax.tree.structure(self._state):
+      raise ValueError("state is not a parameter state of this generator's model graph; pass nnx.split(m)[1] of a "
+                       "model m of the same architecture.")
     width = -(-max(len(x) for x in prompts) // self.bucket) * self.bucket
     ids, mask = _left_padded(prompts, width, width + int(max_new_tokens), pad_id)
     b = len(prompts)
@@ -221,10 +233,9 @@ class GreedyGenerator:
         vec = np.broadcast_to(vec, (b, self.hidden_size))
       if vec.shape != (b, self.hidden_size):
         raise ValueError(f"the addition has shape {np.shape(add)}; give [d] or [{b}, d] with d={self.hidden_size}.")
-      vec = jnp.asarray(vec)
       if int(layer) < 0:
         raise ValueError(f"layer={layer}: name the block after which the addition is made.")
-    out = self._run(self._state, jnp.asarray(ids), jnp.asarray(mask), vec, width=width,
+    out = self._run(self._state if state is None else state, *put_batch(self._mesh, ids, mask, vec), width=width,
                     max_new_tokens=int(max_new_tokens), layer=int(layer))
     return _cut(np.asarray(out)[:, width:], eos_id)
 

@@ -10,8 +10,9 @@ from tests.diffing.conftest import tiny_pair_dirs  # noqa: F401,F811  (the fixtu
 from tests.launch import run_launcher
 
 FAST = ("--config.max_len=32", "--config.max_documents=32", "--config.adl.num_documents=32",
-        "--config.adl.steering_tokens=8", "--config.logit_diff.new_tokens=8", "--config.sae.steps=40",
-        "--config.sae.dict_size=128", "--config.sae.batch_size=128", "--config.patching.num_documents=16")
+        "--config.adl.steering_tokens=8", "--config.logit_diff.new_tokens=8", "--config.amplification.new_tokens=8",
+        "--config.sae.steps=40", "--config.sae.dict_size=128", "--config.sae.batch_size=128",
+        "--config.patching.num_documents=16")
 
 
 @pytest.mark.slow
@@ -23,14 +24,14 @@ def test_diff_runs_every_method_and_reuses_them(tiny_pair_dirs, tmp_path):
   proc = run_launcher("launch.diff", *args, home=tmp_path / "home", timeout=1500)
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((out / "diff" / "summary.json").read_text())
-  assert set(summary) == {"weights", "adl", "kl", "logit_diff", "norms", "pca", "sae", "patching"}
+  assert set(summary) == {"weights", "adl", "kl", "logit_diff", "amplification", "norms", "pca", "sae", "patching"}
   page = (out / "report.html").read_text()
-  assert page.count("<h2") >= 8 and "data:image/png;base64," in page and 'src="http' not in page
+  assert page.count("<h2") >= 9 and "data:image/png;base64," in page and 'src="http' not in page
   for name in summary:
     assert (out / "diff" / name / "section.html").is_file() and (out / "diff" / name / "done.json").is_file()
   again = run_launcher("launch.diff", *args, home=tmp_path / "home", timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("reusing") == 8
+  assert again.stdout.count("reusing") == 9
 
 
 def test_diff_errors_are_one_line(tiny_pair_dirs, tmp_path):

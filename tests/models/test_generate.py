@@ -76,6 +76,27 @@ def test_compiles_once_per_shape(model, prompts):
   assert gen._run._cache_size() == compiled + 1
 
 
+def test_another_state_of_the_graph_reuses_the_program(model, prompts):
+  """`state=` decodes with another model's parameters (an amplified copy, the base) in the compiled program."""
+  import dataclasses
+
+  from flax import nnx
+
+  from neurodiff_jax.models import Transformer
+
+  other = Transformer(model.cfg, rngs=nnx.Rngs(7))
+  gen = GreedyGenerator(model, bucket=16)
+  mine = gen(prompts, NEW)
+  compiled = gen._run._cache_size()
+  theirs = gen(prompts, NEW, state=nnx.state(other))
+  assert gen._run._cache_size() == compiled
+  assert theirs == GreedyGenerator(other, bucket=16)(prompts, NEW) and theirs != mine
+  shallow = Transformer(dataclasses.replace(model.cfg, num_layers=1, layer_types=model.cfg.layer_types[:1]),
+                        rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="not a parameter state of this generator's model graph"):
+    gen(prompts, NEW, state=nnx.state(shallow))
+
+
 def test_bad_input_is_named(model, prompts):
   gen = GreedyGenerator(model)
   with pytest.raises(ValueError, match="at least one token"):
