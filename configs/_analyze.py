@@ -58,5 +58,6 @@ def base_config() -> ml_collections.ConfigDict:
   # Logit lens of every latent that fired (num_latents=0), or of the first N by context order; read in chunks.
   c.logit_lens = ml_collections.ConfigDict({"enabled": True, "num_latents": 0, "top": 10})
   c.model_dtype = "float32"
+  c.model_mesh = ()  # (data, model) mesh of the models: () = one device; (2, 4) = weights split 4 ways, rows 2
   c.report = ml_collections.ConfigDict({"enabled": True, "max_latents": 8})
   return c

@@ -16,6 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.results = ""
   c.port = 8501  # the port Streamlit listens on
   c.host = "127.0.0.1"  # the address it binds (0.0.0.0 to reach it from another machine)
+  c.model_mesh = ()  # (data, model) mesh the Live page loads the pair onto: () = one device; (1, 8) = weights / 8
   c.check_only = False  # check the results and the port, print the command, and exit without serving
   c.lock()
   return c

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.out_dir = "gemma2b_l13_acts"  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)
   c.dtype = "bfloat16"
   c.model_dtype = "bfloat16"
+  c.model_mesh = ()  # (data, model) mesh of the models: () = one device; (2, 4) = weights split 4 ways, rows 2
   c.batch_size = 32
   c.seq_len = 1024
   c.keep_bos = False

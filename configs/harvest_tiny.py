@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.out_dir = ""  # the store directory ("" = $NEURODIFF_HOME/activations/<name>)
   c.dtype = "bfloat16"  # stored activations
   c.model_dtype = "float32"  # forward pass
+  c.model_mesh = ()  # (data, model) mesh of the models: () = one device; (2, 4) = weights split 4 ways, rows 2
   c.batch_size = 32
   c.seq_len = _SEQ_LEN[scale]
   c.keep_bos = False

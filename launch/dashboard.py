@@ -4,8 +4,9 @@ Before starting it checks what a newcomer meets first: a results directory that 
 or diff (the message names `python -m launch.demo`) and a port already in use (the message names the port
 and `--config.port=N`). Then it runs `python -m streamlit run neurodiff_jax/dashboard/app.py
 --server.headless true --server.port PORT --server.address HOST --client.toolbarMode minimal -- --results DIR`
-in a subprocess (a subprocess rather than Streamlit's bootstrap API: the CLI is Streamlit's stable interface)
-and waits for it. The toolbar is minimal: no "Deploy" button, which would offer to publish the results.
+(and `--model-mesh DATA,MODEL` when `--config.model_mesh` is set: the Live page's models on a mesh) in a
+subprocess (a subprocess rather than Streamlit's bootstrap API: the CLI is Streamlit's stable interface) and
+waits for it. The toolbar is minimal: no "Deploy" button, which would offer to publish the results.
 
 The server runs in its own process group. SIGTERM, SIGINT (Ctrl-C) or SIGHUP to the launcher stops it: the
 signal is passed on to the group, and a server still running after STOP_GRACE_S is killed, so the port is free
@@ -67,9 +68,11 @@ def check_port(host: str, port: int) -> None:
 
 def command(config: Any, results: Path) -> list[str]:
   """The Streamlit command line that serves the app on `results`."""
+  mesh = tuple(config.get("model_mesh", ()))
   return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
           "--server.port", str(int(config.port)), "--server.address", str(config.host),
-          "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--results", str(results)]
+          "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--results", str(results)
+          ] + (["--model-mesh", ",".join(str(int(v)) for v in mesh)] if mesh else [])
 
 
 class _Stop(Exception):
@@ -139,6 +142,10 @@ def main(config: Any) -> None:
   """Checks the results root and the port, then serves the dashboard until interrupted."""
   results = results_root(config)
   found = check_results(results)
+  if tuple(config.get("model_mesh", ())):
+    from neurodiff_jax.models.sharding import check_mesh_shape  # deferred: imports JAX, which the launcher needs not
+
+    check_mesh_shape(tuple(config.model_mesh))
   check_port(config.host, config.port)
   cmd = command(config, results)
   print(f"dashboard: {found}", flush=True)

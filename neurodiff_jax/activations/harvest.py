@@ -7,6 +7,10 @@ units of `shard_tokens` consecutive stored tokens (one shard of every array, see
 process p of P takes units p, p + P, ...; a unit's marker is committed only after its shards
 are durable, so a killed harvest rerun with the same command redoes only the missing units and
 ends with exactly the contents of an uninterrupted run.
+
+With `model_mesh=(data, model)` each process holds both models on a mesh of its own devices: weights
+split over `model` (tensor parallel, placed shard by shard as they are read), batch rows over `data`;
+the activations come back to the host as before, so the store does not depend on the mesh.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from neurodiff_jax.activations.store import (
     unit_stats,
 )
 from neurodiff_jax.models import Transformer, checkpoint_info, config_from_hf, load_model, load_tokenizer, read_hf_config
+from neurodiff_jax.models.sharding import mesh_of, model_mesh, put_batch
 from neurodiff_jax.organisms import build
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
@@ -95,8 +100,12 @@ def _processes(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], store_dtype: Any) -> Callable:
-  """A jitted `(ids, segments) -> (acts [B, T, L, M, d] in store dtype, bad [B, T, L, M])` over both models."""
+  """A jitted `(ids, segments) -> (acts [B, T, L, M, d] in store dtype, bad [B, T, L, M])` over both models.
+
+  On a model mesh (both models loaded onto it) the rows go on its data axis where they divide it.
+  """
   layers = tuple(layers)
+  mesh = mesh_of(base)
   last = max(layers)
   splits = [nnx.split(m) for m in (base, finetuned)]
   graphdefs = [g for g, _ in splits]
@@ -112,7 +121,7 @@ def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], 
     return x.astype(store_dtype), bad
 
   states = tuple(s for _, s in splits)
-  return lambda ids, segments: step(states, ids, segments)
+  return lambda ids, segments: step(states, *put_batch(mesh, ids, segments))
 
 
 def pack_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
@@ -334,6 +343,11 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
   for role, c in zip(ROLES, cfgs):
     if max(layers) >= c.num_layers or min(layers) < 0:
       raise ValueError(f"layers {list(layers)} out of range for the {role} model ({c.num_layers} layers: 0..{c.num_layers - 1}).")
+  mesh = model_mesh(config.get("model_mesh", ()), cfgs, where=[f"the {r} model {p}" for r, p in zip(ROLES, paths)])
+  if mesh is not None and int(config.batch_size) % (data := mesh.shape["data"]):
+    raise ConfigError(f"batch_size={config.batch_size} does not split over the {data} devices of the data axis of "
+                      f"model_mesh={tuple(config.model_mesh)} (each would run every row); use a multiple of {data}, "
+                      f"e.g. --config.batch_size={data * max(1, int(config.batch_size) // data)}.")
   tokenizers = [load_tokenizer(i.path) for i in infos]
   check_same_tokenizer(*tokenizers)
   tok = tokenizers[0]
@@ -384,7 +398,11 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
         f"{len(mine) - len(todo)} already written) -> {store.root}", flush=True)
   t_ready = time.time()
   if todo:
-    models = [load_model(i.path, model_dtype) for i in infos]
+    # By the paths as given: an adapter's CheckpointInfo.path is its base's directory (the adapter merges on load).
+    models = [load_model(p, model_dtype, mesh, revision=r) for p, r in zip(paths, revisions)]
+    if mesh is not None:
+      print(f"harvest: both models on a {mesh.shape['data']}x{mesh.shape['model']} (data x model) mesh of "
+            f"{mesh.devices.flat[0].platform} devices", flush=True)
     step = make_step(models[0], models[1], layers, jnp.dtype(config.dtype))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 

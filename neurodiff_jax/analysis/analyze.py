@@ -87,6 +87,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.examples.top_k={config.examples.top_k} must be at least 1.")
   if len(tuple(config.mesh)) != 2:
     raise ConfigError(f"config.mesh={tuple(config.mesh)} must be (data, latent) device counts.")
+  from neurodiff_jax.models.sharding import check_mesh_shape
+
+  check_mesh_shape(tuple(config.get("model_mesh", ())))
   workdir_of(config)
 
 
@@ -165,12 +168,17 @@ def _log(msg: str) -> None:
   print(f"analyze: {msg}", flush=True)
 
 
-def _load_models(store: ActivationStore, dtype: str) -> tuple[Any, Any, Any]:
-  from neurodiff_jax.models import load_model, load_tokenizer
+def _load_models(store: ActivationStore, dtype: str, mesh_shape: tuple[int, ...] = ()) -> tuple[Any, Any, Any]:
+  """The store's base and chat models (on a model mesh of `mesh_shape` when given, checked before loading) and
+  the chat model's tokenizer."""
+  from neurodiff_jax.models import load_model, load_tokenizer, model_config, model_mesh
 
   models = check_models(store)
-  base = load_model(models[0]["path"], dtype=dtype)
-  chat = load_model(models[-1]["path"], dtype=dtype)
+  chosen = (models[0], models[-1])
+  mesh = model_mesh(mesh_shape, [model_config(m["path"], revision=m.get("revision") or None) for m in chosen],
+                    where=[f"the {m['role']} model {m['path']}" for m in chosen])
+  base = load_model(models[0]["path"], dtype=dtype, mesh=mesh)
+  chat = load_model(models[-1]["path"], dtype=dtype, mesh=mesh)
   return base, chat, load_tokenizer(models[-1]["path"])
 
 
@@ -350,7 +358,7 @@ def analyze(config: ml_collections.ConfigDict, log: Callable[[str], None] = _log
     nonlocal models_loaded
     if models_loaded is None:
       log("loading the store's models (fingerprints checked)")
-      models_loaded = _load_models(store, str(config.model_dtype))
+      models_loaded = _load_models(store, str(config.model_dtype), tuple(config.get("model_mesh", ())))
     return models_loaded
 
   if config.causal.enabled:

@@ -24,6 +24,7 @@ from flax import nnx
 
 from neurodiff_jax.activations.datasets import KIND_TEXT, _content_spans, _conversation_kinds
 from neurodiff_jax.crosscoder.model import Crosscoder
+from neurodiff_jax.models.sharding import mesh_of, put_batch, put_replicated
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.plots import figure, save_png
 
@@ -222,7 +223,8 @@ def causal_kl(chat: Transformer, base: Transformer, cc: Crosscoder, layer: int, 
   _, base_state = nnx.split(base)
   decoder = cc.decoder()  # [m, 2, d] original units
   delta = jnp.asarray(decoder[:, 1] - decoder[:, 0])  # [m, d]
-  params = cc.params
+  mesh = mesh_of(chat)  # a model mesh: the crosscoder (on one device) joins the models there, replicated
+  params = put_replicated(mesh, cc.params)
   n, t = data.ids.shape
   keep_chat = ~data.mask
   keep_chat[:, 0] = True
@@ -232,8 +234,8 @@ def causal_kl(chat: Transformer, base: Transformer, cc: Crosscoder, layer: int, 
     rows = np.arange(lo, min(lo + batch_size, n))
     # The last batch repeats its first row to the full batch size, so every batch has one shape (one compile).
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[0])])
-    ids, mask = jnp.asarray(data.ids[padded]), jnp.asarray(data.mask[padded])
-    keep, template = jnp.asarray(keep_chat[padded]), jnp.asarray(data.template[padded])
+    ids, mask, keep, template = put_batch(mesh, data.ids[padded], data.mask[padded], keep_chat[padded],
+                                          data.template[padded])
     x_chat, x_base, f, logits_chat = prepare(chat_state, base_state, params, ids, mask)
     for name, (sel, flag) in sel_dev.items():
       kl = group_kl(chat_state, delta, ids, mask, keep, template, x_chat, x_base, f, logits_chat, sel, flag)

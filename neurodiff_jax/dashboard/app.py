@@ -1,6 +1,7 @@
 """The dashboard's Streamlit entry: `streamlit run neurodiff_jax/dashboard/app.py -- --results DIR`.
 
-The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`. Pages (st.navigation, one module
+The results root is `--results DIR` after `--`, else `$NEURODIFF_RESULTS`; `--model-mesh DATA,MODEL` loads the
+Live page's model pair onto a model mesh (`launch.dashboard --config.model_mesh`, docs/scaling.md). Pages (st.navigation, one module
 each in `views/` with `render(root)`): Overview, Compare runs, Latents, Causal test, ADL, Per-token KL, Diff
 methods, Live, Agents.
 
@@ -48,6 +49,14 @@ URL_PATHS = {"overview": "run-overview", "compare": "compare-runs", "latents": "
 PAGE_NAMES = {**{path: slug for slug, path in URL_PATHS.items()}, **{slug: slug for slug in URL_PATHS}}
 
 
+def model_mesh_arg(argv: list[str] | None = None) -> tuple[int, ...]:
+  """The Live page's model mesh: `--model-mesh DATA,MODEL` among the script's arguments (() = one device)."""
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--model-mesh", default="")
+  args, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  return tuple(int(v) for v in args.model_mesh.split(",") if v.strip())
+
+
 def results_dir(argv: list[str] | None = None) -> str | None:
   """The results root: `--results DIR` among the script's arguments, else $NEURODIFF_RESULTS."""
   parser = argparse.ArgumentParser(add_help=False)
@@ -74,7 +83,7 @@ def _page(slug: str, root: ResultsRoot) -> Callable[[], None]:
         except ImportError as e:
           st.error(f"The live page could not be loaded ({e}); the other pages work without it.")
           return
-        live.render(root)
+        live.render(root, model_mesh_arg())
         return
       import importlib
       importlib.import_module(f"neurodiff_jax.dashboard.views.{slug}").render(root)

@@ -45,6 +45,7 @@ from neurodiff_jax.crosscoder import load as load_crosscoder
 from neurodiff_jax.crosscoder.checkpoint import load_run_config
 from neurodiff_jax.crosscoder.model import encode_inference
 from neurodiff_jax.models import Transformer, load_model, load_tokenizer
+from neurodiff_jax.models.sharding import put_batch
 from neurodiff_jax.models.generate import GreedyGenerator, cut_at_stop, encode_prompt, stop_ids
 
 T_BUCKET = 16  # prompts are right-padded to a multiple of this: few shapes, few compilations
@@ -268,10 +269,11 @@ def _forward_fn(model: Transformer):
 class LiveSession:
   """Both models of a pair and the fine-tuned model's tokenizer, loaded once; prompts, generations, latents."""
 
-  def __init__(self, base_path: str, ft_path: str, dtype: str = "float32"):
+  def __init__(self, base_path: str, ft_path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
     self.base_path, self.ft_path, self.dtype = str(base_path), str(ft_path), str(dtype)
-    self.base = load_model(self.base_path, dtype)
-    self.ft = load_model(self.ft_path, dtype)
+    self.mesh = mesh  # a model mesh (`models.sharding.model_mesh`): each model's weights split over its devices
+    self.base = load_model(self.base_path, dtype, mesh)
+    self.ft = load_model(self.ft_path, dtype, mesh)
     for what in ("hidden_size", "num_layers", "vocab_size"):
       a, b = getattr(self.base.cfg, what), getattr(self.ft.cfg, what)
       if a != b:
@@ -335,7 +337,7 @@ class LiveSession:
     row[0, :t] = ids
     mask = np.zeros((1, tp), bool)
     mask[0, :t] = True  # right padding: causal attention keeps the real tokens' outputs unchanged
-    return jnp.asarray(row), jnp.asarray(mask)
+    return put_batch(self.mesh, row, mask)
 
   def next_token_probs(self, ids: Sequence[int], steer: Steering | None = None) -> dict[str, np.ndarray]:
     """Each model's next-token distribution [V] (float64) after `ids`, steered when asked (cached: read-only)."""

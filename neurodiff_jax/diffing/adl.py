@@ -45,6 +45,7 @@ from neurodiff_jax.activations.datasets import KIND_TEXT
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, layers_of
 from neurodiff_jax.models.generate import cut_at_stop, encode_prompt, greedy_generate, stop_ids
 from neurodiff_jax.models.lens import logit_lens
+from neurodiff_jax.models.sharding import mesh_of, put_batch
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.plots import figure, integer_ticks, png_html, save_png
@@ -135,7 +136,7 @@ def mean_difference(ctx: DiffContext, layers: Sequence[int], n: int, num_documen
     mask = np.pad(batch.mask, ((0, 0), (0, tp - t)))
     valid = batch.docs >= 0
     start = batch.assistant_start if batch.assistant_start is not None else np.full(len(valid), -1, np.int32)
-    sums = jax.device_get(step(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(valid), jnp.asarray(start)))
+    sums = jax.device_get(step(*ctx.pair.put(ids, mask, valid, start)))
     for k, v in sums.items():
       acc[k] = acc.get(k, 0.0) + np.asarray(v, np.float64)
   tokens = max(float(acc.pop("tokens")), 1.0)
@@ -291,7 +292,7 @@ def patched_top_tokens(model: Transformer, prompts: Sequence[Sequence[int]], row
     probs, top = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)
     return top, probs
 
-  top, probs = jax.device_get(run(state, jnp.asarray(ids), jnp.asarray(mask)))
+  top, probs = jax.device_get(run(state, *put_batch(mesh_of(model), ids, mask)))
   return np.asarray(top), np.asarray(probs)
 
 

@@ -23,9 +23,11 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
 from neurodiff_jax.activations.datasets import DatasetSpec, TokenizedCorpus, check_same_tokenizer, tokenize_corpus
 from neurodiff_jax.models import Transformer, load_model, load_tokenizer
+from neurodiff_jax.models.sharding import mesh_of, put_batch
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.paths import neurodiff_home
 
@@ -48,6 +50,15 @@ class ModelPair:
   def num_layers(self) -> int:
     """Layers of the (equally deep) models."""
     return self.base.cfg.num_layers
+
+  @property
+  def mesh(self) -> Mesh | None:
+    """The model mesh both models live on (`load_pair(..., mesh=)`), or None for one device."""
+    return mesh_of(self.base)
+
+  def put(self, *arrays: Any) -> tuple[Any, ...]:
+    """A jitted step's inputs with a leading batch axis, placed for the models: rows on the mesh's data axis."""
+    return put_batch(self.mesh, *arrays)
 
 
 def resolve_model(ref: str, organisms: ml_collections.ConfigDict | None) -> str:
@@ -85,14 +96,18 @@ def read_card(path: str) -> dict | None:
   return json.loads(card.read_text()).get("ground_truth") if card.is_file() else None
 
 
-def load_pair(base: str, ft: str, *, dtype: str = "float32") -> ModelPair:
-  """Both models (ports), their shared tokenizer and the fine-tune's card; clear errors for a mismatched pair."""
+def load_pair(base: str, ft: str, *, dtype: str = "float32", mesh: Mesh | None = None) -> ModelPair:
+  """Both models (ports), their shared tokenizer and the fine-tune's card; clear errors for a mismatched pair.
+
+  With a model `mesh` (`models.sharding.model_mesh`) each weight is placed straight onto its shard as it is
+  read: neither model is ever whole on one device.
+  """
   tokenizers = [load_tokenizer(base), load_tokenizer(ft)]
   try:
     check_same_tokenizer(*tokenizers)
   except ValueError as e:
     raise ConfigError(f"base {base} and fine-tuned {ft}: {e}") from None
-  b, f = load_model(base, dtype=dtype), load_model(ft, dtype=dtype)
+  b, f = load_model(base, dtype=dtype, mesh=mesh), load_model(ft, dtype=dtype, mesh=mesh)
   if b.cfg.hidden_size != f.cfg.hidden_size or b.cfg.num_layers != f.cfg.num_layers:
     raise ConfigError(f"base {base} (d={b.cfg.hidden_size}, {b.cfg.num_layers} layers) and fine-tuned {ft} "
                       f"(d={f.cfg.hidden_size}, {f.cfg.num_layers} layers) differ in shape: activation differences "

@@ -116,7 +116,7 @@ def _model_chunks(ctx: DiffContext, layers: list[int], batch_size: int) -> Itera
     mask = np.zeros((bsz, tp), bool)
     kinds = np.zeros((bsz, tp), np.uint8)
     ids[:, :t], mask[:, :t], kinds[:, :t] = b.ids, b.mask, b.kinds
-    acts = forward(jnp.asarray(ids), jnp.asarray(mask))
+    acts = forward(*ctx.pair.put(ids, mask))
     pos = np.broadcast_to(np.arange(tp), (bsz, tp))
     valid = mask & (b.docs >= 0)[:, None]
     ref = np.maximum(b.docs, 0)[:, None].astype(np.int64) * REF_STRIDE + pos

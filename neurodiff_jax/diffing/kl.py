@@ -59,7 +59,7 @@ def make_kl_step(pair: ModelPair):
     return jnp.maximum(kl, 0.0), top_f, top_b, p_f, p_b
 
   def run(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
-    out = step(sb, sf, jnp.asarray(ids), jnp.asarray(mask))
+    out = step(sb, sf, *pair.put(ids, mask))
     return tuple(np.asarray(x) for x in out)
 
   return run

@@ -106,7 +106,7 @@ def make_sweep(pair: ModelPair):
   gf, sf = nnx.split(pair.ft)
 
   def sweep(ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    out = _sweep_step(gb, gf, sb, sf, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights, jnp.float32))
+    out = _sweep_step(gb, gf, sb, sf, *pair.put(ids, mask, np.asarray(weights, np.float32)))
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
   return sweep

@@ -13,6 +13,7 @@ from neurodiff_jax.models.loading import (
     config_from_hf,
     load_model,
     load_tokenizer,
+    model_config,
     read_hf_config,
     resolve_checkpoint,
     save_hf_checkpoint,
@@ -20,7 +21,7 @@ from neurodiff_jax.models.loading import (
 from neurodiff_jax.models.qwen2 import Qwen2Config
 from neurodiff_jax.models.qwen3 import Qwen3Config
 from neurodiff_jax.models.safetensors_io import CorruptCheckpointError
-from neurodiff_jax.models.sharding import ShardingRules, batch_sharding, make_mesh
+from neurodiff_jax.models.sharding import ShardingRules, batch_sharding, make_mesh, mesh_of, model_mesh, put_batch
 from neurodiff_jax.models.transformer import ForwardOutput, Transformer, jit_forward
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "Gemma2Config", "Gemma3Config", "GemmaConfig", "LlamaConfig", "Qwen2Config", "Qwen3Config",
     "RopeConfig", "ShardingRules", "Transformer", "TransformerConfig", "UnsupportedConfigError",
     "batch_sharding", "checkpoint_info", "config_from_hf", "jit_forward", "load_model", "load_tokenizer", "make_mesh",
-    "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint",
+    "mesh_of", "model_config", "model_mesh", "put_batch", "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint",
 ]
 from neurodiff_jax.models.generate import greedy_generate  # noqa: E402
 

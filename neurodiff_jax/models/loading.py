@@ -31,7 +31,7 @@ from neurodiff_jax.models.llama import LlamaConfig
 from neurodiff_jax.models.qwen2 import Qwen2Config
 from neurodiff_jax.models.qwen3 import Qwen3Config
 from neurodiff_jax.models.safetensors_io import SafetensorsFile, save_file
-from neurodiff_jax.models.sharding import ShardingRules, param_sharding
+from neurodiff_jax.models.sharding import ShardingRules, check_model_axis, param_sharding
 from neurodiff_jax.models.transformer import Transformer
 from neurodiff_jax.utils.errors import CheckpointError
 
@@ -179,6 +179,15 @@ def checkpoint_info(path_or_repo_id: str, *, revision: str | None = None,
   return CheckpointInfo(directory, read_hf_config(directory).model_type, _fingerprint(directory, files))
 
 
+def model_config(path_or_repo_id: str, *, revision: str | None = None) -> TransformerConfig:
+  """A checkpoint's architecture from its config.json (an adapter's: its base's), without reading any weight."""
+  from neurodiff_jax.models import lora  # Deferred: lora imports this module.
+
+  if (request := lora.adapter_request(path_or_repo_id, revision=revision)) is not None:
+    path_or_repo_id, revision = request.base, request.base_revision
+  return config_from_hf(read_hf_config(resolve_checkpoint(path_or_repo_id, revision=revision)))
+
+
 def load_model(
     path_or_repo_id: str,
     dtype: jnp.dtype | str = jnp.float32,
@@ -196,6 +205,8 @@ def load_model(
   directory = resolve_checkpoint(path_or_repo_id, revision=revision, allow_download=allow_download)
   hf_config = read_hf_config(directory)
   cfg = config_from_hf(hf_config)
+  if mesh is not None:  # before any tensor is read: a model axis that would split nothing is refused
+    check_model_axis(int(dict(mesh.shape).get("model", 1)), cfg, where=directory, rules=rules)
   dtype = jnp.dtype(dtype)
   model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
 
@@ -298,5 +309,5 @@ def save_hf_checkpoint(
 
 
 __all__ = ["FAMILIES", "IGNORED_TENSORS", "CheckpointError", "CheckpointInfo", "canonical_name", "checkpoint_info",
-           "config_from_hf", "load_model", "weight_files",
+           "config_from_hf", "load_model", "model_config", "weight_files",
            "load_tokenizer", "read_hf_config", "resolve_checkpoint", "save_hf_checkpoint"]

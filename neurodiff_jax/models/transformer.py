@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from neurodiff_jax.models.config import TransformerConfig
 from neurodiff_jax.models.layers import MLP, Attention, RMSNorm, _normal, rope_inv_freq, rope_tables, softcap
+from neurodiff_jax.models.sharding import mesh_of, put_batch
 
 Intervention = Callable[[Float[Array, "B T D"]], Float[Array, "B T D"]]
 
@@ -234,6 +235,7 @@ def jit_forward(
   """A jitted `(input_ids, attention_mask) -> ForwardOutput` over the model's state, split once."""
   graphdef, state = nnx.split(model)
   capture = tuple(capture)
+  mesh = mesh_of(model)
 
   @jax.jit
   def run(state, input_ids, attention_mask):
@@ -244,6 +246,6 @@ def jit_forward(
   def forward(input_ids, attention_mask=None) -> ForwardOutput:
     if attention_mask is None:
       attention_mask = jnp.ones(jnp.shape(input_ids), jnp.bool_)
-    return run(state, input_ids, attention_mask)
+    return run(state, *put_batch(mesh, input_ids, attention_mask))  # rows on the data axis of a model mesh
 
   return forward

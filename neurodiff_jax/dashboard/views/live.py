@@ -53,9 +53,13 @@ _ERRORS = (live.LiveError, OSError, ValueError, KeyError)
 
 
 @st.cache_resource(show_spinner="Loading both models (once per server session)…", max_entries=2)
-def session_for(base: str, ft: str, dtype: str) -> live.LiveSession:
-  """The pair's LiveSession, shared by every browser tab of this server."""
-  return live.LiveSession(base, ft, dtype)
+def session_for(base: str, ft: str, dtype: str, mesh_shape: tuple[int, ...] = ()) -> live.LiveSession:
+  """The pair's LiveSession, shared by every browser tab of this server; on a model mesh of `mesh_shape` if given."""
+  from neurodiff_jax.models import model_config, model_mesh
+
+  mesh = model_mesh(mesh_shape, [model_config(base), model_config(ft)], where=[f"the base model {base}",
+                                                                              f"the fine-tuned model {ft}"])
+  return live.LiveSession(base, ft, dtype, mesh)
 
 
 @st.cache_resource(show_spinner="Loading the crosscoder…", max_entries=4)
@@ -410,8 +414,8 @@ def _generations(gen: live.Generations, label: str, key: str) -> None:
         st.caption(gen.stop_text(f"{name}{key}"))
 
 
-def render(root: ResultsRoot) -> None:
-  """The Live page."""
+def render(root: ResultsRoot, model_mesh: tuple[int, ...] = ()) -> None:
+  """The Live page; the pair is loaded onto a model mesh of `model_mesh` ((data, model) sizes) when given."""
   st.header("Live: prompt both models")
   pairs = model_pairs(root)
   if not pairs:
@@ -425,7 +429,7 @@ def render(root: ResultsRoot) -> None:
   dtype = c2.selectbox("dtype", ["float32", "bfloat16"], key="live_dtype")
   base, ft, _ = pairs[label]
   try:
-    session = session_for(base, ft, dtype)
+    session = session_for(base, ft, dtype, tuple(model_mesh))
   except Exception as e:  # noqa: BLE001  a missing or unreadable checkpoint: say which, keep the other pages
     st.error(f"Could not load the models {base} and {ft}: {e}")
     return
