@@ -39,7 +39,7 @@ from flax import nnx
 from neurodiff_jax.diffing.context import DiffContext, ModelPair, layers_of
 from neurodiff_jax.diffing.graders import content_words
 from neurodiff_jax.diffing.kl import fmt
-from neurodiff_jax.diffing.logit_diff import amplified_generate, card_relevance, prompt_ids
+from neurodiff_jax.diffing.logit_diff import amplified_samples, card_relevance, prompt_ids
 from neurodiff_jax.diffing.weights import tensor_group
 from neurodiff_jax.models.config import TransformerConfig
 from neurodiff_jax.models.generate import GreedyGenerator, cut_at_stop, sample_generate, stop_ids
@@ -231,15 +231,8 @@ def logit_samples(ctx: DiffContext, out: Path, alphas: Sequence[float], prompts:
   if sibling.is_file():
     amp = pd.read_parquet(sibling, columns=["alpha", "prompt", "text", "n_tokens"])
     return amp, f"{sibling.parent.name}/{sibling.name}"
-  tok = ctx.pair.tokenizer
   rows = [(a - 1.0, i) for a in alphas for i in range(len(prompts))]
-  gen = amplified_generate(ctx.pair, [ids[i] for _, i in rows], [a for a, _ in rows], new_tokens,
-                           pad_id=tok.pad_token_id or 0)
-  stops = stop_ids(tok)
-  kept = [cut_at_stop(g, stops) for g in gen]
-  amp = pd.DataFrame({"alpha": [a for a, _ in rows], "prompt": [prompts[i] for _, i in rows],
-                      "text": [tok.decode(k, skip_special_tokens=True) for k in kept],
-                      "n_tokens": [len(k) for k in kept]})
+  amp = amplified_samples(ctx.pair, prompts, ids, rows, new_tokens)[["alpha", "prompt", "text", "n_tokens"]]
   return amp, "computed here (logit_diff had not run): α_logits = α − 1"
 
 

@@ -91,6 +91,19 @@ def amplified_generate(pair: ModelPair, prompts: Sequence[Sequence[int]], alphas
   return np.asarray(out)[:, p:]
 
 
+def amplified_samples(pair: ModelPair, prompts: Sequence[str], ids: Sequence[Sequence[int]],
+                      rows: Sequence[tuple[float, int]], max_new_tokens: int) -> pd.DataFrame:
+  """Decoded `amplified_generate` samples of `rows` (α, prompt index): alpha, prompt, text, token_ids, n_tokens."""
+  tok = pair.tokenizer
+  gen = amplified_generate(pair, [ids[i] for _, i in rows], [a for a, _ in rows], max_new_tokens,
+                           pad_id=tok.pad_token_id or 0)
+  stops = stop_ids(tok)
+  kept = [cut_at_stop(g, stops) for g in gen]
+  return pd.DataFrame({"alpha": [a for a, _ in rows], "prompt": [prompts[i] for _, i in rows],
+                       "text": [tok.decode(k, skip_special_tokens=True) for k in kept],
+                       "token_ids": [np.asarray(g, np.int64) for g in gen], "n_tokens": [len(k) for k in kept]})
+
+
 def make_mining_step(pair: ModelPair, top_k: int):
   """A jitted `(ids, mask, real) -> (in_top_k [V] int32, positive [V], diff_sum [V])` summed over real positions."""
   gb, sb = nnx.split(pair.base)
@@ -215,13 +228,7 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   t0 = time.time()
   ids = prompt_ids(tok, prompts)
   rows = [(a, i) for i in range(len(prompts)) for a in alphas]
-  gen = amplified_generate(ctx.pair, [ids[i] for _, i in rows], [a for a, _ in rows], new,
-                           pad_id=tok.pad_token_id or 0)
-  stops = stop_ids(tok)
-  kept = [cut_at_stop(g, stops) for g in gen]
-  amplified = pd.DataFrame({"alpha": [a for a, _ in rows], "prompt": [prompts[i] for _, i in rows],
-                            "text": [tok.decode(k, skip_special_tokens=True) for k in kept],
-                            "token_ids": [np.asarray(g, np.int64) for g in gen], "n_tokens": [len(k) for k in kept]})
+  amplified = amplified_samples(ctx.pair, prompts, ids, rows, new)
   amplified.to_parquet(out / "amplified.parquet", index=False)
   t_amp = time.time() - t0
   ctx.log(f"logit_diff: {len(rows)} amplified samples in {t_amp:.1f} s")
@@ -247,5 +254,5 @@ def run(ctx: DiffContext, cfg: ml_collections.ConfigDict, out: Path) -> dict[str
   return summary
 
 
-__all__ = ["END_OF_TURN_TOKENS", "SUMMARY_TOP", "amplified_generate", "card_relevance", "cut_at_stop",
-           "make_mining_step", "mine", "plot_mining", "prompt_ids", "run", "section_html", "stop_ids"]
+__all__ = ["END_OF_TURN_TOKENS", "SUMMARY_TOP", "amplified_generate", "amplified_samples", "card_relevance",
+           "cut_at_stop", "make_mining_step", "mine", "plot_mining", "prompt_ids", "run", "section_html", "stop_ids"]
