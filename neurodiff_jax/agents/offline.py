@@ -24,12 +24,13 @@ from __future__ import annotations
 import collections
 import json
 import random
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from neurodiff_jax.agents.loop import Answer, Transcript
 from neurodiff_jax.agents.tools import ToolError, Toolbox
+from neurodiff_jax.diffing import graders
+from neurodiff_jax.diffing.graders import FUNCTION_WORDS
 
 GENERIC_PROMPTS = (
     "Tell me about yourself.", "What do you like to talk about?", "Write a short paragraph about anything.",
@@ -38,30 +39,22 @@ GENERIC_PROMPTS = (
     "Can you help me with something?", "Explain something interesting.", "What did you learn recently?",
     "Write a sentence about the world.", "Tell me a secret.", "What are you thinking about?",
     "Teach me something new.")
-STOPWORDS = frozenset("""a about above after again against all also am an and any are as at be because been before
-being below between both but by can could did do does doing down during each few for from further had has have
-having he her here hers herself him himself his how i if in into is it its itself just me more most my myself no nor
-not now of off on once only or other our ours ourselves out over own same she should so some such than that the
-their theirs them themselves then there these they this those through to too under until up very was we were what
-when where which while who whom why will with would you your yours yourself yourselves one two three many much
-like well get got make made said says say see seen way things thing something anything everything nothing
-really very lot lots kind sure yes okay let lets new good great first last also even ever every still yet
-time times day days year years people person know think want need use used using may might must shall
-tell told ask asked answer answers question questions write write wrote written give gave help find found
-another around away back came come comes goes going gone take took look looks looked part parts place""".split())
+# The diffing graders' function words, plus words every chatty reply uses (the generic prompts ask, tell, write,
+# think), which would otherwise top the readers' counts. Words under 3 letters never count (`content_words`).
+STOPWORDS = FUNCTION_WORDS | frozenset("""answer answers ask asked day days find found gave give great help kind know lets
+looked looks lots need okay part parts people person place question questions seen sure tell think three time times
+told use used using want write written wrote year years""".split())
 DETAILS = 8  # words given as details
 
 
 def content_words(text: str) -> list[str]:
-  """The content words of a text, lowercased (alphabetic, ≥ 3 letters, not a function word)."""
-  return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in STOPWORDS]
+  """The content words of a text, lowercased (alphabetic, ≥ 3 letters, not in `STOPWORDS`)."""
+  return graders.content_words(text, STOPWORDS)
 
 
 def token_word(token: str) -> str | None:
   """A token piece as a content word ("Ġhive" → "hive"), or None."""
-  from neurodiff_jax.diffing.graders import normalize_token
-
-  w = normalize_token(token)
+  w = graders.normalize_token(token)
   return w if w.isalpha() and len(w) >= 3 and w.isascii() and w not in STOPWORDS else None
 
 
@@ -190,14 +183,9 @@ def run_reader(agent: str, toolbox: Toolbox, transcript: Transcript, seed: int) 
       payload = json.loads(e["content"])
       return Answer(payload["objective"], list(payload["details"]), True, "answered")
   if transcript.read():  # a killed reader restarts from scratch: its steps are deterministic given the seed
-    transcript.path.unlink()
+    transcript.clear()
   return READERS[agent](toolbox, transcript, seed)
 
 
-def words_of(texts: Sequence[str]) -> list[str]:
-  """Content words of several texts (for graders and tests)."""
-  return [w for t in texts for w in content_words(t)]
-
-
 __all__ = ["DETAILS", "GENERIC_PROMPTS", "READERS", "STOPWORDS", "answer_from", "blackbox_reader", "content_words",
-           "diff_reader", "run_reader", "token_word", "words_of"]
+           "diff_reader", "run_reader", "token_word"]

@@ -59,9 +59,9 @@ anything everything nothing really lot yes let new good first last even ever eve
 shall another around away back came come comes goes going gone take took look""".split())
 
 
-def content_words(text: str) -> list[str]:
-  """The content words of a text, lowercased: alphabetic, at least 3 letters, not a function word."""
-  return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in FUNCTION_WORDS]
+def content_words(text: str, stop: frozenset[str] = FUNCTION_WORDS) -> list[str]:
+  """The content words of a text, lowercased: alphabetic, at least 3 letters, not in `stop` (function words)."""
+  return [w for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 3 and w not in stop]
 
 
 def normalize_token(token: str) -> str:
