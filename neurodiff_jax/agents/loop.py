@@ -48,9 +48,9 @@ class Transcript:
   def __init__(self, path: str | Path):
     self.path = Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
+    self._events: list[dict[str, Any]] | None = None  # the file's events, read once, then kept in step with it
 
-  def read(self) -> list[dict[str, Any]]:
-    """The events so far (a last line cut by a kill is dropped)."""
+  def _load(self) -> list[dict[str, Any]]:
     if not self.path.is_file():
       return []
     out = []
@@ -61,27 +61,41 @@ class Transcript:
         break  # only the line being written when the process died can be partial
     return out
 
+  def read(self) -> list[dict[str, Any]]:
+    """The events so far (a last line cut by a kill is dropped)."""
+    if self._events is None:
+      self._events = self._load()
+    return list(self._events)
+
   def repair(self) -> int:
     """Drops a last line cut by a kill (so new events start on a line of their own); returns the events kept."""
-    events = self.read()
+    events = self._load()
     if self.path.is_file():
       good = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events)
       if self.path.read_text(encoding="utf-8") != good:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(good, encoding="utf-8")
         os.replace(tmp, self.path)
+    self._events = events
     return len(events)
+
+  def clear(self) -> None:
+    """Deletes the transcript (a run that restarts from scratch)."""
+    self.path.unlink(missing_ok=True)
+    self._events = []
 
   def append(self, event: str, used: dict[str, int] | None = None, **fields: Any) -> dict[str, Any]:
     """Writes one event (with the step number, time and budget spent) and returns it."""
-    step = len(self.read())
-    record = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields}
+    if self._events is None:
+      self._events = self._load()
+    record = {"step": len(self._events), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "event": event, **fields}
     if used is not None:
       record["used"] = dict(used)
     with open(self.path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record, ensure_ascii=False) + "\n")
       f.flush()
       os.fsync(f.fileno())
+    self._events.append(record)
     return record
 
 
