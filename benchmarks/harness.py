@@ -240,3 +240,29 @@ def hf_config(family: str, small: bool) -> Any:
 __all__ = ["COMPILE_EVENTS", "REPO_ROOT", "best_rate", "busy_cpu_s", "child_env", "compile_seconds", "contended",
            "flops", "hf_config", "machine", "markdown_table", "median", "ms", "others_cpu_s", "own_cpu_s", "pin",
            "rss_mib", "spread", "time_calls", "wait_quiet"]
+
+
+def write_model_pair(work: Any, n_docs: int, config: Callable[[Any], Any]) -> dict[str, str]:
+  """Two random checkpoints ("base", seed 0; "finetuned", seed 1) of `config(tokenizer)`, sharing a BPE tokenizer
+  trained on the organisms' corpus, and that corpus as docs.jsonl, in `work`; returns their paths."""
+  import json
+
+  import torch
+  import transformers
+
+  from neurodiff_jax.organisms.corpus import generate_documents
+  from neurodiff_jax.organisms.tokenizer import train_bpe_tokenizer
+
+  docs = generate_documents(n_docs, 7)
+  tok = train_bpe_tokenizer(docs, 2048)
+  paths = {}
+  for role, seed in (("base", 0), ("finetuned", 1)):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config(tok), dtype=torch.float32)
+    model.save_pretrained(work / role)
+    tok.save_pretrained(work / role)
+    paths[role] = str(work / role)
+  data = work / "docs.jsonl"
+  data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+  paths["data"] = str(data)
+  return paths

@@ -40,28 +40,14 @@ from harness import hf_config
 
 def prepare(work: Path, small: bool, n_docs: int) -> dict:
   """Checkpoints, tokenizer and dataset in `work`; returns their paths."""
-  import torch
-  import transformers
 
-  from neurodiff_jax.organisms.corpus import generate_documents
-  from neurodiff_jax.organisms.tokenizer import train_bpe_tokenizer
+  def config(tok):
+    c = hf_config("gemma2", small)
+    c.vocab_size = max(c.vocab_size, len(tok))  # the tiny config's 512 would not hold the 2048 ids
+    c.bos_token_id, c.eos_token_id, c.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    return c
 
-  docs = generate_documents(n_docs, 7)
-  tok = train_bpe_tokenizer(docs, 2048)
-  paths = {}
-  for role, seed in (("base", 0), ("finetuned", 1)):
-    torch.manual_seed(seed)
-    config = hf_config("gemma2", small)
-    config.vocab_size = max(config.vocab_size, len(tok))  # the tiny config's 512 would not hold the 2048 ids
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(work / role)
-    tok.save_pretrained(work / role)
-    paths[role] = str(work / role)
-  data = work / "docs.jsonl"
-  data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-  paths["data"] = str(data)
-  return paths
+  return harness.write_model_pair(work, n_docs, config)
 
 
 def run_jax(spec: dict) -> dict:

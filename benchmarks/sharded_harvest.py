@@ -38,32 +38,15 @@ RUNS = (("1 device", 1, ()), ("8 devices, ()", 8, ()), ("(1,8)", 8, (1, 8)), ("(
 
 def prepare(work: Path, small: bool, n_docs: int) -> dict:
   """Checkpoints, tokenizer and dataset in `work`; returns their paths."""
-  import torch
   import transformers
 
-  from neurodiff_jax.organisms.corpus import generate_documents
-  from neurodiff_jax.organisms.tokenizer import train_bpe_tokenizer
-
-  docs = generate_documents(n_docs, 7)
-  tok = train_bpe_tokenizer(docs, 2048)
   size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                head_dim=16) if small else
           dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
                num_key_value_heads=4, head_dim=64))
-  paths = {}
-  for role, seed in (("base", 0), ("finetuned", 1)):
-    torch.manual_seed(seed)
-    config = transformers.Gemma2Config(vocab_size=len(tok), tie_word_embeddings=True, sliding_window=128,
-                                       query_pre_attn_scalar=size["head_dim"], bos_token_id=tok.bos_token_id,
-                                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **size)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(work / role)
-    tok.save_pretrained(work / role)
-    paths[role] = str(work / role)
-  data = work / "docs.jsonl"
-  data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-  paths["data"] = str(data)
-  return paths
+  return harness.write_model_pair(work, n_docs, lambda tok: transformers.Gemma2Config(
+      vocab_size=len(tok), tie_word_embeddings=True, sliding_window=128, query_pre_attn_scalar=size["head_dim"],
+      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **size))
 
 
 def memory(spec: dict) -> dict:
