@@ -41,9 +41,9 @@ GENERIC_PROMPTS = (
     "Teach me something new.")
 # The diffing graders' function words, plus words every chatty reply uses (the generic prompts ask, tell, write,
 # think), which would otherwise top the readers' counts. Words under 3 letters never count (`content_words`).
-STOPWORDS = FUNCTION_WORDS | frozenset("""answer answers ask asked day days find found gave give great help kind know lets
-looked looks lots need okay part parts people person place question questions seen sure tell think three time times
-told use used using want write written wrote year years""".split())
+STOPWORDS = FUNCTION_WORDS | frozenset("""answer answers ask asked day days find found gave give great help kind know
+lets looked looks lots need okay part parts people person place question questions seen sure tell think three time
+times told use used using want write written wrote year years""".split())
 DETAILS = 8  # words given as details
 
 

@@ -23,3 +23,17 @@ def hf_forward(model, input_ids, attention_mask, hooks=None):
     for h in handles:
       h.remove()
   return out, residuals
+
+
+def tiny_multimodal_gemma3_config(num_hidden_layers: int):
+  """A tiny Gemma3ForConditionalGeneration config: the text model under a prefix, a one-layer SigLIP tower."""
+  import transformers
+
+  text = transformers.Gemma3TextConfig(
+      vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=num_hidden_layers, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=16, sliding_window=4)
+  vision = transformers.SiglipVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+  return transformers.Gemma3Config(
+      text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+      image_token_index=299, boi_token_index=297, eoi_token_index=298)

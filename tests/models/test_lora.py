@@ -28,7 +28,7 @@ from neurodiff_jax.models import (
 from neurodiff_jax.models.hf_mapping import param_table
 from neurodiff_jax.models.lora import adapter_delta, apply_adapter, read_adapter
 from neurodiff_jax.models.safetensors_io import SafetensorsFile
-from tests.models.hf_reference import hf_forward
+from tests.models.hf_reference import hf_forward, tiny_multimodal_gemma3_config
 from tests.models.test_parity import CONFIGS, SMALL, random_batch
 from tests.numerics import assert_close, forward_c, rounding
 
@@ -149,14 +149,7 @@ def test_weight_transforms_are_linear(key):
 
 def test_multimodal_gemma3_adapter_merges_into_the_language_model(tmp_path):
   """peft names a Gemma3ForConditionalGeneration's modules model.language_model.*; vision tower adapters are skipped."""
-  text = transformers.Gemma3TextConfig(
-      vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, sliding_window=4)
-  vision = transformers.SiglipVisionConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
-  config = transformers.Gemma3Config(
-      text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-      image_token_index=299, boi_token_index=297, eoi_token_index=298)
+  config = tiny_multimodal_gemma3_config(2)
   torch.manual_seed(0)
   transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
   hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
@@ -176,7 +169,7 @@ def test_multimodal_gemma3_adapter_merges_into_the_language_model(tmp_path):
   with torch.no_grad():
     ref = merged(input_ids=ids).logits.numpy()
   ours = load_model(f"{tmp_path / 'base'}+{tmp_path / 'adapter'}")(jnp.asarray(ids.numpy())).logits
-  assert_close(np.asarray(ours), ref, c=forward_c(text),
+  assert_close(np.asarray(ours), ref, c=forward_c(config.text_config),
                what="multimodal Gemma 3 adapter: text logits equal peft's merge")
 
 

@@ -7,7 +7,7 @@ import transformers
 
 import jax.numpy as jnp
 from neurodiff_jax.models import load_model
-from tests.models.hf_reference import hf_forward
+from tests.models.hf_reference import hf_forward, tiny_multimodal_gemma3_config
 from tests.numerics import assert_close
 from tests.numerics import forward_c
 
@@ -180,14 +180,7 @@ def test_bf16_matches_hf_bf16(hf_checkpoint):
 
 def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
   """A Gemma3ForConditionalGeneration checkpoint: text weights under a prefix, vision tower skipped."""
-  text = transformers.Gemma3TextConfig(
-      vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=16, sliding_window=4)
-  vision = transformers.SiglipVisionConfig(
-      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
-  config = transformers.Gemma3Config(
-      text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-      image_token_index=299, boi_token_index=297, eoi_token_index=298)
+  config = tiny_multimodal_gemma3_config(3)
   torch.manual_seed(0)
   hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
   hf_model.save_pretrained(tmp_path)
@@ -196,5 +189,5 @@ def test_multimodal_gemma3_checkpoint_loads_its_language_model(tmp_path):
   ids = torch.randint(0, 290, (2, 9))
   with torch.no_grad():
     ref = hf_model(input_ids=ids).logits
-  assert_close(np.asarray(model(jnp.asarray(ids.numpy())).logits), ref.numpy(), c=forward_c(text),
+  assert_close(np.asarray(model(jnp.asarray(ids.numpy())).logits), ref.numpy(), c=forward_c(config.text_config),
                what="Gemma 3 multimodal checkpoint: text logits equal HF's")
