@@ -44,6 +44,7 @@ from numpyro.distributions.transforms import OrderedTransform
 from numpyro.infer import MCMC, NUTS
 
 from neurodiff_jax.utils.plots import figure, save_png
+from neurodiff_jax.utils.results import AGENT_COMPARISON_COLUMNS
 
 OUTCOMES = ("objective", "details")
 OUTCOME_WORDS = {"objective": "broad objective", "details": "specific details"}
@@ -242,7 +243,7 @@ def comparison_table(results: list[dict[str, Any]]) -> pd.DataFrame:
                  "mean": r["grade_ratio_0to4"]["ratio_of_means"], "lo": math.nan, "hi": math.nan})
     rows.append({"outcome": r["outcome"], "quantity": "p_beta_positive", "mean": r["p_beta_positive"],
                  "lo": math.nan, "hi": math.nan})
-  return pd.DataFrame(rows, columns=["outcome", "quantity", "mean", "lo", "hi"])
+  return pd.DataFrame(rows, columns=list(AGENT_COMPARISON_COLUMNS))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path:

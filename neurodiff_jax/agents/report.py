@@ -18,9 +18,8 @@ import pandas as pd
 from neurodiff_jax.analysis.report import esc, fmt, html_table
 from neurodiff_jax.analysis.verdicts import AGENT_CI, OUTCOME_WORDS, QUANTITY_WORDS, agent_verdicts, sampler_warning
 from neurodiff_jax.utils.plots import png_html
+from neurodiff_jax.utils.results import AGENT_COMMAND, COMPARISON_COMMAND, agent_command
 
-AGENT_COMMAND = "python -m launch.agent --config=agent:ORGANISM[,SCALE]"
-COMPARISON_COMMAND = "python -m launch.agent --config=agent:all,SCALE"
 AGENT_ORDER = ("blackbox", "diff")  # the baseline first
 SCORE_COLUMNS = ("organism", "agent", "seed", "objective", "details", "stop_reason", "run_dir")
 SHORT = 300  # characters of an example answer's text shown
@@ -106,7 +105,7 @@ def example_html(agents_dir: Path, row: dict[str, Any]) -> str:
   except (OSError, ValueError):
     answer = None
   if answer is None:
-    command = f"python -m launch.agent --config=agent:{organism}"
+    command = agent_command(organism)
     body = _missing(f"(its answer.json is missing or unreadable: <code>{esc(command)}</code> writes it.)")
   else:
     details = "; ".join(_short(d) for d in answer.get("details") or []) or "none"

@@ -26,11 +26,10 @@ from neurodiff_jax.agents.tools import AGENT_TYPES, Budget, Toolbox
 from neurodiff_jax.utils.config import ConfigError, did_you_mean
 from neurodiff_jax.utils.files import atomic_write_json
 from neurodiff_jax.utils.paths import neurodiff_home
-from neurodiff_jax.utils.results import stamp
+from neurodiff_jax.utils.results import AGENT_SCORE_COLUMNS, stamp
 
 KINDS = ("offline", "llm")
-SCORE_COLUMNS = ["organism", "scale", "agent", "implementation", "llm_model", "seed", "grader", "objective", "details",
-                 "objective_reason", "details_reason", "model_queries", "tool_calls", "stop_reason", "run_dir"]
+SCORE_COLUMNS = list(AGENT_SCORE_COLUMNS)  # scores.parquet (utils/results.py: the dashboard reads it too)
 
 
 def _log(msg: str) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from neurodiff_jax.utils.results import OldResults, check_format
+from neurodiff_jax.utils.results import (AGENT_COMMAND, AGENT_COMPARISON_COLUMNS, AGENT_SCORE_COLUMNS,
+                                          COMPARISON_COMMAND, OldResults, agent_command, check_format)
 
 MAX_DEPTH = 5  # ROOT/runs/<name>/analysis/diff is the deepest layout the launchers write
 # Directories that never hold a run or a diff and can be large (stores, checkpoints, models).
@@ -246,19 +247,9 @@ class DiffResult:
     return (str(record["base"]), str(record["finetuned"])) if "base" in record and "finetuned" in record else None
 
 
-AGENT_COMMAND = "python -m launch.agent --config=agent:ORGANISM[,SCALE]"  # runs and grades the agents
-COMPARISON_COMMAND = "python -m launch.agent --config=agent:all,SCALE"  # also fits the comparison (several seeds)
-SCORE_COLUMNS = ("organism", "scale", "agent", "implementation", "llm_model", "seed", "grader", "objective", "details",
-                 "objective_reason", "details_reason", "model_queries", "tool_calls", "stop_reason", "run_dir")
-COMPARISON_COLUMNS = ("outcome", "quantity", "mean", "lo", "hi")
+SCORE_COLUMNS = AGENT_SCORE_COLUMNS
+COMPARISON_COLUMNS = AGENT_COMPARISON_COLUMNS
 _AGENT_RUN = re.compile(r"^(?P<agent>.+)-s(?P<seed>\d+)$")  # runs/<organism>/<agent>-s<seed>
-
-
-def agent_command(organism: str | None = None, scale: str | None = None) -> str:
-  """The command that runs and grades the agents on `organism` (the general form without one)."""
-  if organism is None:
-    return AGENT_COMMAND
-  return f"python -m launch.agent --config=agent:{organism}{f',{scale}' if scale else ''}"
 
 
 def _optional_json(path: Path) -> dict[str, Any] | None:

@@ -14,6 +14,22 @@ from typing import Any
 
 RESULTS_FORMAT = 1  # bump when a results file's layout changes in a way readers must know
 
+# The agents' results (`<root>/agents/`, docs/agents.md): the columns other tools read, and the commands that
+# write them. launch.agent writes them, the dashboard and the report read them; neither may import the other.
+AGENT_SCORE_COLUMNS = ("organism", "scale", "agent", "implementation", "llm_model", "seed", "grader", "objective",
+                       "details", "objective_reason", "details_reason", "model_queries", "tool_calls", "stop_reason",
+                       "run_dir")
+AGENT_COMPARISON_COLUMNS = ("outcome", "quantity", "mean", "lo", "hi")
+AGENT_COMMAND = "python -m launch.agent --config=agent:ORGANISM[,SCALE]"  # runs and grades the agents
+COMPARISON_COMMAND = "python -m launch.agent --config=agent:all,SCALE"  # also fits the comparison (several seeds)
+
+
+def agent_command(organism: str | None = None, scale: str | None = None) -> str:
+  """The command that runs and grades the agents on `organism` (the general form without one)."""
+  if organism is None:
+    return AGENT_COMMAND
+  return f"python -m launch.agent --config=agent:{organism}{f',{scale}' if scale else ''}"
+
 
 class OldResults(ValueError):
   """A results file written by an older (or newer) neurodiff-jax than this reader's format."""
@@ -45,4 +61,5 @@ def check_format(record: dict[str, Any], path: str | Path, rerun: str) -> None:
                    f"Rerun: {rerun}")
 
 
-__all__ = ["RESULTS_FORMAT", "OldResults", "check_format", "package_version", "stamp"]
+__all__ = ["AGENT_COMMAND", "AGENT_COMPARISON_COLUMNS", "AGENT_SCORE_COLUMNS", "COMPARISON_COMMAND", "RESULTS_FORMAT",
+           "OldResults", "agent_command", "check_format", "package_version", "stamp"]
