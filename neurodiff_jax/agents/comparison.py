@@ -43,11 +43,11 @@ from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.distributions.transforms import OrderedTransform
 from numpyro.infer import MCMC, NUTS
 
+from neurodiff_jax.analysis.verdicts import OUTCOME_WORDS  # the words every page and report uses
 from neurodiff_jax.utils.plots import figure, save_png
 from neurodiff_jax.utils.results import AGENT_COMPARISON_COLUMNS
 
 OUTCOMES = ("objective", "details")
-OUTCOME_WORDS = {"objective": "broad objective", "details": "specific details"}
 AGENTS = ("blackbox", "diff")  # index 0, 1: η carries β on the second
 REQUIRED_COLUMNS = ("organism", "scale", "agent", "seed", *OUTCOMES)
 NUM_CLASSES = 5  # grades 1..5
