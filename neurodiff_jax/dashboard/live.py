@@ -44,7 +44,7 @@ from neurodiff_jax.crosscoder import Crosscoder
 from neurodiff_jax.crosscoder import load as load_crosscoder
 from neurodiff_jax.crosscoder.checkpoint import load_run_config
 from neurodiff_jax.crosscoder.model import encode_inference
-from neurodiff_jax.models import Transformer, load_model, load_tokenizer
+from neurodiff_jax.models import Transformer, amplify, load_model, load_tokenizer
 from neurodiff_jax.models.sharding import put_batch
 from neurodiff_jax.models.generate import GreedyGenerator, cut_at_stop, encode_prompt, stop_ids
 
@@ -219,6 +219,8 @@ class Generations:
   ft: str
   base_steered: str | None = None
   ft_steered: str | None = None
+  ft_amplified: str | None = None  # the fine-tune with its weight difference amplified (`amplified_alpha`)
+  amplified_alpha: float | None = None
   ids: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   prompt_text: str = ""
   stops: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)  # name -> (stop token or "", tokens)
@@ -284,6 +286,7 @@ class LiveSession:
     self._stops = stop_ids(self.tokenizer)
     self._fwd = {"base": _forward_fn(self.base), "ft": _forward_fn(self.ft)}
     self._gen = {"base": GreedyGenerator(self.base, T_BUCKET), "ft": GreedyGenerator(self.ft, T_BUCKET)}
+    self._amplified: tuple[float, nnx.State] | None = None  # the last α's parameters (one extra copy at a time)
     # Results of model work by (what, prompt ids, steering, length): a repeated click runs no model.
     self._cache: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 
@@ -404,6 +407,45 @@ class LiveSession:
     ids = self.encode(prompt, chat)
     key = ("gen", tuple(ids), int(max_new_tokens), steer.key if steer is not None else None)
     return self._cached(key, lambda: self._generations(prompt, ids, int(max_new_tokens), steer))
+
+  @property
+  def amplification_source(self) -> str:
+    """What the weight amplification adds α times: W_ft − W_base of the loaded models, or the adapter's ΔW."""
+    return amplify.delta_source(self.base, self.ft)[1]
+
+  def amplified_state(self, alpha: float) -> nnx.State:
+    """The fine-tune's parameters with every block's projections at W_base + α ΔW (`models.amplify`), the last α's kept."""
+    if self._amplified is None or self._amplified[0] != float(alpha):
+      specs = amplify.selected_params(self.ft.cfg, range(self.num_layers), list(amplify.MODULES))
+      try:
+        amplify.check_shapes(self.base, self.ft, specs)
+      except ValueError as e:
+        raise LiveError(str(e)) from None
+      adapter, _ = amplify.delta_source(self.base, self.ft)
+      self._amplified = None  # the previous α's copy goes before the next is built
+      self._amplified = (float(alpha), amplify.amplified_state(self.base, self.ft, specs, float(alpha), adapter))
+    return self._amplified[1]
+
+  def generate_amplified(self, prompt: str, alpha: float, max_new_tokens: int = 32,
+                         chat: bool | None = None) -> Generations:
+    """`generate`'s continuations plus the fine-tune's greedy one with its weight difference amplified α times."""
+    gen = self.generate(prompt, max_new_tokens, chat=chat)
+    if not np.isfinite(alpha):
+      raise LiveError(f"weight amplification α={alpha} must be a finite number.")
+    ids = self.encode(prompt, chat)
+
+    def work() -> tuple[list[int], int | None]:
+      pad = getattr(self.tokenizer, "pad_token_id", None)
+      out = self._gen["ft"]([ids], int(max_new_tokens), pad_id=0 if pad is None else int(pad),
+                            state=self.amplified_state(alpha))[0]
+      kept = cut_at_stop(out, self._stops)
+      return kept, int(out[len(kept)]) if len(kept) < len(out) else None
+
+    tokens, stop = self._cached(("amp", tuple(ids), int(max_new_tokens), float(alpha)), work)
+    dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)
+    return dataclasses.replace(gen, ft_amplified=dec(tokens), amplified_alpha=float(alpha),
+                               ids={**gen.ids, "ft_amplified": tokens},
+                               stops={**gen.stops, "ft_amplified": ("" if stop is None else dec([stop]), len(tokens))})
 
   def _generations(self, prompt: str, ids: list[int], max_new_tokens: int, steer: Steering | None) -> Generations:
     dec = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)

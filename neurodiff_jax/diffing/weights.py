@@ -13,7 +13,6 @@ weights they apply, (1 + w), else a tiny ‖w_base‖ would make every norm look
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,31 +21,17 @@ import ml_collections
 import numpy as np
 import pandas as pd
 
+from neurodiff_jax.models.hf_mapping import tensor_group
 from neurodiff_jax.models.loading import IGNORED_TENSORS, canonical_name, config_from_hf, read_hf_config, weight_files
 from neurodiff_jax.models.safetensors_io import SafetensorsFile
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.plots import figure, png_html, save_png
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_GLOBAL_MODULES = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "final_norm",
-                   "lm_head.weight": "lm_head"}
 # Heat map columns in reading order (attention, MLP, norms); other modules follow alphabetically.
 _MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_norm", "k_norm",
                  "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                  "post_feedforward_layernorm")
 ROWS_PER_BLOCK = 8192  # rows of a tensor converted to float at once (a 256k-token embedding in ~32 blocks)
-
-
-def tensor_group(name: str) -> tuple[int, str]:
-  """(layer, module) of an HF tensor name: `model.layers.3.self_attn.q_proj.weight` -> (3, "q_proj")."""
-  if name in _GLOBAL_MODULES:
-    return -1, _GLOBAL_MODULES[name]
-  m = _LAYER.match(name)
-  parts = (m.group(2) if m else name).split(".")
-  if parts[-1] == "weight":
-    parts = parts[:-1]
-  module = parts[-1] if parts[-1] != "bias" else f"{parts[-2]}.bias"
-  return (int(m.group(1)) if m else -1), module
 
 
 def _tensor_index(directory: str) -> dict[str, tuple[SafetensorsFile, str]]:

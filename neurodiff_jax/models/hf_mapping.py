@@ -7,6 +7,7 @@ The same table drives loading (HF → ours) and saving model organisms (ours →
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -88,3 +89,20 @@ def param_table(cfg: TransformerConfig) -> list[ParamMap]:
   if not cfg.tie_embeddings:
     add("lm_head.weight", ("lm_head",), (cfg.vocab_size, d), (lambda w: w.T, lambda w: w.T))
   return out
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GLOBAL_MODULES = {"model.embed_tokens.weight": "embed_tokens", "model.norm.weight": "final_norm",
+                   "lm_head.weight": "lm_head"}
+
+
+def tensor_group(name: str) -> tuple[int, str]:
+  """(layer, module) of an HF tensor name: `model.layers.3.self_attn.q_proj.weight` -> (3, "q_proj")."""
+  if name in _GLOBAL_MODULES:
+    return -1, _GLOBAL_MODULES[name]
+  m = _LAYER.match(name)
+  parts = (m.group(2) if m else name).split(".")
+  if parts[-1] == "weight":
+    parts = parts[:-1]
+  module = parts[-1] if parts[-1] != "bias" else f"{parts[-2]}.bias"
+  return (int(m.group(1)) if m else -1), module

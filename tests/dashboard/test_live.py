@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from flax import nnx
 
 from neurodiff_jax.crosscoder import Crosscoder, CrosscoderConfig
 from neurodiff_jax.crosscoder.checkpoint import Checkpointer
@@ -263,6 +264,42 @@ def test_errors_name_the_fix(session):
     session.next_token_table("  ", 3)
   with pytest.raises(live.LiveError, match="top_k"):
     session.next_token_table(PROMPT, 0)
+
+
+def _amplified_reference(session, alpha: float):
+  """The fine-tune with every block's seven projections set to (1 − α) W_base + α W_ft in numpy (float64, then cast)."""
+  from neurodiff_jax.models import load_model
+
+  ref = load_model(session.ft_path)
+  base = dict(nnx.to_flat_state(nnx.state(session.base)))
+  changed = 0
+  for path, var in nnx.to_flat_state(nnx.state(ref)):
+    if path[0] == "layers" and str(path[-1]) in {"w_q", "w_k", "w_v", "w_o", "w_gate", "w_up", "w_down"}:
+      b, f = np.asarray(base[path][...], np.float64), np.asarray(var[...], np.float64)
+      var.set_value(jnp.asarray((1 - alpha) * b + alpha * f, var[...].dtype))
+      changed += 1
+  assert changed == 7 * session.num_layers
+  return ref
+
+
+def test_generate_amplified_equals_greedy_decoding_of_the_amplified_weights(session):
+  """α = 1 is the fine-tune's own continuation; α = 2 is the greedy continuation of a model whose projections were
+  amplified in numpy, and differs from the fine-tune's; the session keeps one amplified copy (the last α's)."""
+  n = 8
+  ids = session.encode(PROMPT)
+  stops = stop_ids(session.tokenizer)
+  plain = session.generate(PROMPT, max_new_tokens=n)
+  one = session.generate_amplified(PROMPT, 1.0, max_new_tokens=n)
+  assert one.ids["ft_amplified"] == plain.ids["ft"] and one.amplified_alpha == 1.0
+  two = session.generate_amplified(PROMPT, 2.0, max_new_tokens=n)
+  assert two.ids["ft"] == plain.ids["ft"] and two.ids["base"] == plain.ids["base"]
+  assert two.ft_amplified == session.tokenizer.decode(two.ids["ft_amplified"], skip_special_tokens=False)
+  assert _is_greedy(_amplified_reference(session, 2.0), ids, two.ids["ft_amplified"], n, stops)
+  assert two.ids["ft_amplified"] != plain.ids["ft"]  # the amplification changed the text
+  assert session._amplified[0] == 2.0
+  assert session.amplification_source.startswith("weights: W_ft − W_base")
+  with pytest.raises(live.LiveError, match="must be a finite number"):
+    session.generate_amplified(PROMPT, float("nan"))
 
 
 @pytest.mark.slow
@@ -523,3 +560,25 @@ def test_live_page_marks_stale_outputs_and_serves_a_repeat_from_the_cache(demo_r
   calls = _count_model_work(session)
   at.button(key="live_submit").click().run()
   assert calls == {"generate": 0, "forward": 0} and not at.warning and not at.error
+
+
+def test_live_page_weight_amplification_slider(demo_root, monkeypatch):
+  """The α slider (in the prompt's form) adds the amplified fine-tune's continuation, as the page's LiveSession
+  generates it; α = 1 shows none."""
+  from neurodiff_jax.dashboard.views.live import model_pairs, session_for
+  from neurodiff_jax.dashboard.results import discover
+
+  at = _live_page(demo_root, monkeypatch)
+  at.text_area(key="live_prompt").input(PROMPT)
+  at.number_input(key="live_max_new_tokens").set_value(6)
+  at.button(key="live_submit").click().run()
+  assert not at.exception and not at.error
+  assert len([h for h in at.get("html") if 'class="live-prompt"' in h.value]) == 2  # no amplified box at α = 1
+  at.slider(key="live_amplify").set_value(3.0)
+  at.button(key="live_submit").click().run()
+  assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+  base, ft, _ = next(iter(model_pairs(discover(demo_root)).values()))
+  want = session_for(base, ft, "float32").generate_amplified(PROMPT, 3.0, 6)
+  assert [t.value.strip() for t in at.text] == [w.strip() for w in (want.base, want.ft, want.ft_amplified)]
+  assert any("α = 3" in m.value for m in at.markdown)
+  assert want.stop_text("ft_amplified") in [c.value for c in at.caption]

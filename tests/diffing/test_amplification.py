@@ -48,7 +48,7 @@ def test_alpha_one_is_the_fine_tune_and_alpha_zero_the_base(tiny_pair):
   ids = logit_diff.prompt_ids(tiny_pair.tokenizer, PROMPTS)
   sampler = amp.Sampler(tiny_pair, batch_size=4)
   for alpha, model, want in ((1.0, tiny_pair.ft, ft), (0.0, tiny_pair.base, base)):
-    state = amp.amplified_state(tiny_pair, specs, alpha)
+    state = amp.amplified_state(tiny_pair.base, tiny_pair.ft, specs, alpha)
     got = _flat(state)
     assert got.keys() == want.keys()
     for path in want:
@@ -64,7 +64,7 @@ def test_only_layer_zero_mlp_is_amplified(tiny_pair):
   assert chosen == {("layers", 0, "mlp", "w_gate"), ("layers", 0, "mlp", "w_up"), ("layers", 0, "mlp", "w_down")}
   ft, base = _flat(nnx.state(tiny_pair.ft)), _flat(nnx.state(tiny_pair.base))
   alpha = 4.0
-  got = _flat(amp.amplified_state(tiny_pair, specs, alpha))
+  got = _flat(amp.amplified_state(tiny_pair.base, tiny_pair.ft, specs, alpha))
   assert got.keys() == ft.keys()
   for path, value in got.items():
     if path in chosen:
@@ -91,18 +91,18 @@ def adapted_pair(tiny_pair_dirs, tmp_path_factory):
 
 def test_adapter_delta_equals_the_weights_difference(adapted_pair, tiny_pair):
   pair, adapter_dir = adapted_pair
-  adapter, note = amp.delta_source(pair)
+  adapter, note = amp.delta_source(pair.base, pair.ft)
   assert adapter is not None and adapter.path == adapter_dir and note.startswith("adapter")
   cfg = pair.ft.cfg
   specs = amp.selected_params(cfg, range(cfg.num_layers), ALL)
   assert {s.hf_name for s in specs} == set(adapter.factors)  # the adapter adapts every projection
   base, ft = _flat(nnx.state(pair.base)), _flat(nnx.state(pair.ft))
-  one = _flat(amp.amplified_state(pair, specs, 1.0, adapter))
+  one = _flat(amp.amplified_state(pair.base, pair.ft, specs, 1.0, adapter))
   for path in ft:  # α = 1 along ΔW is the merge itself: the loaded fine-tune bit for bit
     np.testing.assert_array_equal(one[path], ft[path], err_msg=str(path))
   for alpha in (0.5, 4.0):
-    by_adapter = _flat(amp.amplified_state(pair, specs, alpha, adapter))
-    by_weights = _flat(amp.amplified_state(pair, specs, alpha))
+    by_adapter = _flat(amp.amplified_state(pair.base, pair.ft, specs, alpha, adapter))
+    by_weights = _flat(amp.amplified_state(pair.base, pair.ft, specs, alpha))
     for s in specs:
       b, f = base[s.path], ft[s.path]
       # ft is b + ΔW rounded once; each side then rounds a lerp of terms up to |b| and α|f|.
@@ -113,7 +113,7 @@ def test_adapter_delta_equals_the_weights_difference(adapted_pair, tiny_pair):
       assert np.abs(by_adapter[s.path] - f).max() > 100 * rounding(n=2, depth=3) * scale
   # A fine-tune that is an adapter on another model than the pair's base: its ΔW is not ft − base.
   other = dataclasses.replace(pair, base=tiny_pair.ft)
-  adapter, note = amp.delta_source(other)
+  adapter, note = amp.delta_source(other.base, other.ft)
   assert adapter is None and "not on the base" in note
 
 

@@ -21,6 +21,7 @@ changed since the outputs were computed).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import time
 from pathlib import Path
@@ -351,14 +352,20 @@ def tokens_html(acts: live.LatentActivations, column: int, dead: set[int] | froz
 
 
 def _run(session: live.LiveSession, root: ResultsRoot, prompt: str, top_k: int, max_new: int, chat: bool,
-         steer: live.Steering | None, act_run: str | None, latents: list[int]) -> dict[str, Any]:
+         steer: live.Steering | None, act_run: str | None, latents: list[int], amplify: float = 1.0) -> dict[str, Any]:
   """Everything the page shows for one submitted prompt."""
   out: dict[str, Any] = {"prompt": prompt, "steer": steer.label if steer is not None else None,
                          "pair": (session.base_path, session.ft_path, session.dtype)}
   out["table"] = session.next_token_table(prompt, top_k, chat=chat)
   if steer is not None:
     out["table_steered"] = session.next_token_table(prompt, top_k, steer=steer, chat=chat)
-  out["gen"] = session.generate(prompt, max_new, steer=steer, chat=chat)
+  gen = session.generate(prompt, max_new, steer=steer, chat=chat)
+  if amplify != 1.0:  # α = 1 is the fine-tune itself
+    amp = session.generate_amplified(prompt, amplify, max_new, chat=chat)
+    gen = dataclasses.replace(gen, ft_amplified=amp.ft_amplified, amplified_alpha=amp.amplified_alpha,
+                              ids={**gen.ids, **amp.ids}, stops={**gen.stops, **amp.stops})
+    out["amplification_source"] = session.amplification_source
+  out["gen"] = gen
   if act_run is not None and latents:
     run = root.run(act_run)
     loaded = run_for(str(run.path), _stamp(run.path / "checkpoints"))
@@ -390,6 +397,12 @@ def show_outputs(out: dict[str, Any]) -> None:
   if gen.ft_steered is not None:
     st.caption(f"Steered: {out['steer']}")
     _generations(gen, ", steered", "_steered")
+  if gen.ft_amplified is not None:
+    st.markdown(f"**Fine-tuned model, weight difference amplified: α = {gen.amplified_alpha:g}**")
+    st.caption(f"Every block's projections at W_base + α·ΔW ({out.get('amplification_source', '')}); α = 1 is the "
+               "fine-tune, α > 1 exaggerates what fine-tuning changed. `launch.diff`'s amplification method sweeps α "
+               "and grades coherence.")
+    _generation_box(gen, "ft_amplified")
   if "acts" in out:
     acts = out["acts"]
     st.subheader("Latent activations on the prompt")
@@ -403,15 +416,20 @@ def show_outputs(out: dict[str, Any]) -> None:
 def _generations(gen: live.Generations, label: str, key: str) -> None:
   """Both models' generations side by side, in bordered boxes keyed `live_gen_{base,ft}{key}`: the prompt as read
   (grey), the continuation (st.text), and where it stopped (EOS / end of turn, or the token limit)."""
-  prompt = html.escape(gen.prompt_text or gen.prompt).replace("\n", "↵\n")
   for column, title, name in zip(st.columns(2), ("Base model", "Fine-tuned model"), ("base", "ft")):
     with column:
       st.markdown(f"**{title}{label}**")
-      with st.container(border=True, key=f"live_gen_{name}{key}"):
-        st.html(f'<div class="live-prompt" style="color: #888; white-space: pre-wrap; font-family: monospace; '
-                f'font-size: 0.85em;">{prompt}</div>')
-        st.text(getattr(gen, f"{name}{key}"))
-        st.caption(gen.stop_text(f"{name}{key}"))
+      _generation_box(gen, f"{name}{key}")
+
+
+def _generation_box(gen: live.Generations, name: str) -> None:
+  """Continuation `name` in a bordered box keyed `live_gen_{name}`: the prompt as read (grey), the text, the stop."""
+  prompt = html.escape(gen.prompt_text or gen.prompt).replace("\n", "↵\n")
+  with st.container(border=True, key=f"live_gen_{name}"):
+    st.html(f'<div class="live-prompt" style="color: #888; white-space: pre-wrap; font-family: monospace; '
+            f'font-size: 0.85em;">{prompt}</div>')
+    st.text(getattr(gen, name))
+    st.caption(gen.stop_text(name))
 
 
 def render(root: ResultsRoot, model_mesh: tuple[int, ...] = ()) -> None:
@@ -447,15 +465,20 @@ def render(root: ResultsRoot, model_mesh: tuple[int, ...] = ()) -> None:
     top_k = c1.number_input("next tokens per model (top k)", min_value=1, max_value=100, value=10, key="live_top_k")
     max_new = c2.number_input("new tokens", min_value=1, max_value=512, value=32, key="live_max_new_tokens")
     chat = c3.checkbox("chat template", value=session.chat, disabled=not session.chat, key="live_chat")
+    amplify = st.slider("weight amplification α: also generate from W_base + α·(W_ft − W_base), every block's "
+                        "projections (1 = off: the fine-tune itself)", min_value=-1.0, max_value=8.0, value=1.0,
+                        step=0.25, key="live_amplify")
     submitted = st.form_submit_button("Run both models", type="primary", key="live_submit")
   inputs = {"steering": "none" if steer is None else f"{steer.label}, α = {float(steer.alpha):g}",
             "latents shown": f"{act_run}: {', '.join(map(str, latents)) or 'none'}", "prompt": prompt,
-            "top k": int(top_k), "new tokens": int(max_new), "chat template": bool(chat)}
+            "top k": int(top_k), "new tokens": int(max_new), "chat template": bool(chat),
+            "weight amplification": float(amplify)}
   if submitted:
     try:
       with st.spinner("Running both models…"):
         t = time.perf_counter()
-        result = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer, act_run, latents)
+        result = _run(session, root, prompt, int(top_k), int(max_new), bool(chat), steer, act_run, latents,
+                      float(amplify))
         result.update(inputs=inputs, seconds=time.perf_counter() - t)
         st.session_state["live_out"] = result
     except _ERRORS as e:
