@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = "bfloat16"
   c.model_dtype = "bfloat16"
   c.model_mesh = ()  # (data, model) mesh of the models: () = one device; (2, 4) = weights split 4 ways, rows 2
+  c.model_mesh_across_processes = False  # True: the mesh spans all processes' devices (needs distributed)
   c.batch_size = 32
   c.seq_len = 1024
   c.keep_bos = False

@@ -10,7 +10,10 @@ ends with exactly the contents of an uninterrupted run.
 
 With `model_mesh=(data, model)` each process holds both models on a mesh of its own devices: weights
 split over `model` (tensor parallel, placed shard by shard as they are read), batch rows over `data`;
-the activations come back to the host as before, so the store does not depend on the mesh.
+the activations come back to the host as before, so the store does not depend on the mesh. With
+`model_mesh_across_processes` (and `distributed`) the mesh spans every process's devices, for a pair too
+large for one host: each process holds only its devices' shards of the weights, all processes run every
+unit together, and each writes the units it owns (p, p + P, ...) as above.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from neurodiff_jax.activations.store import (
     unit_stats,
 )
 from neurodiff_jax.models import Transformer, checkpoint_info, config_from_hf, load_model, load_tokenizer, read_hf_config
-from neurodiff_jax.models.sharding import mesh_of, model_mesh, put_batch
+from neurodiff_jax.models.memory import held_bytes
+from neurodiff_jax.models.sharding import mesh_of, model_mesh, put_batch, spans_processes, to_host
 from neurodiff_jax.organisms import build
 from neurodiff_jax.utils.config import ConfigError
 from neurodiff_jax.utils.distributed import initialize_from_config
@@ -121,6 +125,9 @@ def make_step(base: Transformer, finetuned: Transformer, layers: Sequence[int], 
     return x.astype(store_dtype), bad
 
   states = tuple(s for _, s in splits)
+  if spans_processes(mesh):
+    # A mesh across processes: every process runs every batch, and each gets the whole result back.
+    return lambda ids, segments: to_host(mesh, *step(states, *put_batch(mesh, ids, segments)))
   return lambda ids, segments: step(states, *put_batch(mesh, ids, segments))
 
 
@@ -343,7 +350,13 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
   for role, c in zip(ROLES, cfgs):
     if max(layers) >= c.num_layers or min(layers) < 0:
       raise ValueError(f"layers {list(layers)} out of range for the {role} model ({c.num_layers} layers: 0..{c.num_layers - 1}).")
-  mesh = model_mesh(config.get("model_mesh", ()), cfgs, where=[f"the {r} model {p}" for r, p in zip(ROLES, paths)])
+  across = bool(config.get("model_mesh_across_processes", False))
+  if across and nproc > 1 and not config.get("distributed"):
+    raise ConfigError("model_mesh_across_processes=True runs every batch on the devices of all processes together: "
+                      "add --config.distributed=True (and the coordinator fields off TPU pods and SLURM).")
+  mesh = model_mesh(config.get("model_mesh", ()), cfgs, where=[f"the {r} model {p}" for r, p in zip(ROLES, paths)],
+                    across_processes=across)
+  spans = spans_processes(mesh)
   if mesh is not None and int(config.batch_size) % (data := mesh.shape["data"]):
     raise ConfigError(f"batch_size={config.batch_size} does not split over the {data} devices of the data axis of "
                       f"model_mesh={tuple(config.model_mesh)} (each would run every row); use a multiple of {data}, "
@@ -393,6 +406,13 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
   mine = [u for u in range(lay.num_units) if u % nproc == proc]
   finished = store.finished_units()
   todo = [u for u in mine if u not in finished]
+  if spans:
+    # Every process computes every unit (in the same order, so the collectives pair up) and writes the
+    # units it owns; process 0's view of what is finished decides, so all run the same list.
+    from jax.experimental import multihost_utils
+
+    done = multihost_utils.broadcast_one_to_all(np.array([u in finished for u in range(lay.num_units)]))
+    todo = [u for u in range(lay.num_units) if not done[u]]
   todo_tokens = sum(hi - lo for lo, hi in map(lay.unit_range, todo))
   print(f"harvest: {lay.num_tokens:,} tokens in {lay.num_units} units ({len(mine)} for process {proc}/{nproc}, "
         f"{len(mine) - len(todo)} already written) -> {store.root}", flush=True)
@@ -401,8 +421,11 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
     # By the paths as given: an adapter's CheckpointInfo.path is its base's directory (the adapter merges on load).
     models = [load_model(p, model_dtype, mesh, revision=r) for p, r in zip(paths, revisions)]
     if mesh is not None:
+      held, whole = map(sum, zip(*(held_bytes(m) for m in models)))
+      where = f" across {nproc} processes" if spans else ""
       print(f"harvest: both models on a {mesh.shape['data']}x{mesh.shape['model']} (data x model) mesh of "
-            f"{mesh.devices.flat[0].platform} devices", flush=True)
+            f"{mesh.devices.flat[0].platform} devices{where}; this process holds {held / 2**20:.1f} MiB of the "
+            f"pair's {whole / 2**20:.1f} MiB", flush=True)
     step = make_step(models[0], models[1], layers, jnp.dtype(config.dtype))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -418,8 +441,13 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
       try:
         for u in todo:
           lo, hi = lay.unit_range(u)
-          _check_disk(store.root, (hi - lo) * (lay.token_bytes * len(lay.layers) + meta_bytes) * 2)
+          owned = u % nproc == proc
+          if owned:
+            _check_disk(store.root, (hi - lo) * (lay.token_bytes * len(lay.layers) + meta_bytes) * 2)
           acts, meta = harvest_unit(plan, lay, u, step, config.batch_size, config.seq_len, pad_id, describe)
+          if not owned:  # computed with the other processes; its owner writes it
+            bar.update(hi - lo)
+            continue
           if inflight is not None:
             _commit(store, *inflight)
           inflight = (u, store.write_unit(u, acts, meta), unit_stats(acts, ROLES))

@@ -266,12 +266,14 @@ def _check_tied_head(head: tuple[SafetensorsFile, str], embed: tuple[Safetensors
 
 
 def _place(model, spec: ParamMap, hf_array: np.ndarray, dtype, mesh: Mesh | None, rules: ShardingRules) -> None:
-  array = np.asarray(spec.to_ours(hf_array)).astype(dtype, copy=False)
+  view = spec.to_ours(hf_array)  # a view of the memory map where the layout change allows one
   if mesh is None:
-    value = jax.device_put(array)
+    value = jax.device_put(np.asarray(view).astype(dtype, copy=False))
   else:
-    sharding = param_sharding(spec.path, array.shape, mesh, rules)
-    value = jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+    # Each device's block is read from the map and converted alone: a host never holds a whole tensor it
+    # does not need (a mesh across processes: only its own devices' shards).
+    sharding = param_sharding(spec.path, view.shape, mesh, rules)
+    value = jax.make_array_from_callback(view.shape, sharding, lambda idx: np.asarray(view[idx]).astype(dtype))
   _get_variable(model, spec.path).set_value(value)
 
 

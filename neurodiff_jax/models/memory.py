@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,5 +161,15 @@ def pair_bytes_per_device(cfg: TransformerConfig, mesh_shape: Sequence[int], dty
                                                             layers=layers, store_dtype=store_dtype, logits=logits))
 
 
+def held_bytes(model: Any) -> tuple[int, int]:
+  """(bytes of `model`'s parameters on this process's devices, bytes of one whole copy): measured, not computed."""
+  held = total = 0
+  for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+    total += leaf.nbytes
+    held += sum(s.data.nbytes for s in leaf.addressable_shards)
+  return held, total
+
+
 __all__ = ["GEMMA2_SIZES", "PairMemory", "activation_bytes_per_device", "forward_flops_per_token", "gemma2_config",
-           "pair_bytes_per_device", "param_shapes", "shard_size", "weight_bytes_per_device"]
+           "held_bytes", "pair_bytes_per_device", "param_shapes", "shard_size", "weight_bytes_per_device"]
+

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from neurodiff_jax.models.config import TransformerConfig
@@ -99,7 +100,7 @@ def make_mesh(shape: tuple[int, ...], axis_names: tuple[str, ...] = MODEL_MESH_A
 
 
 def check_mesh_shape(shape: Sequence[int], num_devices: int | None = None, *, field: str = "model_mesh",
-                     platform: str | None = None) -> tuple[int, ...]:
+                     platform: str | None = None, scope: str = "this process") -> tuple[int, ...]:
   """`shape` as (data, model) sizes, () for one device; `ConfigError` when malformed or larger than the devices."""
   try:
     sizes = tuple(int(s) for s in shape)
@@ -116,7 +117,7 @@ def check_mesh_shape(shape: Sequence[int], num_devices: int | None = None, *, fi
     num_devices, platform = len(devices), devices[0].platform
   n = math.prod(sizes)
   if n > num_devices:
-    raise ConfigError(f"{field}={sizes} needs {n} devices but this process has {num_devices} ({platform or 'local'}); "
+    raise ConfigError(f"{field}={sizes} needs {n} devices but {scope} has {num_devices} ({platform or 'local'}); "
                       f"choose sizes whose product is at most {num_devices}, e.g. {field}=(1, {num_devices}), or on "
                       f"CPU set {CPU_DEVICES_FLAG.replace('=N', f'={n}')} to test it.")
   return sizes
@@ -148,22 +149,29 @@ def check_model_axis(model: int, cfg: TransformerConfig, *, where: str = "the mo
 
 
 def model_mesh(shape: Sequence[int], cfgs: Sequence[TransformerConfig] = (), *, where: Sequence[str] = (),
-               rules: ShardingRules = ShardingRules(), field: str = "model_mesh") -> Mesh | None:
+               rules: ShardingRules = ShardingRules(), field: str = "model_mesh",
+               across_processes: bool = False) -> Mesh | None:
   """The ("data", "model") mesh a `model_mesh` config field asks for, over this process's devices; None for ().
 
   Checked before any weight is loaded: against the devices (`check_mesh_shape`) and against each model's
-  architecture `cfgs` (`check_model_axis`; `where` names each model in the errors). The mesh spans the local
-  devices only: in a multi-process run each process holds its own copy of the models on its own devices.
+  architecture `cfgs` (`check_model_axis`; `where` names each model in the errors). By default the mesh spans
+  the local devices only: in a multi-process run each process holds its own copy of the models. With
+  `across_processes` it spans every process's devices (a model larger than one host): each process then
+  holds only its devices' shards, and all processes must run each computation together.
   """
-  local = jax.local_devices()
-  sizes = check_mesh_shape(shape, len(local), field=field, platform=local[0].platform)
+  devices = jax.devices() if across_processes else jax.local_devices()
+  sizes = check_mesh_shape(shape, len(devices), field=field, platform=devices[0].platform,
+                           scope="the job" if across_processes else "this process")
   if not sizes:
     return None
   for i, cfg in enumerate(cfgs):
     check_model_axis(sizes[1], cfg, where=where[i] if i < len(where) else "the model", rules=rules,
-                     num_devices=len(local))
-  everything = jax.process_count() == 1  # one process: let JAX order all devices for the topology
-  return mesh_lib.make_mesh(sizes, MODEL_MESH_AXES, devices=None if everything else local)
+                     num_devices=len(devices))
+  if across_processes and math.prod(sizes) != len(devices):
+    raise ConfigError(f"{field}={sizes} spans {math.prod(sizes)} of the job's {len(devices)} devices; a mesh across "
+                      f"processes must use every device of every process (sizes whose product is {len(devices)}).")
+  everything = across_processes or jax.process_count() == 1  # all devices: let JAX order them for the topology
+  return mesh_lib.make_mesh(sizes, MODEL_MESH_AXES, devices=None if everything else devices)
 
 
 def mesh_of(model: Any) -> Mesh | None:
@@ -183,7 +191,24 @@ def put_batch(mesh: Mesh | None, *arrays: Any, rules: ShardingRules = ShardingRu
   """Model inputs with a leading batch axis placed on `mesh` (`input_sharding`); jnp arrays as usual without one."""
   if mesh is None:
     return tuple(jax.numpy.asarray(a) for a in arrays)
+  if spans_processes(mesh):  # each process places its devices' rows of the same batch
+    return tuple(jax.make_array_from_callback(np.shape(a), input_sharding(mesh, np.shape(a), rules),
+                                              lambda idx, a=np.asarray(a): a[idx]) for a in arrays)
   return tuple(jax.device_put(a, input_sharding(mesh, jax.numpy.shape(a), rules)) for a in arrays)
+
+
+def spans_processes(mesh: Mesh | None) -> bool:
+  """Whether `mesh` holds devices of other processes (`model_mesh(..., across_processes=True)` in a multi-process job)."""
+  return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def to_host(mesh: Mesh | None, *arrays: jax.Array) -> tuple[np.ndarray, ...]:
+  """Outputs as numpy arrays on this host: gathered from every process when `mesh` spans several."""
+  if spans_processes(mesh):
+    from jax.experimental import multihost_utils
+
+    return tuple(np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in arrays)
+  return tuple(np.asarray(a) for a in arrays)
 
 
 def put_replicated(mesh: Mesh | None, tree: Any) -> Any:
@@ -195,4 +220,4 @@ def put_replicated(mesh: Mesh | None, tree: Any) -> Any:
 
 __all__ = ["CPU_DEVICES_FLAG", "MODEL_MESH_AXES", "PARAM_AXES", "ShardingRules", "batch_sharding", "check_mesh_shape",
            "check_model_axis", "input_sharding", "make_mesh", "mesh_of", "model_mesh", "param_sharding", "param_spec",
-           "put_batch", "put_replicated"]
+           "put_batch", "put_replicated", "spans_processes", "to_host"]

@@ -90,13 +90,6 @@ def test_an_adapter_fine_tune_is_merged_when_harvested(harvest_config, tmp_path)
 def test_two_processes_each_on_its_own_model_mesh_write_one_store(harvest_config, tmp_path):
   """Two processes joined by `jax.distributed`, 4 CPU devices each, model_mesh (2, 2) on each one's own devices:
   each harvests its units (every other one) into the shared store, which equals the one-process one-device store."""
-  import json
-  import os
-  import subprocess
-  import sys
-
-  from tests.activations.test_harvest_crash import JOB, ROOT, _free_port, _wait
-
   c = harvest_config
   c.dtype = "float32"
   c.out_dir = str(tmp_path / "one")
@@ -105,9 +98,24 @@ def test_two_processes_each_on_its_own_model_mesh_write_one_store(harvest_config
   harvest(c)
   c.out_dir = str(tmp_path / "multi")
   c.model_mesh = (2, 2)
+  outs = _run_two(c, tmp_path, devices_each=4)
+  assert all("both models on a 2x2 (data x model) mesh" in o for o in outs)
+  assert all(f"for process {p}/2" in o for p, o in enumerate(outs)) and any("store complete" in o for o in outs)
+  assert_same_store(c.out_dir, tmp_path / "one", model_config(c.base_model), "two processes on (2, 2) meshes")
+
+
+def _run_two(c, tmp_path, devices_each: int) -> list[str]:
+  """Runs the harvest of config `c` as processes 0 and 1 of one job, `devices_each` CPU devices each; their outputs."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  from tests.activations.test_harvest_crash import JOB, ROOT, _free_port, _wait
+
   c.distributed, c.coordinator_address, c.process_count = True, f"127.0.0.1:{_free_port()}", 2
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
   procs = []
   for p in range(2):
     c.process_index = p
@@ -115,7 +123,50 @@ def test_two_processes_each_on_its_own_model_mesh_write_one_store(harvest_config
     path.write_text(json.dumps(c.to_dict()))
     procs.append(subprocess.Popen([sys.executable, str(JOB), str(path)], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE))
-  outs = [_wait(p) for p in procs]
-  assert all("both models on a 2x2 (data x model) mesh" in o for o in outs)
-  assert all(f"for process {p}/2" in o for p, o in enumerate(outs)) and any("store complete" in o for o in outs)
-  assert_same_store(c.out_dir, tmp_path / "one", model_config(c.base_model), "two processes on (2, 2) meshes")
+  return [_wait(p) for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(1, 4), (2, 2)])
+def test_one_model_mesh_across_two_processes_writes_the_one_device_store(harvest_config, tmp_path, shape):
+  """`model_mesh_across_processes`: both processes' 2 CPU devices form one mesh, so each process holds only its
+  devices' shards of the weights (half of the (1, 4) mesh's model axis; on (2, 2) the data axis spans the
+  processes and each holds a whole copy split two ways); they run every unit together and each writes the
+  units it owns: the store equals the one-process one-device store."""
+  import re
+
+  from neurodiff_jax.activations.harvest import harvest
+  from neurodiff_jax.models.memory import held_bytes
+  from neurodiff_jax.models import load_model
+
+  c = harvest_config
+  c.dtype = "float32"
+  c.out_dir = str(tmp_path / "one")
+  harvest(c)
+  whole = 2 * held_bytes(load_model(c.base_model))[1]
+  c.out_dir = str(tmp_path / "multi")
+  c.model_mesh, c.model_mesh_across_processes = shape, True
+  outs = _run_two(c, tmp_path, devices_each=2)
+  mesh = f"{shape[0]}x{shape[1]}"
+  for p, out in enumerate(outs):
+    assert f"both models on a {mesh} (data x model) mesh of cpu devices across 2 processes" in out, out[-2000:]
+    held = float(re.search(r"this process holds ([\d.]+) MiB of the pair's ([\d.]+) MiB", out).group(1)) * 2**20
+    # (1, 4): each device holds a quarter of the split weights, so a process (2 devices) about half of the pair;
+    # replicated pieces (norms, a KV head the axis does not divide) are the rest.
+    assert held < (0.75 if shape == (1, 4) else 1.1) * whole, (p, held, whole)
+  assert any("store complete" in o for o in outs)
+  assert_same_store(c.out_dir, tmp_path / "one", model_config(c.base_model), f"one {mesh} mesh across two processes")
+
+
+def test_a_mesh_across_processes_needs_distributed_and_every_device(harvest_config, monkeypatch):
+  from neurodiff_jax.activations import harvest as harvest_lib
+
+  monkeypatch.setattr(harvest_lib, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+  c = harvest_config
+  c.model_mesh, c.model_mesh_across_processes = (1, 4), True
+  c.process_index, c.process_count = 0, 2
+  with pytest.raises(ConfigError, match=r"model_mesh_across_processes=True .* add --config.distributed=True"):
+    harvest_lib.harvest(c)
+  c.process_count = 1
+  with pytest.raises(ConfigError, match=r"spans 4 of the job's 8 devices; a mesh across processes must use every"):
+    harvest_lib.harvest(c)
