@@ -307,15 +307,26 @@ def ensure_store(store_dir: str | os.PathLike, harvest_config: ml_collections.Co
 
   A half-written store (a killed harvest) is finished by resuming `harvest_config` into it; a missing
   one is harvested into it. The directory is never swapped for another: without `harvest_config`, a
-  missing or half-written store is a `ConfigError` naming the path and the fix.
+  missing or half-written store is a `ConfigError` naming the path and the fix. A complete store named
+  by its own directory is opened as it is; one at the harvest config's own out_dir must be that config's
+  store (the same models, layers and text; else `StoreError` naming what differs), since the config is
+  what says what the directory holds: another organism seed's store there is never used silently.
   """
   path = check_store(store_dir, harvest_config)
+  own = False
+  if harvest_config is not None and (harvest_config.get("out_dir") or harvest_config.get("name")):
+    own = path.resolve() == out_dir_of(harvest_config).resolve()
   if (path / "manifest.json").is_file():
     store = ActivationStore.open(path, require_complete=False)
-    if store.manifest.get("complete"):
+    if store.manifest.get("complete") and not own:
       return store
-    print(f"harvest: store {path} is half-written ({len(store.finished_units())}/{store.layout.num_units} units); "
-          "finishing it.", flush=True)
+    if store.manifest.get("complete"):
+      # The harvest compares the config's models, layers and text with the store's (its config_key) and, with
+      # every unit written, computes nothing.
+      print(f"harvest: checking that the store at {path} is this config's.", flush=True)
+    else:
+      print(f"harvest: store {path} is half-written ({len(store.finished_units())}/{store.layout.num_units} "
+            "units); finishing it.", flush=True)
   else:
     print(f"harvest: no store at {path}; harvesting it there.", flush=True)
   config = ml_collections.ConfigDict(harvest_config.to_dict())

@@ -45,15 +45,40 @@ def test_missing_store_is_harvested_there_and_a_half_written_one_is_finished(har
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_complete_store_is_opened_as_is(harvest_config, tmp_path):
+def test_complete_store_is_opened_as_is(harvest_config, tmp_path, monkeypatch):
+  from neurodiff_jax.activations import harvest as harvest_lib
+
   store = harvest(harvest_config)
   manifest = (store.root / "manifest.json").read_text()
+  monkeypatch.setattr(harvest_lib, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
   other = harvest_config.copy_and_resolve_references()
-  other.layers = (0,)  # another harvest config: a complete store is used, not redone
+  other.layers = (0,)
+  other.out_dir = str(tmp_path / "other")  # another harvest config: a store named by its directory is used as is
   opened = ensure_store(str(store.root), other)
   assert opened.root == store.root and opened.layout.layers == (0, 1)
   assert (store.root / "manifest.json").read_text() == manifest
   assert ensure_store(str(store.root), None).layout.num_tokens == store.layout.num_tokens
+  # At the config's own out_dir the store must be the config's: checked without running a model.
+  assert ensure_store("", harvest_config).layout.num_tokens == store.layout.num_tokens
+  assert ensure_store(str(store.root), harvest_config).root == store.root
+
+
+def test_another_configs_store_at_the_configs_own_out_dir_is_refused(harvest_config, model_pair, tmp_path):
+  """The store at a harvest config's out_dir made from another fine-tune (another organism seed, say) is an error
+  naming the difference, not a silent reuse; the store is left as it was."""
+  from neurodiff_jax.activations.store import StoreError
+
+  store = harvest(harvest_config)
+  manifest = (store.root / "manifest.json").read_text()
+  other = harvest_config.copy_and_resolve_references()
+  other.finetuned_model = other.base_model  # another model pair, the same out_dir
+  with pytest.raises(StoreError, match=rf"{store.root} holds a store made with another config \(differs in: models"):
+    ensure_store("", other)
+  other = harvest_config.copy_and_resolve_references()
+  other.layers = (0,)
+  with pytest.raises(StoreError, match="differs in: layers"):
+    ensure_store(str(store.root), other)
+  assert (store.root / "manifest.json").read_text() == manifest
 
 
 def test_out_dir_that_is_a_file_is_named_before_any_work(harvest_config, tmp_path):
