@@ -426,7 +426,7 @@ def harvest(config: ml_collections.ConfigDict) -> ActivationStore:
     todo = [u for u in range(lay.num_units) if not done[u]]
   todo_tokens = sum(hi - lo for lo, hi in map(lay.unit_range, todo))
   print(f"harvest: {lay.num_tokens:,} tokens in {lay.num_units} units ({len(mine)} for process {proc}/{nproc}, "
-        f"{len(mine) - len(todo)} already written) -> {store.root}", flush=True)
+        f"{sum(u in finished for u in mine)} already written) -> {store.root}", flush=True)
   t_ready = time.time()
   if todo:
     # By the paths as given: an adapter's CheckpointInfo.path is its base's directory (the adapter merges on load).
