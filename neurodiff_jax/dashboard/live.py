@@ -408,30 +408,37 @@ class LiveSession:
     key = ("gen", tuple(ids), int(max_new_tokens), steer.key if steer is not None else None)
     return self._cached(key, lambda: self._generations(prompt, ids, int(max_new_tokens), steer))
 
+  @functools.cached_property
+  def _amplification(self) -> tuple[list, Any, str]:
+    """(the parameters amplified: every block's projections, the adapter to amplify along or None, its description);
+    checked and read once per session."""
+    specs = amplify.selected_params(self.ft.cfg, range(self.num_layers), list(amplify.MODULES))
+    try:
+      amplify.check_shapes(self.base, self.ft, specs)
+    except ValueError as e:
+      raise LiveError(str(e)) from None
+    return (specs, *amplify.delta_source(self.base, self.ft))
+
   @property
   def amplification_source(self) -> str:
     """What the weight amplification adds α times: W_ft − W_base of the loaded models, or the adapter's ΔW."""
-    return amplify.delta_source(self.base, self.ft)[1]
+    return self._amplification[2]
 
   def amplified_state(self, alpha: float) -> nnx.State:
     """The fine-tune's parameters with every block's projections at W_base + α ΔW (`models.amplify`), the last α's kept."""
     if self._amplified is None or self._amplified[0] != float(alpha):
-      specs = amplify.selected_params(self.ft.cfg, range(self.num_layers), list(amplify.MODULES))
-      try:
-        amplify.check_shapes(self.base, self.ft, specs)
-      except ValueError as e:
-        raise LiveError(str(e)) from None
-      adapter, _ = amplify.delta_source(self.base, self.ft)
+      specs, adapter, _ = self._amplification
       self._amplified = None  # the previous α's copy goes before the next is built
       self._amplified = (float(alpha), amplify.amplified_state(self.base, self.ft, specs, float(alpha), adapter))
     return self._amplified[1]
 
-  def generate_amplified(self, prompt: str, alpha: float, max_new_tokens: int = 32,
+  def generate_amplified(self, prompt: str, alpha: float, max_new_tokens: int = 32, steer: Steering | None = None,
                          chat: bool | None = None) -> Generations:
-    """`generate`'s continuations plus the fine-tune's greedy one with its weight difference amplified α times."""
-    gen = self.generate(prompt, max_new_tokens, chat=chat)
+    """`generate`'s continuations (steered too with `steer`) plus the fine-tune's greedy one with its weight
+    difference amplified α times (unsteered)."""
     if not np.isfinite(alpha):
       raise LiveError(f"weight amplification α={alpha} must be a finite number.")
+    gen = self.generate(prompt, max_new_tokens, steer=steer, chat=chat)
     ids = self.encode(prompt, chat)
 
     def work() -> tuple[list[int], int | None]:

@@ -297,6 +297,11 @@ def test_generate_amplified_equals_greedy_decoding_of_the_amplified_weights(sess
   assert _is_greedy(_amplified_reference(session, 2.0), ids, two.ids["ft_amplified"], n, stops)
   assert two.ids["ft_amplified"] != plain.ids["ft"]  # the amplification changed the text
   assert session._amplified[0] == 2.0
+  steer = live.Steering(1, np.random.default_rng(0).normal(size=session.hidden_size), 40.0)
+  steered = session.generate_amplified(PROMPT, 2.0, max_new_tokens=n, steer=steer)
+  want = session.generate(PROMPT, max_new_tokens=n, steer=steer)
+  assert steered.ids["ft_steered"] == want.ids["ft_steered"] and steered.ft_steered == want.ft_steered
+  assert steered.ids["ft_amplified"] == two.ids["ft_amplified"]  # the amplified continuation is unsteered
   assert session.amplification_source.startswith("weights: W_ft − W_base")
   with pytest.raises(live.LiveError, match="must be a finite number"):
     session.generate_amplified(PROMPT, float("nan"))

@@ -21,7 +21,6 @@ changed since the outputs were computed).
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import time
 from pathlib import Path
@@ -359,13 +358,11 @@ def _run(session: live.LiveSession, root: ResultsRoot, prompt: str, top_k: int, 
   out["table"] = session.next_token_table(prompt, top_k, chat=chat)
   if steer is not None:
     out["table_steered"] = session.next_token_table(prompt, top_k, steer=steer, chat=chat)
-  gen = session.generate(prompt, max_new, steer=steer, chat=chat)
-  if amplify != 1.0:  # α = 1 is the fine-tune itself
-    amp = session.generate_amplified(prompt, amplify, max_new, chat=chat)
-    gen = dataclasses.replace(gen, ft_amplified=amp.ft_amplified, amplified_alpha=amp.amplified_alpha,
-                              ids={**gen.ids, **amp.ids}, stops={**gen.stops, **amp.stops})
+  if amplify == 1.0:  # α = 1 is the fine-tune itself
+    out["gen"] = session.generate(prompt, max_new, steer=steer, chat=chat)
+  else:
+    out["gen"] = session.generate_amplified(prompt, amplify, max_new, steer=steer, chat=chat)
     out["amplification_source"] = session.amplification_source
-  out["gen"] = gen
   if act_run is not None and latents:
     run = root.run(act_run)
     loaded = run_for(str(run.path), _stamp(run.path / "checkpoints"))
